@@ -1,0 +1,258 @@
+"""What a shard is: the one definition the converter, `verify` and every loader in `pipeline/` share.
+
+Like FFCV's `Field` classes, this module owns member names and extensions, the label encoding, shard naming,
+the DALI index format and the manifest. Nothing outside it types an extension string or a label width.
+
+A shard is an uncompressed GNU/ustar tar (no PAX headers: DALI's reader has failed on them) whose samples are
+three consecutive members sharing a key::
+
+    <key>.jpg    RGB baseline or progressive JPEG, the source bytes untouched when they already were RGB JPEG
+    <key>.cls    the class index as zero-padded ASCII decimal, LABEL_WIDTH bytes, no newline ("000417")
+    <key>.json   {"path": <source path relative to SRC>, "wnid": ..., "label": ..., "converted": ...}
+
+The `.cls` width is fixed so that DALI can read the label as LABEL_WIDTH uint8 digits and turn it into an
+integer with arithmetic on the device, without a Python callback; webdataset's standard decoder reads it
+with `int()`, which ignores the leading zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+IMAGE_EXT = "jpg"
+LABEL_EXT = "cls"
+META_EXT = "json"
+#: Member extensions of one sample, in the order they are written to the tar.
+SAMPLE_EXTS: tuple[str, ...] = (IMAGE_EXT, LABEL_EXT, META_EXT)
+
+#: Digits in a `.cls` member (zero-padded ASCII decimal); 6 digits hold ImageNet-21k's 21,841 classes.
+LABEL_WIDTH = 6
+LABEL_ENCODING = {"ext": LABEL_EXT, "format": "ascii-decimal-zero-padded", "width": LABEL_WIDTH}
+
+TAR_BLOCK = 512  # bytes
+#: Version tag DALI's `wds2idx` writes on the first line of an index; our indexes are identical to its own.
+INDEX_VERSION = "v1.2"
+
+SPLITS = ("train", "val")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+WNID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ShardFormatError(ValueError):
+    """A shard, index or manifest does not match this schema; the message names the file and the sample."""
+
+
+def encode_label(label: int) -> bytes:
+    """Class index -> `.cls` member bytes (zero-padded ASCII decimal, LABEL_WIDTH bytes)."""
+    if not 0 <= label < 10**LABEL_WIDTH:
+        raise ValueError(f"label {label} does not fit the {LABEL_WIDTH}-digit .{LABEL_EXT} encoding")
+    return b"%0*d" % (LABEL_WIDTH, label)
+
+
+def decode_label(raw: bytes) -> int:
+    """`.cls` member bytes -> class index; rejects anything that is not exactly LABEL_WIDTH digits."""
+    if len(raw) != LABEL_WIDTH or not raw.isdigit():
+        raise ShardFormatError(f".{LABEL_EXT} member {raw[:16]!r} is not {LABEL_WIDTH} ASCII digits")
+    return int(raw)
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard `index` of `split`: `train-000000.tar`."""
+    return f"{split}-{index:06d}.tar"
+
+
+def index_name(split: str, index: int) -> str:
+    """File name of the DALI index beside shard `index`: `train-000000.idx`."""
+    return f"{split}-{index:06d}.idx"
+
+
+def manifest_name(split: str) -> str:
+    """File name of a split's manifest: `train.manifest.json`."""
+    return f"{split}.manifest.json"
+
+
+def member_name(key: str, ext: str) -> str:
+    return f"{key}.{ext}"
+
+
+def sample_key(source_name: str) -> str:
+    """A safe sample key from a source file name: the stem, with anything but [A-Za-z0-9_-] replaced by `_`.
+
+    Keys never hold `.` (webdataset and DALI split key and extension at the first dot), `/`, `..`, or control
+    characters. Uniqueness across a split is the converter's job (it appends `-2`, `-3`, ... on collision).
+    """
+    stem = Path(source_name).name
+    stem = stem.split(".")[0] if not stem.startswith(".") else stem.lstrip(".")
+    key = _KEY_UNSAFE.sub("_", stem).strip("_") or "sample"
+    return key
+
+
+# --- the DALI index ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexedMember:
+    """One tar member as DALI's index lists it: data offset and size in bytes."""
+
+    ext: str
+    offset: int  # bytes from the start of the tar to the member's data (header offset + 512)
+    size: int  # bytes
+    name: str
+
+
+def format_index(samples: Sequence[Sequence[IndexedMember]]) -> str:
+    """The text of a DALI webdataset index, byte-identical to what DALI's `wds2idx` writes for the same tar."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in sample) for sample in samples]
+    return "\n".join(lines) + "\n"
+
+
+def parse_index(text: str, path: str | os.PathLike = "<index>") -> list[list[IndexedMember]]:
+    """Parse a DALI index; raises ShardFormatError naming `path` and the line on any inconsistency."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardFormatError(f"{path}: first line must be '{INDEX_VERSION} <num_samples>', got {lines[:1]}")
+    samples = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split(" ")
+        if len(fields) % 4:
+            raise ShardFormatError(f"{path}:{lineno}: expected groups of 'ext offset size name'")
+        samples.append(
+            [
+                IndexedMember(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                for i in range(0, len(fields), 4)
+            ]
+        )
+    if len(samples) != int(head[1]):
+        raise ShardFormatError(f"{path}: header says {head[1]} samples, found {len(samples)} lines")
+    return samples
+
+
+# --- the manifest ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard as the manifest lists it."""
+
+    name: str
+    index: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a loader or a person needs to know about one converted split (`<split>.manifest.json`)."""
+
+    split: str
+    num_samples: int
+    discovered: int
+    converted: int
+    rejected: list[dict]  # [{"path": ..., "reason": ...}], paths relative to the source
+    classes: list[dict]  # [{"index": i, "wnid": ..., "name": ... or None}], in index order
+    label_encoding: dict
+    shards: list[ShardRecord]
+    seed: int
+    options: dict
+    tool_version: str
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def wnids(self) -> list[str]:
+        return [c["wnid"] for c in self.classes]
+
+    def to_json(self) -> str:
+        """Deterministic JSON text: same manifest, same bytes."""
+        body = dict(self.__dict__)
+        body["shards"] = [s.__dict__ for s in self.shards]
+        return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, path: str | os.PathLike = "<manifest>") -> Manifest:
+        try:
+            body = json.loads(text)
+            body["shards"] = [ShardRecord(**s) for s in body["shards"]]
+            manifest = cls(**body)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ShardFormatError(f"{path}: not a valid manifest ({err})") from err
+        if manifest.schema_version != SCHEMA_VERSION:
+            raise ShardFormatError(
+                f"{path}: schema version {manifest.schema_version}, this code reads {SCHEMA_VERSION}; reconvert"
+            )
+        if manifest.label_encoding != LABEL_ENCODING:
+            raise ShardFormatError(f"{path}: label encoding {manifest.label_encoding} != {LABEL_ENCODING}")
+        return manifest
+
+
+def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
+    """Read `<shards_dir>/<split>.manifest.json`, with an error that says what to run when it is missing."""
+    shards_dir = Path(shards_dir)
+    if not shards_dir.is_dir():
+        raise FileNotFoundError(f"shard directory {shards_dir} does not exist")
+    path = shards_dir / manifest_name(split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: convert the {split} split first "
+            f"(saturate shards convert SRC {shards_dir} --split {split})"
+        )
+    return Manifest.from_json(path.read_text(), path)
+
+
+def shard_files(shards_dir: str | os.PathLike, manifest: Manifest) -> list[tuple[Path, Path]]:
+    """(tar, idx) paths of every shard in the manifest, checked to exist; the error names the missing file."""
+    shards_dir = Path(shards_dir)
+    pairs = []
+    for record in manifest.shards:
+        tar, idx = shards_dir / record.name, shards_dir / record.index
+        for path in (tar, idx):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} listed in the {manifest.split} manifest is missing")
+        pairs.append((tar, idx))
+    return pairs
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """WNIDs from a `--classes` file: a manifest JSON, or text with the WNID first on each line
+    (a plain list, or `LOC_synset_mapping.txt`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--classes file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        return Manifest.from_json(text, path).wnids
+    wnids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    _check_wnids(wnids, path)
+    return wnids
+
+
+def read_class_names(path: str | os.PathLike) -> dict[str, str]:
+    """WNID -> human-readable name from `LOC_synset_mapping.txt` (`n01440764 tench, Tinca tinca`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--names file {path} does not exist")
+    names = {}
+    for line in path.read_text().splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = name.strip() or None
+    return names
+
+
+def _check_wnids(wnids: Iterable[str], source: object) -> None:
+    seen = set()
+    for wnid in wnids:
+        if not WNID_PATTERN.match(wnid):
+            raise ValueError(f"{source}: class id {wnid!r} is not a WNID-like name ([A-Za-z0-9_-])")
+        if wnid in seen:
+            raise ValueError(f"{source}: class {wnid} is listed twice")
+        seen.add(wnid)

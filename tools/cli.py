@@ -1,0 +1,46 @@
+"""`saturate`: one entry point, one sub-command per job.
+
+Each sub-command lives in its own module with `register(subparsers)`; that module keeps heavy imports
+(torch, DALI) inside its run function so `saturate synth --help` starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: sub-command -> module that registers it
+COMMANDS = {
+    "synth": "tools.synth",
+    "shards": "tools.shards_cmd",
+    "train": "tools.train_cmd",
+    "profile": "tools.profile_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saturate",
+        description="ImageNet-class training from plain JPEGs at the GPU's ceiling.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, dispatch, and turn the errors a user can fix into one line and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        if getattr(args, "traceback", False):
+            raise
+        print(f"saturate {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
