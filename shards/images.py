@@ -1,0 +1,105 @@
+"""Deciding, per source file, whether its bytes can go into a shard untouched, must become RGB JPEG, or are rejected.
+
+The fast path is the common one: an RGB JPEG with an end-of-image marker and no EXIF rotation is packed
+byte-identical after parsing only its header (tens of microseconds). Everything else is decoded with Pillow
+(or Pillow-SIMD when installed: same API) and re-encoded, and the reason is recorded:
+
+- CMYK / grayscale JPEGs, PNG or any other format -> RGB JPEG (DALI's and Pillow's decoders then agree).
+- EXIF Orientation != 1 -> pixels rotated upright and the tag dropped. DALI applies EXIF orientation when it
+  decodes and plain Pillow does not, so leaving the tag in would make the `dali-*` and `pytorch` backends
+  see different images.
+- `max_size`: a longer side above it is shrunk (like FFCV's max_resolution).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_EOI = b"\xff\xd9"
+_EXIF_ORIENTATION = 0x0112
+# Bytes allowed after the end-of-image marker (some encoders pad) before a JPEG counts as suspicious.
+_EOI_TAIL = 32  # bytes
+
+# Pillow refuses absurd pixel counts by default; ImageNet's largest image is far below this, but a
+# decompression bomb in a scraped data set must be rejected, not crash a worker.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+class RejectedImage(Exception):
+    """This file cannot be packed; `str(err)` is the reason recorded in the manifest."""
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    return _EOI in data[-_EOI_TAIL:]
+
+
+def prepare_image(
+    data: bytes, *, max_size: int | None = None, quality: int = 90, full_decode: bool = False
+) -> tuple[bytes, str | None]:
+    """Return (JPEG bytes to pack, reason it was converted or None if packed untouched).
+
+    Raises RejectedImage with the reason for zero-byte, non-image, truncated or undecodable input.
+    `full_decode` decodes every pass-through JPEG too (slow; catches corrupt entropy data mid-file).
+    """
+    if not data:
+        raise RejectedImage("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RejectedImage(f"not an image ({type(err).__name__})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise RejectedImage(f"unreadable image header ({err})") from None
+
+    reasons = []
+    if img.format != "JPEG":
+        reasons.append(f"{img.format} source")
+    elif img.mode != "RGB":
+        reasons.append(f"{img.mode} JPEG")
+    if _orientation(img) not in (0, 1):
+        reasons.append("EXIF orientation")
+    if max_size is not None and max(img.size) > max_size:
+        reasons.append(f"longer side {max(img.size)} > {max_size}")
+
+    if not reasons:
+        if full_decode or not _ends_with_eoi(data):
+            _decode(img)  # raises RejectedImage for truncated/corrupt data
+        return data, None
+
+    img = _decode(img)
+    img = ImageOps.exif_transpose(img)
+    if max_size is not None and max(img.size) > max_size:
+        img.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+    if img.mode != "RGB":
+        # Palette/alpha sources are flattened onto white (what a browser shows), not onto black.
+        if img.mode in ("RGBA", "LA", "P", "PA"):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            img = img.convert("RGB")
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality, optimize=False)
+    return out.getvalue(), ", ".join(reasons)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # malformed EXIF is common in scraped data and must not reject the image
+        return 1
+
+
+def _decode(img: Image.Image) -> Image.Image:
+    try:
+        img.load()
+    except OSError as err:
+        reason = "truncated" if "truncated" in str(err) else "undecodable"
+        raise RejectedImage(f"{reason} {img.format or 'image'} ({err})") from None
+    except (SyntaxError, ValueError) as err:
+        raise RejectedImage(f"undecodable {img.format or 'image'} ({err})") from None
+    return img

@@ -1,0 +1,150 @@
+"""`saturate shards verify`: re-check what the manifest promises, shard by shard.
+
+Counts, sizes, sha256, the `.idx` against an index rebuilt from the tar (what DALI's `wds2idx` would write),
+sample structure (exactly the schema's members per key), labels in range and equal in `.cls` and `.json`,
+keys unique across the split; with `decode=True` every image is decoded with Pillow(-SIMD).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from shards.schema import (
+    IMAGE_EXT,
+    LABEL_EXT,
+    META_EXT,
+    SAMPLE_EXTS,
+    SPLITS,
+    Manifest,
+    ShardFormatError,
+    ShardRecord,
+    decode_label,
+    format_index,
+    load_manifest,
+    manifest_name,
+)
+from shards.tarshard import index_tar, iter_members
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    problems: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    decoded: int = 0  # images decoded
+    cpu_seconds: float = 0.0  # process CPU time spent decoding
+
+
+def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode: bool) -> ShardCheck:
+    """Everything about one shard that can be checked without looking at the others."""
+    check = ShardCheck(record.name)
+    tar, idx = shards_dir / record.name, shards_dir / record.index
+    for path in (tar, idx):
+        if not path.is_file():
+            check.problems.append(f"{path}: missing")
+    if check.problems:
+        return check
+    if tar.stat().st_size != record.bytes:
+        check.problems.append(f"{tar}: {tar.stat().st_size} bytes, manifest says {record.bytes}")
+    h = hashlib.sha256()
+    with open(tar, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    if h.hexdigest() != record.sha256:
+        check.problems.append(f"{tar}: sha256 {h.hexdigest()[:16]}... != manifest {record.sha256[:16]}...")
+    try:
+        expected_index = format_index(index_tar(tar))
+    except ShardFormatError as err:
+        check.problems.append(str(err))
+        return check
+    if idx.read_text() != expected_index:
+        check.problems.append(f"{idx}: does not match the index rebuilt from {tar.name} (stale or corrupt)")
+
+    members: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        for name, payload in iter_members(tar):
+            key, _, ext = name.partition(".")
+            if key not in members:
+                members[key] = {}
+                order.append(key)
+            members[key][ext] = payload
+    except ShardFormatError as err:
+        check.problems.append(str(err))
+        return check
+    if len(order) != record.num_samples:
+        check.problems.append(f"{tar}: {len(order)} samples, manifest says {record.num_samples}")
+    start = time.process_time()
+    for key in order:
+        sample = members[key]
+        where = f"{tar.name}:{key}"
+        if sorted(sample) != sorted(SAMPLE_EXTS):
+            check.problems.append(f"{where}: members {sorted(sample)}, expected {sorted(SAMPLE_EXTS)}")
+            continue
+        try:
+            label = decode_label(sample[LABEL_EXT])
+        except ShardFormatError as err:
+            check.problems.append(f"{where}: {err}")
+            continue
+        meta = json.loads(sample[META_EXT])
+        if not 0 <= label < num_classes or meta.get("label") != label:
+            check.problems.append(f"{where}: label {label} (json {meta.get('label')}) of {num_classes} classes")
+        if decode:
+            try:
+                with Image.open(io.BytesIO(sample[IMAGE_EXT])) as img:
+                    img.load()
+                    if img.format != "JPEG" or img.mode != "RGB":
+                        check.problems.append(f"{where}: {img.format} {img.mode}, expected RGB JPEG")
+                check.decoded += 1
+            except Exception as err:  # any decoder failure is a finding, not a crash of verify
+                check.problems.append(f"{where}: image does not decode ({err})")
+    check.cpu_seconds = time.process_time() - start
+    check.keys = order
+    return check
+
+
+def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, decode: bool = False,
+           workers: int | None = None) -> tuple[list[str], dict]:
+    """Return (problems, stats). No problems means every manifest found matches its shards exactly."""
+    shards_dir = Path(shards_dir)
+    if not shards_dir.is_dir():
+        raise FileNotFoundError(f"shard directory {shards_dir} does not exist")
+    splits = splits or [s for s in SPLITS if (shards_dir / manifest_name(s)).is_file()]
+    if not splits:
+        raise FileNotFoundError(f"no *.manifest.json in {shards_dir}: nothing to verify")
+    problems: list[str] = []
+    stats = {"samples": 0, "shards": 0, "decoded": 0, "cpu_seconds": 0.0, "seconds": 0.0}
+    start = time.perf_counter()
+    for split in splits:
+        manifest: Manifest = load_manifest(shards_dir, split)
+        args = [(shards_dir, r, manifest.num_classes, decode) for r in manifest.shards]
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            checks = list(pool.map(check_shard, *zip(*args, strict=True))) if args else []
+        keys: set[str] = set()
+        for check in checks:
+            problems += check.problems
+            duplicates = keys.intersection(check.keys)
+            if duplicates:
+                problems.append(f"{check.name}: key {sorted(duplicates)[0]} also appears in another {split} shard")
+            keys.update(check.keys)
+            stats["decoded"] += check.decoded
+            stats["cpu_seconds"] += check.cpu_seconds
+        total = sum(r.num_samples for r in manifest.shards)
+        if total != manifest.num_samples:
+            problems.append(f"{manifest_name(split)}: shards hold {total} samples, num_samples={manifest.num_samples}")
+        if manifest.discovered != manifest.num_samples + len(manifest.rejected):
+            problems.append(f"{manifest_name(split)}: discovered {manifest.discovered} != packed "
+                            f"{manifest.num_samples} + rejected {len(manifest.rejected)}")
+        stats["samples"] += total
+        stats["shards"] += len(manifest.shards)
+    stats["seconds"] = time.perf_counter() - start
+    return problems, stats

@@ -1,0 +1,85 @@
+"""`saturate shards convert|verify|merge`: the command-line layer over `shards/`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("shards", help="pack ImageNet folders into WebDataset shards, verify them")
+    sub = parser.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+
+    conv = sub.add_parser("convert", help="convert one split (train or val) into OUT")
+    conv.add_argument("src", help="split folder: SRC/<wnid>/<image> (ImageFolder) or flat with --labels")
+    conv.add_argument("out", help="shard folder; train and val go into the same OUT")
+    conv.add_argument("--split", required=True, help="split name: train or val")
+    conv.add_argument("--labels", metavar="CSV", help="flat SRC: LOC_val_solution.csv or 'file,wnid' rows")
+    conv.add_argument("--classes", metavar="FILE",
+                      help="pin class order: WNID list, LOC_synset_mapping.txt or a manifest "
+                           "(default: sorted class folders; val reuses OUT/train.manifest.json)")
+    conv.add_argument("--names", metavar="FILE", help="LOC_synset_mapping.txt for human-readable class names")
+    size = conv.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", default="512MB", help="target bytes per shard (default 512MB)")
+    size.add_argument("--samples-per-shard", type=int, help="fixed number of samples per shard instead")
+    conv.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    conv.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    conv.add_argument("--num-jobs", type=int, default=1, help="total jobs sharing this conversion")
+    conv.add_argument("--job-index", type=int, default=0, help="this job's index in [0, num-jobs)")
+    conv.add_argument("--max-size", type=int, metavar="PX", help="shrink images whose longer side exceeds PX")
+    conv.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    conv.add_argument("--check", choices=("header", "decode"), default="header",
+                      help="header: parse headers, decode only suspicious files (fast); decode: decode all")
+    conv.add_argument("--strict", action="store_true", help="stop at the first bad file instead of rejecting it")
+    conv.add_argument("--no-progress", action="store_true")
+    conv.set_defaults(func=run_convert)
+
+    ver = sub.add_parser("verify", help="re-check counts, sha256, indexes (and decode with --decode)")
+    ver.add_argument("out")
+    ver.add_argument("--split", action="append", help="only this split (repeatable; default: all manifests)")
+    ver.add_argument("--decode", action="store_true", help="decode every image")
+    ver.add_argument("--workers", type=int, default=os.cpu_count())
+    ver.set_defaults(func=run_verify)
+
+    merge = sub.add_parser("merge", help="write the manifest once every job of a split is done")
+    merge.add_argument("out")
+    merge.add_argument("--split", required=True)
+    merge.set_defaults(func=run_merge)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from shards.convert import convert, parse_size
+
+    convert(
+        args.src, args.out, split=args.split, labels_csv=args.labels, classes_file=args.classes,
+        names_file=args.names, shard_bytes=parse_size(args.shard_size), samples_per_shard=args.samples_per_shard,
+        seed=args.seed, workers=args.workers, num_jobs=args.num_jobs, job_index=args.job_index,
+        max_size=args.max_size, quality=args.quality, check=args.check, strict=args.strict,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from shards.verify import verify
+
+    problems, stats = verify(args.out, splits=args.split, decode=args.decode, workers=args.workers)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    line = f"{stats['shards']} shards, {stats['samples']} samples checked in {stats['seconds']:.1f} s"
+    if args.decode and stats["cpu_seconds"] > 0:
+        line += (f"; decoded {stats['decoded']} images at "
+                 f"{stats['decoded'] / stats['cpu_seconds']:.0f} images/s per core")
+    print(("FAILED: " if problems else "OK: ") + line)
+    return 1 if problems else 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from shards.convert import write_manifest
+
+    manifest = write_manifest(Path(args.out), args.split)
+    if manifest is None:
+        raise RuntimeError(f"{args.split}: some shards of the plan in {args.out} are not written yet")
+    print(f"{args.split}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shards")
+    return 0
