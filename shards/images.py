@@ -53,7 +53,9 @@ def prepare_image(
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RejectedImage(f"not an image ({type(err).__name__})") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise RejectedImage(f"unreadable image header ({err})") from None
+        kind = "JPEG" if data[:2] == b"\xff\xd8" else "image"
+        reason = "truncated" if "runcated" in str(err) else "unreadable header of"
+        raise RejectedImage(f"{reason} {kind} ({err})") from None
 
     reasons = []
     if img.format != "JPEG":
