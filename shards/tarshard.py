@@ -25,6 +25,32 @@ from shards.schema import (
 _ZERO_BLOCK = b"\0" * TAR_BLOCK
 
 
+def _header_template() -> bytes:
+    """A ustar header for a regular file (mode 0644, uid/gid 0, mtime 0, no owner names) with an empty name,
+    size 0 and a blank checksum; `ustar_header` fills in those three fields."""
+    info = tarfile.TarInfo("")
+    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    header[148:156] = b" " * 8
+    return bytes(header)
+
+
+_HEADER_TEMPLATE = _header_template()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header `tarfile` would write for this member, built in ~2 us instead of ~50 us
+    (three headers per sample made `tarfile.TarInfo.tobuf` the converter's largest cost)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"member name {name!r} is longer than ustar's 100 bytes")
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0 : len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 class ShardWriter:
     """Appends samples to `<path>.partial`; `commit()` fsyncs and renames tar and index into place.
 
@@ -50,11 +76,7 @@ class ShardWriter:
         indexed = []
         for ext, payload in members:
             name = member_name(key, ext)
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(payload), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._write(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"))
+            self._write(ustar_header(name, len(payload)))
             indexed.append(IndexedMember(ext, self._offset, len(payload), name))
             self._write(payload)
             if len(payload) % TAR_BLOCK:
@@ -112,4 +134,4 @@ def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
         raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
 
 
-__all__ = ["ShardWriter", "index_tar", "iter_members", "INDEX_VERSION"]
+__all__ = ["ShardWriter", "index_tar", "iter_members", "ustar_header", "INDEX_VERSION"]

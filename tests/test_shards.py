@@ -361,3 +361,16 @@ def test_cli_convert_end_to_end(tmp_path):
     manifest = load_manifest(out, "train")
     assert manifest.num_samples == 10 and len(manifest.shards) > 1
     assert cli(["shards", "convert", str(tmp_path / "missing"), str(out), "--split", "val"]) == 2
+
+
+@pytest.mark.parametrize("name,size", [("n01440764_10026.jpg", 81354), ("k.cls", 6), ("x" * 95 + ".json", 0)])
+def test_fast_ustar_header_equals_tarfile(name, size):
+    import tarfile
+
+    from shards.tarshard import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+    with pytest.raises(ValueError, match="longer than ustar's 100 bytes"):
+        ustar_header("y" * 101, 1)

@@ -1,0 +1,114 @@
+"""Benchmark of the converter on this machine: pass-through throughput beside `tar -cf` of the same tree in the
+same run, peak RSS of the whole process tree for a small and a 10x larger input, and `verify --decode` images/s
+per core. Prints a markdown block for docs/benchmarks.md.
+
+    python -m tools.bench_shards --images 2000 --work /tmp/bench
+
+Both tar and the converter read a tree that was just written, so both read from the page cache; each is run
+twice, alternating, and the faster run of each is reported (the slower one is printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Run `cmd`; return (wall seconds, peak RSS in bytes summed over the process and all its children)."""
+    peak = 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.decode()[-2000:]}")
+    return wall, peak
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="images in the small input (the large is 10x)")
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--work", default="/tmp/saturate-bench-shards")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+
+    from tools.synth import generate
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    saturate = [sys.executable, "-m", "tools.cli"]
+    rows = []
+    for scale in (1, 10):
+        n = args.images * scale
+        src = work / f"synth-{n}"
+        generate(src, classes=args.classes, train_per_class=n // args.classes, val_per_class=0, seed=0,
+                 workers=args.workers, progress=False)
+        files, nbytes = tree_stats(src / "train")
+        convert = [*saturate, "shards", "convert", str(src / "train"), str(work / f"out-{n}"), "--split", "train",
+                   "--workers", str(args.workers), "--no-progress"]
+        tar = ["tar", "-cf", str(work / f"tree-{n}.tar"), "-C", str(src), "train"]
+        times: dict[str, list[float]] = {"tar": [], "convert": []}
+        peaks = []
+        for _ in range(2):
+            times["tar"].append(run_measured(tar)[0])
+            shutil.rmtree(work / f"out-{n}", ignore_errors=True)
+            wall, peak = run_measured(convert)
+            times["convert"].append(wall)
+            peaks.append(peak)
+        verify_out = subprocess.run([*saturate, "shards", "verify", str(work / f"out-{n}"), "--decode",
+                                     "--workers", str(args.workers)], capture_output=True, text=True, check=True)
+        rows.append({"images": files, "mb": nbytes / 1e6, "tar": times["tar"], "convert": times["convert"],
+                     "peak_rss_mb": max(peaks) / 1e6, "verify": verify_out.stdout.strip().splitlines()[-1]})
+        (work / f"tree-{n}.tar").unlink()
+
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}; converter --workers {args.workers}\n")
+    print("| input | tar -cf (best / other) | convert (best / other) | convert / tar | peak RSS (tree) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        best_tar, best_conv = min(r["tar"]), min(r["convert"])
+        print(f"| {r['images']} images, {r['mb']:.0f} MB | {r['mb'] / best_tar:.0f} MB/s "
+              f"({r['images'] / best_tar:.0f} img/s) / {r['mb'] / max(r['tar']):.0f} MB/s "
+              f"| {r['mb'] / best_conv:.0f} MB/s ({r['images'] / best_conv:.0f} img/s) / "
+              f"{r['mb'] / max(r['convert']):.0f} MB/s | {best_tar / best_conv:.2f}x | {r['peak_rss_mb']:.0f} MB |")
+    print()
+    for r in rows:
+        print(f"- verify --decode, {r['images']} images: {r['verify']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
