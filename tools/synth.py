@@ -1,0 +1,521 @@
+"""`saturate synth`: a synthetic ImageNet that looks like ImageNet to a data pipeline.
+
+The tree it writes has ImageNet's layout (`train/<wnid>/<wnid>_<n>.JPEG`, `val/<wnid>/...` or Kaggle's flat
+`val/ILSVRC2012_val_%08d.JPEG` + `LOC_val_solution.csv`, and `LOC_synset_mapping.txt`) and, at `scale=1`,
+ImageNet's shape as a decoder sees it: mean ~400x350 px, shorter side mostly 300-500 px with a few percent up
+to ~1500 px, JPEG quality 75-95, mixed chroma subsampling, and a mean file size near 110 KB. That last figure is
+why images carry photo-like texture (smooth light + shapes with sharp edges + multi-octave grain): flat colour
+would decode several times faster than real photos and make every loader benchmark a lie.
+
+Each class has its own look (palette, stripe orientation and frequency, shape kind, roughness, clutter
+density), so a short training run on this data shows the loss falling. With `quirks=True` a small, recorded
+subset carries ImageNet's real oddities (CMYK, grayscale, PNG bytes under a .JPEG name, progressive, EXIF
+orientation 6/8 with the pixels stored unrotated) so converters and loaders meet them in tests.
+
+Every image is drawn from its own generator seeded by (seed, split, class, index), so the output is
+byte-identical for the same arguments whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Oddities real ImageNet files have, in the order they are assigned (and recorded in synth.json).
+QUIRK_KINDS: tuple[str, ...] = ("cmyk", "grayscale", "png", "progressive", "exif_rotated")
+QUIRK_FRACTION = 0.01  # of each split's images, per kind (at least one each)
+EXIF_ORIENTATION_TAG = 0x0112
+
+SYNTH_JSON = "synth.json"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
+VAL_SOLUTION = "LOC_val_solution.csv"
+KAGGLE_VAL_NAME = "ILSVRC2012_val_{:08d}.JPEG"
+IMAGE_SUFFIX = ".JPEG"  # ImageNet's own spelling, kept even for the PNG quirk
+
+# Independent random streams: one generator per (seed, stream, ...) so no draw depends on another's order.
+_STREAM_TRAIN, _STREAM_VAL, _STREAM_LOOK, _STREAM_WNID, _STREAM_QUIRK, _STREAM_KAGGLE = range(6)
+_SPLIT_STREAM = {"train": _STREAM_TRAIN, "val": _STREAM_VAL}
+
+# --- image shape at scale 1 (ImageNet-like) -----------------------------------------------------------
+_LARGE_FRACTION = 0.03  # share of images in the large tail
+_SHORT_SIDE = (290.0, 300.0, 390.0)  # px, triangular (low, mode, high) of the body's shorter side
+_LARGE_SHORT_SIDE = (500.0, 1000.0)  # px, uniform shorter side of the large tail
+_MAX_SIDE = 1500  # px, longer side cap
+_ASPECTS = (1.0, 1.0, 1.2, 1.25, 4 / 3, 4 / 3, 4 / 3, 1.5)  # longer/shorter, drawn uniformly
+_LANDSCAPE_FRACTION = 0.78
+_QUALITY = (75, 95)  # inclusive JPEG quality range
+_SUBSAMPLING = (2, 1, 0)  # PIL codes for 4:2:0, 4:2:2, 4:4:4
+_SUBSAMPLING_P = (0.55, 0.15, 0.30)
+
+# --- texture calibration: these set the mean file size (measured: ~110 KB at scale 1, see the docstring) ----
+_TEXTURE_AMPLITUDE = 40.0  # grey levels per unit of octave noise, before the per-class roughness
+_OCTAVES = ((16, 0.5), (8, 0.6), (4, 1.0), (2, 2.0))  # (downsampling factor, relative amplitude)
+_GRAIN = 29.0  # grey levels, std of the full-resolution colour grain (uniform per channel)
+_SHAPE_KINDS = ("ellipse", "rectangle", "triangle", "diamond")
+_HUE_NAMES = ("red", "orange", "amber", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet",
+              "magenta")
+
+
+class OutputNotEmptyError(FileExistsError, ValueError):
+    """OUT already holds files; a ValueError too so the CLI reports it as one line, not a traceback."""
+
+
+@dataclass(frozen=True)
+class ClassLook:
+    """What makes one class recognisable: every image of the class is drawn around these values."""
+
+    palette: tuple[tuple[float, float, float], ...]  # 4 RGB colours, 0-255: 2 background, 2 shape colours
+    stripe_angle: float  # radians, dominant orientation of the background stripes
+    stripe_frequency: float  # cycles across the longer side
+    shape: str  # one of _SHAPE_KINDS
+    roughness: float  # multiplies the texture amplitude
+    clutter: int  # mean number of small shapes
+
+
+def class_look(seed: int, label: int) -> ClassLook:
+    """The look of class `label`, a pure function of (seed, label)."""
+    rng = np.random.default_rng([seed, _STREAM_LOOK, label])
+    hue = rng.random()
+    palette = []
+    # Background pair around the class hue (one bright, one dark) + two contrasting shape colours.
+    for hue_shift, saturation, value in ((0.0, 0.7, 0.75), (0.08, 0.5, 0.35), (0.5, 0.8, 0.85), (0.55, 0.3, 0.6)):
+        h = (hue + hue_shift + rng.normal(0, 0.03)) % 1.0
+        s = float(np.clip(saturation + rng.normal(0, 0.15), 0.1, 1.0))
+        v = float(np.clip(value + rng.normal(0, 0.1), 0.15, 0.9))
+        palette.append(tuple(255.0 * c for c in colorsys.hsv_to_rgb(h, s, v)))
+    return ClassLook(
+        palette=tuple(palette),
+        stripe_angle=float(rng.uniform(0, math.pi)),
+        stripe_frequency=float(math.exp(rng.uniform(math.log(2), math.log(14)))),
+        shape=_SHAPE_KINDS[int(rng.integers(len(_SHAPE_KINDS)))],
+        roughness=float(rng.uniform(0.6, 1.4)),
+        clutter=int(rng.integers(10, 60)),
+    )
+
+
+def class_name(look: ClassLook) -> str:
+    """A human-readable name that describes the look (`amber ellipses on 45-degree stripes`)."""
+    r, g, b = (c / 255.0 for c in look.palette[0])
+    hue = colorsys.rgb_to_hsv(r, g, b)[0]
+    colour = _HUE_NAMES[int(round(hue * len(_HUE_NAMES))) % len(_HUE_NAMES)]
+    return f"{colour} {look.shape}s on {round(math.degrees(look.stripe_angle))}-degree stripes"
+
+
+def make_wnids(seed: int, classes: int) -> list[str]:
+    """`classes` unique, sorted, real-looking WNIDs (`n` + 8 digits, in ImageNet-1k's numeric range)."""
+    rng = np.random.default_rng([seed, _STREAM_WNID])
+    numbers = 1_440_000 + rng.choice(15_100_000 - 1_440_000, size=classes, replace=False)
+    return [f"n{n:08d}" for n in sorted(numbers.tolist())]
+
+
+# --- one image ---------------------------------------------------------------------------------------------
+def image_size(rng: np.random.Generator, scale: float) -> tuple[int, int]:
+    """(width, height) in px: an ImageNet-like body plus a tail of large images, times `scale`."""
+    if rng.random() < _LARGE_FRACTION:
+        short = rng.uniform(*_LARGE_SHORT_SIDE)
+    else:
+        short = rng.triangular(*_SHORT_SIDE)
+    long = min(short * _ASPECTS[int(rng.integers(len(_ASPECTS)))], _MAX_SIDE)
+    width, height = (long, short) if rng.random() < _LANDSCAPE_FRACTION else (short, long)
+    return max(8, round(width * scale)), max(8, round(height * scale))
+
+
+def _upsample(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of a float32 plane to (height, width)."""
+    from PIL import Image
+
+    return np.array(Image.fromarray(plane, "F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _draw_shape(draw, kind: str, cx: float, cy: float, w: float, h: float, colour: tuple[int, ...]) -> None:
+    x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    if kind == "ellipse":
+        draw.ellipse((x0, y0, x1, y1), fill=colour)
+    elif kind == "rectangle":
+        draw.rectangle((x0, y0, x1, y1), fill=colour)
+    elif kind == "triangle":
+        draw.polygon(((cx, y0), (x1, y1), (x0, y1)), fill=colour)
+    else:
+        draw.polygon(((cx, y0), (x1, cy), (cx, y1), (x0, cy)), fill=colour)
+
+
+def _offset_lut(gain: float) -> list[int]:
+    """A 256-entry lookup table that scales a value's distance from 128 by `gain` (clipped to 0-255)."""
+    return np.clip(np.rint(128.0 + (np.arange(256) - 128.0) * gain), 0, 255).astype(np.uint8).tolist()
+
+
+def _colour(rgb: tuple[float, float, float], gain: float) -> tuple[int, int, int]:
+    return tuple(int(min(255.0, max(0.0, c * gain))) for c in rgb)
+
+
+def render(rng: np.random.Generator, look: ClassLook, width: int, height: int):
+    """An upright RGB image of the class and the box (x0, y0, x1, y1) in px of its main object.
+
+    Everything but the grain is built at half resolution or below (a quarter of the pixels), then one resize
+    and one add in PIL's C code finish it: smooth light and class stripes at 1/8, shapes and texture octaves
+    (1/16 to 1/2) at 1/2, colour grain at full resolution. Half-resolution shapes get soft edges, like a photo.
+    """
+    from PIL import Image, ImageChops, ImageDraw
+
+    longer = float(max(width, height))
+    half_w, half_h = max(2, width // 2), max(2, height // 2)
+    low_w, low_h = max(2, math.ceil(width / 8)), max(2, math.ceil(height / 8))
+    x = np.linspace(0, width / longer, low_w, dtype=np.float32)[None, :]
+    y = np.linspace(0, height / longer, low_h, dtype=np.float32)[:, None]
+
+    angle = look.stripe_angle + rng.normal(0, 0.15)
+    frequency = look.stripe_frequency * rng.uniform(0.8, 1.25)
+    phase = rng.uniform(0, 2 * math.pi)
+    stripes = 0.5 + 0.5 * np.cos(2 * np.pi * frequency * (x * math.cos(angle) + y * math.sin(angle)) + phase)
+    # Smooth structure: four slow waves in random directions (0.3-1.5 cycles across the longer side).
+    wave_angle = rng.uniform(0, 2 * math.pi, 4)
+    wave_freq = rng.uniform(0.3, 1.5, 4)
+    wave_phase = rng.uniform(0, 2 * math.pi, 4)
+    smooth = sum(
+        np.cos(2 * np.pi * f * (x * math.cos(a) + y * math.sin(a)) + p)
+        for a, f, p in zip(wave_angle, wave_freq, wave_phase, strict=True)
+    ) / 4.0
+    light = 0.75 + 0.3 * smooth + rng.uniform(-0.2, 0.2) * (x - 0.5)
+    mix = (0.7 * stripes + 0.15 * (1.0 + smooth))[..., None]
+    palette = np.asarray(look.palette, dtype=np.float32)
+    base = (palette[0] * (1.0 - mix) + palette[1] * mix) * light[..., None]
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    image = image.resize((half_w, half_h), Image.Resampling.BICUBIC)
+
+    # Shapes, in full-resolution coordinates drawn at half scale: class-shaped clutter, then 1-3 big objects.
+    draw = ImageDraw.Draw(image)
+    to_half = half_w / width, half_h / height
+    clutter = int(rng.integers(look.clutter // 2, look.clutter * 3 // 2 + 1))
+    for i, (px, py, ps, pa, pg) in enumerate(rng.random((clutter, 5))):
+        side = (0.02 + 0.06 * ps) * longer
+        _draw_shape(draw, look.shape, px * half_w, py * half_h, side * to_half[0], side * (0.5 + pa) * to_half[1],
+                    _colour(look.palette[2 + i % 2], 0.6 + 0.6 * pg))
+    box = (0, 0, width, height)
+    for i in range(int(rng.integers(1, 4))):
+        w, h = rng.uniform(0.15, 0.5) * width, rng.uniform(0.15, 0.5) * height
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        _draw_shape(draw, look.shape, cx * to_half[0], cy * to_half[1], w * to_half[0], h * to_half[1],
+                    _colour(look.palette[2 + i % 2], rng.uniform(0.7, 1.1)))
+        if i == 0:  # the main object: the first shape drawn big, as a Kaggle-style box
+            box = (max(0, math.floor(cx - w / 2)), max(0, math.floor(cy - h / 2)),
+                   min(width, math.ceil(cx + w / 2)), min(height, math.ceil(cy + h / 2)))
+
+    # Texture: octaves of noise, coarse to fine, each upsampled into the next; strongest where the smooth
+    # field is bright so an image has both detailed and calm regions, like a photo. A per-image tint makes it
+    # move chroma as well as luminance.
+    div0 = _OCTAVES[0][0]
+    texture = rng.standard_normal((max(2, height // div0), max(2, width // div0)), dtype=np.float32)
+    for div, amplitude in _OCTAVES[1:]:
+        oct_h, oct_w = (half_h, half_w) if div == 2 else (max(2, height // div), max(2, width // div))
+        texture = _upsample(texture, oct_w, oct_h)
+        texture += amplitude * rng.standard_normal((oct_h, oct_w), dtype=np.float32)
+    mask = _upsample(np.clip(0.8 * (1.0 + smooth) - 0.3, 0.05, 1.0).astype(np.float32), half_w, half_h)
+    texture *= mask * np.float32(_TEXTURE_AMPLITUDE * look.roughness * rng.lognormal(0.0, 0.25))
+    tint = rng.uniform(0.6, 1.4, 3).astype(np.float32)
+    detailed = np.asarray(image, dtype=np.float32) + texture[..., None] * tint
+    image = Image.fromarray(np.clip(detailed, 0, 255, out=detailed).astype(np.uint8), "RGB")
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+
+    # Sensor-like colour grain, uniform in +-amplitude per channel: cheap uint8 draws, mapped by a LUT.
+    grain_gain = _GRAIN * math.sqrt(3.0) * rng.lognormal(0.0, 0.3) / 128.0
+    grain = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    grain = grain.point(_offset_lut(grain_gain) * 3)
+    return ImageChops.add(image, grain, scale=1.0, offset=-128), box
+
+
+def encode(image, rng: np.random.Generator, quirk: str | None) -> tuple[bytes, tuple[int, int], int]:
+    """File bytes for `image` with its quirk, the stored (width, height) in px, and the EXIF orientation (1
+    when the pixels are stored upright)."""
+    from PIL import Image
+
+    quality = int(rng.integers(_QUALITY[0], _QUALITY[1] + 1))
+    subsampling = int(rng.choice(_SUBSAMPLING, p=_SUBSAMPLING_P))
+    options: dict = {"format": "JPEG", "quality": quality, "subsampling": subsampling}
+    orientation = 1
+    if quirk == "cmyk":
+        image = image.convert("CMYK")
+    elif quirk == "grayscale":
+        image = image.convert("L")
+    elif quirk == "png":
+        options = {"format": "PNG", "compress_level": 1}  # level 1: PNG is the slow path, size is not the point
+    elif quirk == "progressive":
+        options["progressive"] = True
+    elif quirk == "exif_rotated":
+        # Like a camera held sideways: pixels stored as the sensor saw them, the tag says how to turn them
+        # (6: rotate 90 degrees clockwise to view, 8: counter-clockwise). exif_transpose() gives back `image`.
+        orientation = int(rng.choice((6, 8)))
+        image = image.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION_TAG] = orientation
+        options["exif"] = exif.tobytes()
+    elif quirk is not None:
+        raise ValueError(f"unknown quirk {quirk!r}; expected one of {QUIRK_KINDS}")
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue(), image.size, orientation
+
+
+def stored_box(box: tuple[int, int, int, int], width: int, height: int, orientation: int):
+    """The upright box (x0, y0, x1, y1) of a (width x height) image in the stored pixels' frame."""
+    x0, y0, x1, y1 = box
+    if orientation == 6:  # stored = upright turned 90 degrees counter-clockwise
+        return y0, width - x1, y1, width - x0
+    if orientation == 8:  # stored = upright turned 90 degrees clockwise
+        return height - y1, x0, height - y0, x1
+    return box
+
+
+# --- planning and writing ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)  # slots: a full-size plan holds ~1.3M of these
+class ImageJob:
+    """One file to write: which split/class/index it is (its seed) and where it goes."""
+
+    split: str
+    label: int
+    index: int  # within (split, class), from 0
+    path: str  # relative to OUT, '/'-separated
+    quirk: str | None
+
+
+def assign_quirks(seed: int, split: str, count: int) -> list[str | None]:
+    """Per image of a split (in plan order), its quirk or None: ~1% per kind, at least one of each kind
+    while there are images, chosen by a seeded permutation so the subset is deterministic."""
+    per_kind = max(1, round(QUIRK_FRACTION * count))
+    order = np.random.default_rng([seed, _STREAM_QUIRK, _SPLIT_STREAM[split]]).permutation(count)
+    quirks: list[str | None] = [None] * count
+    slots = iter(order.tolist())
+    for kind in QUIRK_KINDS:
+        for _ in range(per_kind):
+            position = next(slots, None)
+            if position is None:
+                return quirks
+            quirks[position] = kind
+    return quirks
+
+
+def plan(*, seed: int, wnids: list[str], train_per_class: int, val_per_class: int, quirks: bool,
+         kaggle_val: bool) -> list[ImageJob]:
+    """Every file of the tree, train then val, class-major; Kaggle val names follow a seeded shuffle."""
+    jobs: list[ImageJob] = []
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        count = per_class * len(wnids)
+        split_quirks = assign_quirks(seed, split, count) if quirks else [None] * count
+        kaggle_ids = None
+        if split == "val" and kaggle_val:  # Kaggle's val is flat and not in class order
+            kaggle_ids = np.random.default_rng([seed, _STREAM_KAGGLE]).permutation(count) + 1
+        for position in range(count):
+            label, index = divmod(position, per_class)
+            wnid = wnids[label]
+            if kaggle_ids is not None:
+                path = f"{split}/{KAGGLE_VAL_NAME.format(int(kaggle_ids[position]))}"
+            else:
+                path = f"{split}/{wnid}/{wnid}_{index + 1}{IMAGE_SUFFIX}"
+            jobs.append(ImageJob(split, label, index, path, split_quirks[position]))
+    return jobs
+
+
+_WORKER: dict = {}  # per-process state set by _init_worker: out, seed, scale, looks
+
+
+def _init_worker(out: str, seed: int, scale: float, looks: list[ClassLook]) -> None:
+    _WORKER.update(out=out, seed=seed, scale=scale, looks=looks)
+
+
+def _write_image(job: ImageJob) -> tuple[int, int, int, tuple[int, int, int, int]]:
+    """Render, encode and write one file; returns (bytes, stored width, stored height, stored box)."""
+    rng = np.random.default_rng([_WORKER["seed"], _SPLIT_STREAM[job.split], job.label, job.index])
+    width, height = image_size(rng, _WORKER["scale"])
+    image, box = render(rng, _WORKER["looks"][job.label], width, height)
+    data, (stored_w, stored_h), orientation = encode(image, rng, job.quirk)
+    with open(os.path.join(_WORKER["out"], job.path), "wb") as f:
+        f.write(data)
+    return len(data), stored_w, stored_h, stored_box(box, width, height, orientation)
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (respects CPU affinity in containers), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty OUT unless `overwrite`; then only remove what an earlier synth run wrote."""
+    if out.exists() and not out.is_dir():
+        raise OutputNotEmptyError(f"{out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise OutputNotEmptyError(f"{out} is not empty; pick an empty directory or pass --overwrite")
+    if not (out / SYNTH_JSON).is_file():
+        raise OutputNotEmptyError(f"{out} is not empty and has no {SYNTH_JSON}, so it was not written by "
+                              f"saturate synth; --overwrite only replaces an earlier synth tree")
+    for name in ("train", "val"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in (VAL_SOLUTION, SYNSET_MAPPING, SYNTH_JSON):
+        (out / name).unlink(missing_ok=True)
+
+
+def _check_args(classes: int, train_per_class: int, val_per_class: int, seed: int, workers: int | None,
+                scale: float, quirks: bool) -> None:
+    checks = (
+        (isinstance(classes, int) and classes >= 1, f"--classes must be a positive integer, got {classes!r}"),
+        (isinstance(train_per_class, int) and train_per_class >= 1,
+         f"--train-per-class must be a positive integer, got {train_per_class!r}"),
+        (isinstance(val_per_class, int) and val_per_class >= 0,
+         f"--val-per-class must be a non-negative integer, got {val_per_class!r}"),
+        (isinstance(seed, int) and seed >= 0, f"--seed must be a non-negative integer, got {seed!r}"),
+        (workers is None or (isinstance(workers, int) and workers >= 1),
+         f"--workers must be a positive integer, got {workers!r}"),
+        (isinstance(scale, (int, float)) and 0 < scale <= 8, f"--scale must be in (0, 8], got {scale!r}"),
+        (not quirks or classes * train_per_class >= len(QUIRK_KINDS),
+         f"--quirks needs at least {len(QUIRK_KINDS)} train images (one per kind), "
+         f"got {classes} classes x {train_per_class}"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def generate(out: str | os.PathLike, *, classes: int, train_per_class: int, val_per_class: int,
+             quirks: bool = False, kaggle_val: bool = False, seed: int = 0, workers: int | None = None,
+             scale: float = 1.0, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write a synthetic ImageNet tree into `out` and return a summary.
+
+    `workers` processes (default: all cores) render in parallel; the bytes do not depend on it. `scale`
+    multiplies every image's width and height (0.25 gives ~100x90 px images for fast tests). The summary
+    holds image counts, `mean_bytes` (bytes per file), `mean_width`/`mean_height` (px, as stored),
+    per-kind quirk counts, and `seconds`/`images_per_sec` of this run.
+    """
+    from tqdm import tqdm
+
+    _check_args(classes, train_per_class, val_per_class, seed, workers, scale, quirks)
+    started = time.perf_counter()
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    wnids = make_wnids(seed, classes)
+    looks = [class_look(seed, label) for label in range(classes)]
+    jobs = plan(seed=seed, wnids=wnids, train_per_class=train_per_class, val_per_class=val_per_class,
+                quirks=quirks, kaggle_val=kaggle_val)
+    for folder in sorted({os.path.dirname(job.path) for job in jobs}):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+
+    workers = min(workers or _available_cores(), len(jobs))
+    bar = tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress)
+    if workers == 1:
+        _init_worker(str(out), seed, scale, looks)
+        results = []
+        for job in jobs:
+            results.append(_write_image(job))
+            bar.update()
+    else:
+        import multiprocessing
+
+        chunksize = max(1, min(32, len(jobs) // (workers * 8)))
+        with multiprocessing.Pool(workers, _init_worker, (str(out), seed, scale, looks)) as pool:
+            results = []
+            for result in pool.imap(_write_image, jobs, chunksize=chunksize):  # in plan order
+                results.append(result)
+                bar.update()
+    bar.close()
+
+    names = [class_name(look) for look in looks]
+    (out / SYNSET_MAPPING).write_text("".join(f"{w} {n}\n" for w, n in zip(wnids, names, strict=True)))
+    if kaggle_val:
+        rows = sorted(
+            (Path(job.path).stem, f"{wnids[job.label]} {' '.join(str(v) for v in box)}")
+            for job, (_, _, _, box) in zip(jobs, results, strict=True) if job.split == "val"
+        )
+        (out / VAL_SOLUTION).write_text("ImageId,PredictionString\n" + "".join(f"{i},{p}\n" for i, p in rows))
+
+    summary = {
+        "images": len(jobs),
+        "train_images": classes * train_per_class,
+        "val_images": classes * val_per_class,
+        "classes": classes,
+        "mean_bytes": sum(r[0] for r in results) / len(results),
+        "mean_width": sum(r[1] for r in results) / len(results),
+        "mean_height": sum(r[2] for r in results) / len(results),
+        "quirks": {kind: sum(job.quirk == kind for job in jobs) for kind in QUIRK_KINDS},
+    }
+    # synth.json holds only what the bytes depend on (not workers, not timings), so it is reproducible too.
+    record = {
+        "tool": "saturate synth",
+        "parameters": {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
+                       "quirks": quirks, "kaggle_val": kaggle_val, "seed": seed, "scale": scale},
+        "summary": summary,
+        "quirks": {kind: [job.path for job in jobs if job.quirk == kind] for kind in QUIRK_KINDS},
+    }
+    (out / SYNTH_JSON).write_text(json.dumps(record, indent=1) + "\n")
+    seconds = time.perf_counter() - started
+    return {**summary, "workers": workers, "seconds": seconds, "images_per_sec": len(jobs) / seconds}
+
+
+# --- command line ------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 8:
+        raise argparse.ArgumentTypeError(f"must be in (0, 8], got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "synth", help="write a synthetic ImageNet-shaped JPEG tree (train/, val/, LOC_*.txt/csv)",
+        description="Write OUT/train/<wnid>/<wnid>_<n>.JPEG and OUT/val/... with ImageNet's image sizes, "
+                    "file sizes and (with --quirks) its odd files; byte-identical for the same arguments.",
+    )
+    parser.add_argument("out", help="output directory (must be empty, or an earlier synth tree with --overwrite)")
+    parser.add_argument("--classes", type=_positive_int, required=True, help="number of classes")
+    parser.add_argument("--train-per-class", type=_positive_int, required=True, help="train images per class")
+    parser.add_argument("--val-per-class", type=_non_negative_int, required=True, help="val images per class")
+    parser.add_argument("--quirks", action="store_true",
+                        help="~1%% per kind (at least one) CMYK, grayscale, PNG-named-.JPEG, progressive, "
+                             "EXIF-rotated files")
+    parser.add_argument("--kaggle-val", action="store_true",
+                        help="flat val/ILSVRC2012_val_%%08d.JPEG + LOC_val_solution.csv instead of val/<wnid>/")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of everything (default 0)")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--scale", type=_positive_float, default=1.0,
+                        help="multiply image width and height (default 1: ImageNet-like ~400x350)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier synth tree in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = generate(
+        args.out, classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+        quirks=args.quirks, kaggle_val=args.kaggle_val, seed=args.seed, workers=args.workers, scale=args.scale,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(f"synth: {summary['images']} images ({summary['train_images']} train, {summary['val_images']} val, "
+          f"{summary['classes']} classes) in {args.out}, mean {summary['mean_bytes'] / 1000:.1f} KB, "
+          f"mean {summary['mean_width']:.0f}x{summary['mean_height']:.0f} px, {summary['seconds']:.1f} s "
+          f"({summary['images_per_sec']:.0f} images/s on {summary['workers']} workers)")
+    return 0
