@@ -1,0 +1,72 @@
+"""Input pipelines: one `build_loader` over four backends (DeepLearningExamples-style switch).
+
+    from pipeline import build_loader, BACKENDS
+    loader = build_loader("shards/", "train", batch_size=256, backend="dali-gpu")
+    for images, labels in loader:   # one pass = one epoch
+        ...                         # images: float16 (N, 3, H, W) channels_last, ImageNet-normalised
+                                    # labels: int64 (N,), on the same device
+
+Backends: `dali-gpu` and `dali-cpu` (pipeline.dali), `pytorch` (pipeline.pytorch_loader: torch DataLoader +
+webdataset + Pillow, the strong baseline), `synthetic` (pipeline.synthetic: the model's ceiling).
+Augmentation and normalisation constants live in pipeline.constants; the rank's share of a split, the epoch
+length and the resume-state checks in pipeline.base.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline import constants
+from pipeline.base import BACKENDS, Loader, check_arguments
+
+__all__ = ["BACKENDS", "Loader", "build_loader", "constants"]
+
+
+def build_loader(
+    shards_dir: str | os.PathLike | None,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int = constants.DEFAULT_IMAGE_SIZE,
+    backend: str = "dali-gpu",
+    rank: int = 0,
+    world_size: int = 1,
+    num_threads: int = 4,
+    seed: int = 0,
+    device_id: int | None = None,
+    state: dict[str, Any] | None = None,
+    crop_area: tuple[float, float] = constants.CROP_AREA,
+    **backend_options: Any,
+) -> Loader:
+    """A loader over `<shards_dir>/<split>-*.tar` for rank `rank` of `world_size`.
+
+    batch_size: samples per batch per rank. image_size: side of the square output (pixels).
+    num_threads: DALI CPU threads, or DataLoader worker processes for `pytorch`.
+    seed: the same on every rank (shard order is global; augmentation streams differ per rank).
+    device_id: CUDA device for GPU backends; default $LOCAL_RANK, else the current device.
+    state: a `loader.state_dict()` to continue from (same backend/split/batch_size/image_size/rank/
+    world_size/seed); None starts at epoch 0.
+    crop_area: train random-resized-crop area range, fractions of the source image.
+    backend_options: per backend, see DALI_OPTIONS (pipeline.dali), PYTORCH_OPTIONS
+    (pipeline.pytorch_loader), SYNTHETIC_OPTIONS (pipeline.synthetic).
+    """
+    check_arguments(
+        split=split, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
+        world_size=world_size, crop_area=crop_area,
+    )
+    common = dict(
+        batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
+        num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area),
+    )
+    if backend in ("dali-gpu", "dali-cpu"):
+        from pipeline.dali import DaliLoader
+
+        return DaliLoader(shards_dir, split, **common, **backend_options)
+    if backend == "pytorch":
+        from pipeline.pytorch_loader import PytorchLoader
+
+        return PytorchLoader(shards_dir, split, **common, **backend_options)
+    from pipeline.synthetic import SyntheticLoader
+
+    return SyntheticLoader(shards_dir, split, **common, **backend_options)

@@ -1,0 +1,143 @@
+"""What every backend shares: argument checks, the rank's slice of a split, epoch length and resume state.
+
+Sharding rule (all backends, so they agree sample for sample): the split is the concatenation of the
+manifest's shards in manifest order, and rank `r` of `W` owns the contiguous global sample range
+`[n*r//W, n*(r+1)//W)` -- DALI's own rule for `shard_id`/`num_shards`. Shares differ by at most one
+sample and sum to `n`, so val sees every sample exactly once. Train drops each rank's last partial batch
+and every rank yields the same number of batches (the smallest share's), so DDP never waits on a rank
+that has one batch fewer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shards.schema import SPLITS, Manifest, load_manifest, shard_files
+
+BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
+#: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
+STATE_IDENTITY = ("backend", "split", "batch_size", "image_size", "rank", "world_size", "seed")
+
+
+def check_arguments(
+    *, split: str, backend: str, batch_size: int, image_size: int, rank: int, world_size: int,
+    crop_area: tuple[float, float],
+) -> None:
+    """Reject bad flags before anything is opened, naming the flag."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be an integer >= 1 (pixels), got {image_size!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    low, high = crop_area
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1 (fractions of image area), got {crop_area}")
+
+
+def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manifest, list[tuple[Path, Path]]]:
+    """The split's manifest and its (tar, idx) paths, every file checked to exist (errors name the file)."""
+    if shards_dir is None:
+        raise ValueError("shards_dir is required for every backend but 'synthetic'")
+    manifest = load_manifest(shards_dir, split)
+    pairs = shard_files(shards_dir, manifest)
+    if manifest.num_samples < 1:
+        raise ValueError(f"{Path(shards_dir)}: the {split} manifest lists no samples")
+    return manifest, pairs
+
+
+def local_cuda_device(device_id: int | None) -> int:
+    """CUDA device index for this process: `device_id`, else $LOCAL_RANK (torchrun), else the current device."""
+    import torch
+
+    if device_id is not None:
+        return device_id
+    return int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Global sample range [start, end) rank `rank` reads each epoch (DALI's shard_id/num_shards rule)."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def batches_per_epoch(*, train: bool, num_samples: int, batch_size: int, world_size: int, rank: int) -> int:
+    """Batches rank `rank` yields per epoch: train, the smallest rank's full batches; val, all its samples."""
+    if train:
+        return (num_samples // world_size) // batch_size
+    start, end = rank_range(num_samples, rank, world_size)
+    return -(-(end - start) // batch_size)
+
+
+def check_state(state: dict[str, Any] | None, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """Validate a `state_dict()` against the loader being built; errors name the mismatching flag."""
+    if state is None:
+        return None
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict from loader.state_dict(), got {type(state).__name__}")
+    for key in STATE_IDENTITY:
+        if state.get(key) != expected[key]:
+            raise ValueError(
+                f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader has "
+                f"{key}={expected[key]!r}; rebuild with the same {key} or pass state=None"
+            )
+    return state
+
+
+class Loader:
+    """The one interface every backend implements.
+
+    Iterating is one epoch of `(images, labels)`; the next `iter()` starts the next epoch (an epoch left
+    unfinished is finished first, without yielding). `len()` is the number of batches one pass yields for
+    this rank: the full epoch, or after a resume mid-epoch only the batches still to come in that epoch.
+    """
+
+    backend: str
+    split: str
+    batch_size: int
+    num_samples: int  # samples this rank yields per full epoch
+    num_classes: int
+    device: Any  # torch.device
+
+    def __init__(self) -> None:
+        self.epoch = 0  # epochs fully consumed
+        self.batch_in_epoch = 0  # batches of the current epoch already yielded
+        self.batches_per_epoch = 0
+        self.resumed_at = 0  # batch the current epoch started from: 0, or k after a resume mid-epoch
+        self._pass_started = False  # a pass over the current epoch began in this process
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.resumed_at
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.resumed_at = 0
+        self._pass_started = False
+
+    def __iter__(self) -> Iterator:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in STATE_IDENTITY}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and RNG state as plain Python types; `build_loader(..., state=...)` continues here."""
+        return {**self.identity(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,323 @@
+"""DALI backends: `dali-gpu` (nvJPEG + hardware decoder, augmentation on the GPU) and `dali-cpu` (the same
+graph on CPU operators; runs without a GPU or a CUDA driver, which is what the tests use).
+
+One graph (`imagenet_graph`) serves train and val; `train` is fixed when the pipeline is built:
+
+    read   fn.readers.webdataset over the manifest's shards with their .idx files, rank `r` of `W`
+           reading its contiguous share (`shard_id`/`num_shards`); train shuffles in a buffer of
+           `shuffle_buffer` samples and reshuffles the shard order every epoch (same seed on every rank).
+    label  the `.cls` member read as LABEL_WIDTH uint8 ASCII digits, turned into int64 by arithmetic in the
+           graph (digit - '0', dot product with powers of ten): no Python callback, labels exact.
+    train  decode a random-resized crop (area `crop_area`, aspect CROP_ASPECT) -> resize to
+           image_size x image_size -> flip with p = FLIP_PROBABILITY
+    val    decode -> resize the shorter side to image_size / VAL_RESIZE_RATIO -> centre crop, no flip
+    out    fn.crop_mirror_normalize to float16 NHWC, ImageNet mean/std; the loader returns the
+           (N, 3, H, W) channels_last view of that NHWC buffer (a permute, no copy).
+
+Epochs end exactly: the reader is named (`READER_NAME`) and pads its share to whole batches with
+`pad_last_batch`; val uses LastBatchPolicy.PARTIAL, so the padding never reaches the caller and every val
+sample is seen exactly once across ranks; train uses LastBatchPolicy.DROP.
+
+Resume: pipelines are built with `enable_checkpointing=True`; `state_dict()` holds the iterator's DALI
+checkpoint (base64 text) and `build_loader(..., state=...)` rebuilds the pipeline from it, so a resumed
+epoch continues with the next sample and the same random state.
+
+Undecodable samples: fail, never skip. The converter already rejects files Pillow cannot decode, so a
+JPEG that fails here means the shard was damaged after conversion; the loader raises ShardReadError
+naming the split, the shard directory and DALI's message (which names the tar and the member) instead of
+silently training on fewer samples. A truncated tar or an index that does not match its tar fails the
+same way when the pipeline is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import constants as C
+from pipeline.base import Loader, batches_per_epoch, check_state, local_cuda_device, open_split, rank_range
+from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH
+
+READER_NAME = "Reader"
+#: Backend options the DALI backends accept, with their defaults.
+DALI_OPTIONS: dict[str, Any] = {
+    "hw_decoder_load": C.HW_DECODER_LOAD,
+    "device_memory_padding": C.DEVICE_MEMORY_PADDING,
+    "host_memory_padding": C.HOST_MEMORY_PADDING,
+    "preallocate_width_hint": C.PREALLOCATE_WIDTH_HINT,
+    "preallocate_height_hint": C.PREALLOCATE_HEIGHT_HINT,
+    "shuffle_buffer": C.SHUFFLE_BUFFER,  # samples
+    "prefetch_queue_depth": 2,  # batches
+    "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
+}
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read or one of its samples could not be decoded; the message names them."""
+
+
+def imagenet_graph(
+    *,
+    tars: list[str],
+    indexes: list[str],
+    train: bool,
+    image_size: int,
+    crop_area: tuple[float, float],
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    gpu: bool,
+    shuffle_buffer: int,
+    with_keys: bool,
+    hw_decoder_load: float,
+    device_memory_padding: int,
+    host_memory_padding: int,
+    preallocate_width_hint: int,
+    preallocate_height_hint: int,
+) -> tuple:
+    """The one DALI graph for train and val; call inside a `Pipeline` context. Returns its outputs."""
+    from nvidia.dali import fn, types
+
+    jpegs, digits = fn.readers.webdataset(
+        name=READER_NAME,
+        paths=tars,
+        index_paths=indexes,
+        ext=[IMAGE_EXT, LABEL_EXT],
+        missing_component_behavior="error",  # a sample without its label is a broken shard, not a skip
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,  # epochs end on this rank's share; padding is dropped by the iterator
+        random_shuffle=train,
+        initial_fill=shuffle_buffer,
+        shuffle_after_epoch=train,  # new shard order each epoch, reads inside a shard stay sequential
+        stick_to_shard=not train,  # val: each rank re-reads exactly its share every epoch
+        # identical on every rank: one global shard order per epoch
+        **({"shuffle_after_epoch_seed": seed} if train else {}),
+    )
+    # '0'..'9' -> 0..9, then sum(digit * 10**place): exact int64 labels without a Python callback.
+    place_values = types.Constant(np.array([10**p for p in range(LABEL_WIDTH - 1, -1, -1)], dtype=np.int64))
+    labels = fn.reductions.sum((fn.cast(digits, dtype=types.INT64) - ord("0")) * place_values, axes=0)
+
+    decoder: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
+    if gpu:
+        decoder.update(
+            hw_decoder_load=hw_decoder_load,
+            device_memory_padding=device_memory_padding,
+            host_memory_padding=host_memory_padding,
+            preallocate_width_hint=preallocate_width_hint,
+            preallocate_height_hint=preallocate_height_hint,
+        )
+    if train:
+        images = fn.decoders.image_random_crop(
+            jpegs, random_area=list(crop_area), random_aspect_ratio=list(C.CROP_ASPECT),
+            num_attempts=C.CROP_ATTEMPTS, **decoder,
+        )
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        mirror = fn.random.coin_flip(probability=C.FLIP_PROBABILITY)
+    else:
+        images = fn.decoders.image(jpegs, **decoder)
+        images = fn.resize(images, resize_shorter=C.val_resize_size(image_size))
+        mirror = 0
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16,
+        output_layout="HWC",  # the loader permutes to an (N, 3, H, W) channels_last view
+        crop=(image_size, image_size),  # centre crop for val; train is already image_size square
+        mean=[m * C.PIXEL_MAX for m in C.IMAGENET_MEAN],
+        std=[s * C.PIXEL_MAX for s in C.IMAGENET_STD],
+        mirror=mirror,
+    )
+    outputs = [images, labels.gpu() if gpu else labels]
+    if with_keys:
+        # "<tar>:<offset>:<key>.jpg" as uint8, zero-padded to the batch's longest.
+        outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
+    return tuple(outputs)
+
+
+def _device_id(gpu: bool, device_id: int | None) -> int | None:
+    if not gpu:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "backend 'dali-gpu' needs a CUDA GPU, but torch.cuda.is_available() is False on this machine; "
+            "use backend='dali-cpu' or backend='pytorch'"
+        )
+    return local_cuda_device(device_id)
+
+
+def _sample_key(source_info: np.ndarray) -> str:
+    """Sample key from DALI's source info bytes "<tar>:<offset>:<key>.<ext>" (zero padded)."""
+    text = bytes(source_info).rstrip(b"\0").decode()
+    return text.rsplit(":", 1)[-1].split(".", 1)[0]
+
+
+class DaliLoader(Loader):
+    """`dali-gpu` / `dali-cpu` behind the common Loader interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards_dir: str | os.PathLike,
+        split: str,
+        *,
+        batch_size: int,
+        image_size: int,
+        backend: str,
+        rank: int,
+        world_size: int,
+        num_threads: int,
+        seed: int,
+        device_id: int | None,
+        state: dict[str, Any] | None,
+        crop_area: tuple[float, float],
+        **backend_options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(backend_options) - set(DALI_OPTIONS)
+        if unknown:
+            raise TypeError(f"backend {backend!r} has no option(s) {sorted(unknown)}; known: {sorted(DALI_OPTIONS)}")
+        options = {**DALI_OPTIONS, **backend_options}
+        import torch
+        from nvidia.dali import Pipeline
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        gpu = backend == "dali-gpu"
+        dali_device = _device_id(gpu, device_id)
+        manifest, pairs = open_split(shards_dir, split)
+        self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shards_dir = Path(shards_dir)
+        self.num_classes = manifest.num_classes
+        self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
+        self.with_keys = bool(options["with_keys"])
+        train = split == "train"
+        start, end = rank_range(manifest.num_samples, rank, world_size)
+        if end == start or (train and manifest.num_samples // world_size < batch_size):
+            raise ValueError(
+                f"{self.shards_dir}: the {split} split has {manifest.num_samples} samples, too few for "
+                f"world_size={world_size} x batch_size={batch_size}"
+            )
+        self.num_samples = end - start if not train else (manifest.num_samples // world_size)
+        self.batches_per_epoch = batches_per_epoch(
+            train=train, num_samples=manifest.num_samples, batch_size=batch_size, world_size=world_size, rank=rank
+        )
+        if train:
+            self.num_samples = self.batches_per_epoch * batch_size
+        state = check_state(state, self.identity())
+        checkpoint = None
+        if state is not None:
+            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+            checkpoint = base64.b64decode(state["dali_checkpoint"])
+        self.resumed_at = self.batch_in_epoch
+
+        pipe = Pipeline(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=dali_device,
+            # distinct augmentation streams per rank; the shard order uses `seed` itself (same on all ranks)
+            seed=(seed * 1_000_003 + rank) % 2**31,
+            prefetch_queue_depth=options["prefetch_queue_depth"],
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )
+        with pipe:
+            outputs = imagenet_graph(
+                tars=[str(t) for t, _ in pairs],
+                indexes=[str(i) for _, i in pairs],
+                train=train,
+                image_size=image_size,
+                crop_area=tuple(crop_area),
+                shard_id=rank,
+                num_shards=world_size,
+                seed=seed,
+                gpu=gpu,
+                shuffle_buffer=options["shuffle_buffer"],
+                with_keys=self.with_keys,
+                **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_load", "_padding", "_hint"))},
+            )
+            pipe.set_outputs(*outputs)
+        output_map = ["images", "labels"] + (["source_info"] if self.with_keys else [])
+        with self._dali_errors("building the pipeline"):
+            self._dali = DALIGenericIterator(
+                pipe,
+                output_map,
+                reader_name=READER_NAME,
+                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+                prepare_first_batch=False,
+            )
+
+    @contextlib.contextmanager
+    def _dali_errors(self, doing: str) -> Iterator[None]:
+        """Re-raise DALI's errors as ShardReadError naming the split, the shard directory and the rank."""
+        try:
+            yield
+        except ShardReadError:
+            raise
+        except RuntimeError as err:
+            raise ShardReadError(
+                f"{self.backend}: {doing} the {self.split} shards in {self.shards_dir} "
+                f"(rank {self.rank} of {self.world_size}) failed; a shard or a sample in it is damaged, "
+                f"re-run the converter or `saturate shards verify`. DALI said: {err}"
+            ) from err
+
+    def _next_dali(self) -> dict:
+        with self._dali_errors("reading"):
+            try:
+                return next(self._dali)[0]
+            except StopIteration:
+                raise ShardReadError(
+                    f"{self.backend}: DALI ended the {self.split} epoch after {self.batch_in_epoch} batches, "
+                    f"expected {self.batches_per_epoch} (rank {self.rank} of {self.world_size})"
+                ) from None
+
+    def _complete_epoch(self) -> None:
+        """Run DALI to the end of this rank's epoch (a rank with a bigger share has one batch more than the
+        batches yielded), reset it for the next epoch and advance the epoch counter."""
+        with self._dali_errors("reading"):
+            # next() rather than `for`: the DALI iterator's __iter__ would try a reset mid-epoch.
+            while True:
+                try:
+                    next(self._dali)
+                except StopIteration:
+                    break
+            self._dali.reset()
+        self._end_epoch()
+
+    def __iter__(self) -> Iterator:
+        if self._pass_started:  # the previous pass was abandoned mid-epoch: finish that epoch first
+            self._complete_epoch()
+        self._pass_started = True
+        self.resumed_at = self.batch_in_epoch
+        return self._epoch(self.epoch)
+
+    def _epoch(self, epoch: int) -> Iterator:
+        while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
+            out = self._next_dali()
+            images = out["images"].permute(0, 3, 1, 2)  # NHWC buffer -> (N, 3, H, W) channels_last view
+            self.batch_in_epoch += 1
+            if self.with_keys:
+                yield images, out["labels"], [_sample_key(row) for row in out["source_info"].cpu().numpy()]
+            else:
+                yield images, out["labels"]
+        if self.epoch == epoch:  # not already completed by state_dict() or a new pass
+            self._complete_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.batch_in_epoch == self.batches_per_epoch:  # all yielded: the state is the next epoch's start
+            self._complete_epoch()
+        state = super().state_dict()
+        state["dali_checkpoint"] = base64.b64encode(self._dali.checkpoints()[0]).decode("ascii")
+        return state
+
+    def close(self) -> None:
+        if getattr(self, "_dali", None) is not None:
+            del self._dali
+            self._dali = None

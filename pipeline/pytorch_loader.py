@@ -1,0 +1,359 @@
+"""`pytorch` backend: torch DataLoader over the same shards with the webdataset library, Pillow decode and
+torchvision's functional augmentations -- the strong baseline people use when they do not use DALI.
+
+Per worker process, as webdataset stages (each a short function over an iterable of samples):
+
+    shard list -> tarfile_to_samples -> keep this worker's sample range -> shuffle buffer (train)
+    -> skip samples already consumed (resume) -> decode + augment (Pillow) -> batches of uint8 NHWC
+
+Batches cross the process boundary as uint8 (4x less than float32), are pinned, copied with
+`non_blocking=True` and normalised on the device into float16 channels_last, like the DALI backends.
+
+Sharding: rank `r` reads the same contiguous global sample range as DALI (pipeline.base); inside a rank,
+DataLoader worker `w` of `K` reads the w-th contiguous slice of that range. Train reshuffles the shard order
+every epoch (one global order from `seed` and the epoch, the same on every rank) and drops each worker's
+last partial batch; val keeps the manifest order and yields every sample once.
+
+Randomness is per sample: the crop and the flip of a sample come from an RNG seeded by (seed, epoch, rank,
+worker, position in that worker's stream), so results do not depend on process timing, and a resume
+reproduces the uninterrupted run exactly. Resume works because torch's DataLoader takes batches from its
+workers strictly round-robin (skipping exhausted ones): after `k` batches we know how many batches each
+worker produced and which worker produces batch `k`; the restored loader skips those samples in each worker
+before decoding and rotates the worker ids so that worker produces first.
+
+Undecodable samples: fail, never skip (the converter rejects what Pillow cannot decode); the error names
+the tar and the sample key.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import constants as C
+from pipeline.base import Loader, check_state, local_cuda_device, open_split, rank_range
+from shards.schema import IMAGE_EXT, LABEL_EXT, ShardFormatError, decode_label
+
+#: Backend options the `pytorch` backend accepts, with their defaults.
+PYTORCH_OPTIONS: dict[str, Any] = {
+    "shuffle_buffer": C.SHUFFLE_BUFFER,  # samples per worker
+    "prefetch_factor": 2,  # batches in flight per worker
+    "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
+}
+
+
+class ShardReadError(RuntimeError):
+    """A sample could not be read or decoded; the message names the tar and the sample key."""
+
+
+# --- the epoch plan: which samples each worker reads, in which order ------------------------------------
+def shard_order(num_shards: int, *, train: bool, seed: int, epoch: int) -> list[int]:
+    """Manifest order for val; for train a permutation that changes every epoch and is the same on all ranks."""
+    order = list(range(num_shards))
+    if train:
+        random.Random(f"shard-order:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def worker_ranges(num_samples: int, *, rank: int, world_size: int, num_workers: int) -> list[tuple[int, int]]:
+    """[start, end) in the epoch's global sample order for each worker of this rank (contiguous slices)."""
+    start, end = rank_range(num_samples, rank, world_size)
+    count = end - start
+    return [(start + count * w // num_workers, start + count * (w + 1) // num_workers) for w in range(num_workers)]
+
+
+def units_for_range(counts: list[int], order: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    """(shard index, first sample, number of samples) covering global positions [start, end) of `order`."""
+    units, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(end, offset + counts[shard])
+        if lo < hi:
+            units.append((shard, lo - offset, hi - lo))
+        offset += counts[shard]
+    return units
+
+
+def worker_batches(samples: int, batch_size: int, *, train: bool) -> int:
+    return samples // batch_size if train else math.ceil(samples / batch_size)
+
+
+def round_robin(batches: list[int], limit: int) -> list[int]:
+    """Worker of each batch, in the order torch's DataLoader yields them (round-robin over live workers)."""
+    order = [w for r in range(max(batches, default=0)) for w in range(len(batches)) if batches[w] > r]
+    return order[:limit]
+
+
+# --- per-worker stages ----------------------------------------------------------------------------------
+def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> Iterator[dict]:
+    """Keep samples `first .. first+count-1` of each tar (the worker's slice); stop reading a tar after it."""
+    position: dict[str, int] = {}
+    for sample in samples:
+        url = sample["__url__"]
+        index = position.get(url, 0)
+        position[url] = index + 1
+        first, count = ranges[url]
+        if first <= index < first + count:
+            yield sample
+
+
+def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
+    """Drop the first `count` samples without decoding them (resume), numbering the rest by position."""
+    for position, sample in enumerate(samples):
+        if position >= count:
+            sample["__position__"] = position
+            yield sample
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, area: tuple[float, float], aspect: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random-resized crop: torchvision's algorithm, drawn from `rng`."""
+    image_area = width * height
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    for _ in range(C.CROP_ATTEMPTS):
+        target_area = image_area * rng.uniform(*area)
+        ratio = math.exp(rng.uniform(*log_aspect))
+        w = int(round(math.sqrt(target_area * ratio)))
+        h = int(round(math.sqrt(target_area / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # fallback: centre crop at the nearest allowed aspect ratio (as torchvision)
+    ratio = width / height
+    if ratio < aspect[0]:
+        w, h = width, int(round(width / aspect[0]))
+    elif ratio > aspect[1]:
+        h, w = height, int(round(height * aspect[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class Augment:
+    """Decode + augment one sample into (uint8 HWC array, label, key); train/val fixed at construction."""
+
+    def __init__(self, *, train: bool, image_size: int, crop_area: tuple[float, float], seed_prefix: str):
+        self.train, self.image_size, self.crop_area, self.seed_prefix = train, image_size, crop_area, seed_prefix
+
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int, str]:
+        import torchvision.transforms.functional as F
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+
+        where = f"{sample['__url__']}: sample {sample['__key__']}"
+        try:
+            label = decode_label(sample[LABEL_EXT])
+            image = Image.open(io.BytesIO(sample[IMAGE_EXT]))
+            image = image.convert("RGB")
+        except KeyError as err:
+            raise ShardReadError(f"{where}: member .{err.args[0]} is missing") from None
+        except (OSError, ShardFormatError) as err:
+            raise ShardReadError(f"{where}: cannot decode ({err})") from err
+        size = self.image_size
+        if self.train:
+            rng = random.Random(f"{self.seed_prefix}:{sample['__position__']}")
+            top, left, h, w = random_resized_crop_box(image.width, image.height, rng, self.crop_area, C.CROP_ASPECT)
+            image = F.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+            if rng.random() < C.FLIP_PROBABILITY:
+                image = F.hflip(image)
+        else:
+            image = F.resize(image, C.val_resize_size(size), InterpolationMode.BILINEAR, antialias=True)
+            image = F.center_crop(image, [size, size])
+        return np.asarray(image, dtype=np.uint8), label, sample["__key__"]
+
+
+def collate(samples: list[tuple[np.ndarray, int, str]]) -> tuple[Any, Any, list[str]]:
+    import torch
+
+    images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3) uint8
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return images, labels, [s[2] for s in samples]
+
+
+def _dataset_class():
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class RankShare(IterableDataset):
+        """This rank's samples for one epoch; each DataLoader worker reads its own slice (see module doc)."""
+
+        def __init__(self, plan: dict[str, Any]) -> None:
+            self.plan = plan
+
+        def __iter__(self) -> Iterator:
+            import webdataset as wds
+
+            p = self.plan
+            info = get_worker_info()
+            physical = info.id if info is not None else 0
+            worker = (physical + p["rotation"]) % p["num_workers"]  # rotated so the right worker goes first
+            units = p["units"][worker]
+            ranges = {p["tars"][shard]: (first, count) for shard, first, count in units}
+            prefix = f"{p['seed']}:{p['epoch']}:{p['rank']}:{worker}"
+            stages: list[Any] = [
+                wds.SimpleShardList([p["tars"][shard] for shard, _, _ in units]),
+                wds.tarfile_to_samples(),
+                lambda samples: keep_ranges(samples, ranges),
+            ]
+            if p["train"]:
+                buffer = p["shuffle_buffer"]
+                stages.append(wds.shuffle(buffer, initial=buffer, rng=random.Random(f"shuffle:{prefix}")))
+            augment = Augment(
+                train=p["train"], image_size=p["image_size"], crop_area=p["crop_area"], seed_prefix=f"aug:{prefix}"
+            )
+            stages += [
+                lambda samples: skip(samples, p["skip"][worker] * p["batch_size"]),
+                lambda samples: map(augment, samples),
+                wds.batched(p["batch_size"], collation_fn=collate, partial=not p["train"]),
+            ]
+            return iter(wds.DataPipeline(*stages))
+
+    return RankShare
+
+
+class PytorchLoader(Loader):
+    """`pytorch` behind the common Loader interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards_dir: str | os.PathLike,
+        split: str,
+        *,
+        batch_size: int,
+        image_size: int,
+        backend: str,
+        rank: int,
+        world_size: int,
+        num_threads: int,
+        seed: int,
+        device_id: int | None,
+        state: dict[str, Any] | None,
+        crop_area: tuple[float, float],
+        **backend_options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(backend_options) - set(PYTORCH_OPTIONS)
+        if unknown:
+            raise TypeError(f"backend 'pytorch' has no option(s) {sorted(unknown)}; known: {sorted(PYTORCH_OPTIONS)}")
+        import PIL.Image  # noqa: F401  imported here so forked workers inherit them instead of
+        import torch
+        import torchvision.transforms.functional  # noqa: F401  importing them again every epoch (seconds)
+        import webdataset  # noqa: F401
+
+        self.options = {**PYTORCH_OPTIONS, **backend_options}
+        manifest, pairs = open_split(shards_dir, split)
+        self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
+        self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area
+        self.shards_dir = Path(shards_dir)
+        self.num_classes = manifest.num_classes
+        self.tars = [str(tar) for tar, _ in pairs]
+        self.counts = [record.num_samples for record in manifest.shards]
+        self.total = manifest.num_samples
+        self.train = split == "train"
+        self.num_workers = max(int(num_threads), 0)
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_cuda_device(device_id))
+        else:
+            self.device = torch.device("cpu")
+
+        # Batches per worker do not depend on the shard order, so the epoch length is fixed: train takes the
+        # smallest rank's count so every rank yields the same number of batches.
+        workers = max(self.num_workers, 1)
+        per_rank = [
+            [
+                worker_batches(end - start, batch_size, train=self.train)
+                for start, end in worker_ranges(self.total, rank=r, world_size=world_size, num_workers=workers)
+            ]
+            for r in range(world_size)
+        ]
+        self.worker_batch_counts = per_rank[rank]
+        self.batches_per_epoch = min(map(sum, per_rank)) if self.train else sum(per_rank[rank])
+        start, end = rank_range(self.total, rank, world_size)
+        if self.batches_per_epoch == 0 or end == start:
+            raise ValueError(
+                f"{self.shards_dir}: the {split} split has {self.total} samples, too few for world_size="
+                f"{world_size} x batch_size={batch_size} x num_threads={num_threads} (train drops each worker's "
+                "last partial batch)"
+            )
+        self.num_samples = self.batches_per_epoch * batch_size if self.train else end - start
+
+        mean = torch.tensor(C.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
+        std = torch.tensor(C.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
+        self._mean, self._inv_std = mean, 1.0 / std
+        state = check_state(state, self.identity())
+        if state is not None:
+            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.resumed_at = self.batch_in_epoch
+        self._batches = None  # the DataLoader iterator of the pass in progress
+
+    def _plan(self) -> dict[str, Any]:
+        """Everything a worker needs for the current epoch, resuming after `batch_in_epoch` batches."""
+        workers = max(self.num_workers, 1)
+        order = shard_order(len(self.tars), train=self.train, seed=self.seed, epoch=self.epoch)
+        ranges = worker_ranges(self.total, rank=self.rank, world_size=self.world_size, num_workers=workers)
+        consumed = round_robin(self.worker_batch_counts, self.batches_per_epoch)
+        done = consumed[: self.batch_in_epoch]
+        rotation = consumed[self.batch_in_epoch] if self.batch_in_epoch < len(consumed) else 0
+        return {
+            "tars": self.tars,
+            "units": [units_for_range(self.counts, order, start, end) for start, end in ranges],
+            "num_workers": workers,
+            "rotation": rotation,
+            "skip": [done.count(w) for w in range(workers)],
+            "train": self.train,
+            "image_size": self.image_size,
+            "crop_area": tuple(self.crop_area),
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.options["shuffle_buffer"],
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "rank": self.rank,
+        }
+
+    def __iter__(self) -> Iterator:
+        if self._batches is not None:  # the previous pass was abandoned mid-epoch: that epoch is over
+            self._batches = None
+            self._end_epoch()
+        import torch
+        from torch.utils.data import DataLoader
+
+        dataset = _dataset_class()(self._plan())
+        pin = self.device.type == "cuda"
+        self._batches = iter(
+            DataLoader(
+                dataset,
+                batch_size=None,  # workers batch themselves
+                num_workers=self.num_workers,
+                pin_memory=pin,
+                prefetch_factor=self.options["prefetch_factor"] if self.num_workers else None,
+            )
+        )
+        self.resumed_at = self.batch_in_epoch
+        return self._epoch(self.epoch, torch)
+
+    def _epoch(self, epoch: int, torch: Any) -> Iterator:
+        while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
+            images, labels, keys = next(self._batches)
+            # uint8 NHWC over the wire; normalise on the device into a float16 channels_last view.
+            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            images = images.float().sub_(self._mean).mul_(self._inv_std).half()
+            labels = labels.to(self.device, non_blocking=True)
+            self.batch_in_epoch += 1
+            yield (images, labels, keys) if self.options["with_keys"] else (images, labels)
+        if self.epoch == epoch:
+            self._batches = None  # shuts the workers down
+            self._end_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.batch_in_epoch == self.batches_per_epoch:
+            self._batches = None
+            self._end_epoch()
+        return super().state_dict()
+
+    def close(self) -> None:
+        self._batches = None
