@@ -52,7 +52,7 @@ _SHORT_SIDE = (290.0, 300.0, 390.0)  # px, triangular (low, mode, high) of the b
 _LARGE_SHORT_SIDE = (500.0, 1000.0)  # px, uniform shorter side of the large tail
 _MAX_SIDE = 1500  # px, longer side cap
 _ASPECTS = (1.0, 1.0, 1.2, 1.25, 4 / 3, 4 / 3, 4 / 3, 1.5)  # longer/shorter, drawn uniformly
-_LANDSCAPE_FRACTION = 0.78
+_LANDSCAPE_FRACTION = 0.8
 _QUALITY = (75, 95)  # inclusive JPEG quality range
 _SUBSAMPLING = (2, 1, 0)  # PIL codes for 4:2:0, 4:2:2, 4:4:4
 _SUBSAMPLING_P = (0.55, 0.15, 0.30)
@@ -60,7 +60,7 @@ _SUBSAMPLING_P = (0.55, 0.15, 0.30)
 # --- texture calibration: these set the mean file size (measured: ~110 KB at scale 1, see the docstring) ----
 _TEXTURE_AMPLITUDE = 40.0  # grey levels per unit of octave noise, before the per-class roughness
 _OCTAVES = ((16, 0.5), (8, 0.6), (4, 1.0), (2, 2.0))  # (downsampling factor, relative amplitude)
-_GRAIN = 29.0  # grey levels, std of the full-resolution colour grain (uniform per channel)
+_GRAIN = 25.0  # grey levels, std of the full-resolution colour grain (uniform per channel)
 _SHAPE_KINDS = ("ellipse", "rectangle", "triangle", "diamond")
 _HUE_NAMES = ("red", "orange", "amber", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet",
               "magenta")
