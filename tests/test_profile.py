@@ -1,0 +1,253 @@
+"""`saturate profile`: the sweep plan, the corpus description, a full CPU profile on tiny shards (loader,
+model and e2e; dali-cpu and pytorch; a thread sweep), broken backends as error rows, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tools import profiler
+from tools.cli import main as cli_main
+from tools.profiler import ProfileConfig, plan_configs
+
+# tiny_imagenet's train split (tests/conftest.py): 5 classes x 12 images, 8 samples per shard
+TRAIN_IMAGES, TRAIN_CLASSES, TRAIN_SHARDS = 60, 5, 8
+#: The smallest training setup that still runs the real TrainStep: a few seconds per configuration on 2 cores.
+TINY = dict(arch="resnet18", batch_sizes=(8,), image_sizes=(32,), precisions=("bf16",), compile_modes=(False,),
+            steps=2, warmup=1, windows=2, progress=False)
+MEASURED = ("images_per_sec_per_gpu", "images_per_sec_min", "images_per_sec_max", "step_time_ms",
+            "cpu_cores_busy", "timed_seconds")
+GPU_FIGURES = ("gpu_util_pct", "gpu_memory_peak_gib", "gpu_memory_used_gib")
+
+
+def config_key(row: dict) -> tuple:
+    return (row["mode"], row["backend"], row["threads"], row["hw_decoder_load"], row["precision"], row["compile"])
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+def test_plan_multiplies_only_the_axes_that_apply():
+    configs = plan_configs(
+        modes=("loader", "model", "e2e"), backends=("dali-gpu", "pytorch"), batch_sizes=(256,),
+        image_sizes=(224,), threads=(4, 8), hw_decoder_loads=(0.0, 0.65, 1.0), precisions=("bf16", "fp16"),
+        compile_modes=(False, True),
+    )
+    # model: precision x compile (no threads, no hw load); loader: dali-gpu threads x loads + pytorch threads;
+    # e2e: the loader's configurations x precision x compile
+    assert sum(c.mode == "model" for c in configs) == 4
+    assert sum(c.mode == "loader" for c in configs) == 2 * 3 + 2
+    assert sum(c.mode == "e2e" for c in configs) == (2 * 3 + 2) * 4
+    assert len(configs) == len(set(configs)) == 4 + 8 + 32
+    assert {c.hw_decoder_load for c in configs if c.backend == "pytorch"} == {None}
+    assert {c.threads for c in configs if c.mode == "model"} == {None}
+    assert {(c.precision, c.compile) for c in configs if c.mode == "loader"} == {(None, None)}
+    assert configs[0] == ProfileConfig("model", "synthetic", 256, 224, precision="bf16", compile=False)
+    assert ProfileConfig("e2e", "dali-gpu", 256, 224, 8, 0.65, "fp16", True).label() == \
+        "dali-gpu t8 hw0.65 bs256 224px fp16 compile"
+
+
+@pytest.mark.parametrize("change, flag", [
+    ({"modes": ["train"]}, "--modes"),
+    ({"backends": ["synthetic"]}, "--backends"),
+    ({"batch_sizes": [0]}, "--batch-size"),
+    ({"image_sizes": []}, "--image-size"),
+    ({"threads": [0]}, "--threads"),
+    ({"hw_decoder_loads": [1.5]}, "--hw-decoder-load"),
+    ({"precisions": ["int8"]}, "--precision"),
+    ({"steps": 3, "duration": 1.0}, "--steps or --duration"),
+    ({"steps": 0}, "--steps"),
+    ({"duration": -1.0}, "--duration"),
+    ({"warmup": -1}, "--warmup"),
+    ({"windows": 0}, "--windows"),
+])
+def test_bad_sweep_names_the_flag(change, flag):
+    sweep = dict(modes=["loader"], backends=["pytorch"], batch_sizes=[8], image_sizes=[32], threads=[1],
+                 hw_decoder_loads=[0.65], precisions=["bf16"], steps=None, duration=None, warmup=0, windows=1)
+    profiler.check_sweep(**sweep)  # the unchanged sweep is valid
+    with pytest.raises(ValueError, match=flag):
+        profiler.check_sweep(**{**sweep, **change})
+
+
+def test_window_plan_and_cpu_delta():
+    assert profiler._window_plan(steps=7, windows=3) == [3, 2, 2]
+    assert profiler._window_plan(steps=2, windows=5) == [1, 1]
+    assert profiler._window_plan(steps=None, windows=5) is None
+    # a worker born during the window counts from zero, one that vanished counts nothing more
+    before = {"self": 1.0, "reaped": 0.5, 101: 2.0, 102: 3.0}
+    after = {"self": 1.5, "reaped": 0.75, 101: 2.5, 103: 0.25}
+    assert profiler.cpu_seconds_delta(before, after) == 0.5 + 0.25 + 0.5 + 0.25
+
+
+# --- the corpus ---------------------------------------------------------------------------------------------
+def test_describe_corpus_reads_indexes_and_jpeg_headers(tiny_shards, tiny_imagenet):
+    corpus = profiler.describe_corpus(tiny_shards, "train")
+    sources = sorted((tiny_imagenet / "train").glob("*/*.JPEG"))
+    sizes = [Image.open(path).size for path in sources]
+    assert corpus["images"] == TRAIN_IMAGES and corpus["num_classes"] == TRAIN_CLASSES
+    assert corpus["shards"] == TRAIN_SHARDS and corpus["resolution_sample"] == TRAIN_IMAGES
+    # the converter keeps RGB JPEG bytes untouched, so the indexed sizes are the source files' sizes
+    assert corpus["mean_jpeg_kb"] == pytest.approx(statistics.fmean(p.stat().st_size for p in sources) / 1e3)
+    assert corpus["mean_width_px"] == pytest.approx(statistics.fmean(w for w, _ in sizes))
+    assert corpus["mean_height_px"] == pytest.approx(statistics.fmean(h for _, h in sizes))
+    sampled = profiler.describe_corpus(tiny_shards, "train", sample=7)
+    assert sampled["resolution_sample"] == 7 and sampled["mean_jpeg_kb"] == corpus["mean_jpeg_kb"]
+
+
+# --- a whole profile on the CPU -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_profile(tiny_shards, tmp_path_factory):
+    """loader + model + e2e over dali-cpu, pytorch and dali-gpu (which cannot run here), threads 1 and 2."""
+    out = tmp_path_factory.mktemp("profile")
+    report = profiler.profile(tiny_shards, out_dir=out, modes=("loader", "model", "e2e"),
+                              backends=("dali-cpu", "pytorch", "dali-gpu"), threads=(1, 2), **TINY)
+    return report, out
+
+
+def test_profile_writes_every_configuration_asked_for(cpu_profile):
+    report, out = cpu_profile
+    body = json.loads((out / "report.json").read_text())
+    data = [(b, t) for b in ("dali-cpu", "pytorch", "dali-gpu") for t in (1, 2)]
+    expected = {("model", "synthetic", None, None, "bf16", False)}
+    expected |= {("loader", b, t, 0.65 if b == "dali-gpu" else None, None, None) for b, t in data}
+    expected |= {("e2e", b, t, 0.65 if b == "dali-gpu" else None, "bf16", False) for b, t in data}
+    assert len(body["rows"]) == len(expected) == 13
+    assert {config_key(row) for row in body["rows"]} == expected
+    assert all(row["batch_size"] == 8 and row["image_size"] == 32 for row in body["rows"])
+    assert body["settings"]["configurations"] == 13 and body["settings"]["arch"] == "resnet18"
+    assert body["corpus"]["images"] == TRAIN_IMAGES
+    assert body["machine"]["gpu"] is None and body["machine"]["cpu_count"] >= 1
+    assert isinstance(body["machine"]["pillow_simd"], bool) and body["machine"]["torch"]
+
+
+def test_profile_figures_are_numbers_where_measurable_and_null_where_not(cpu_profile):
+    report, out = cpu_profile
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    ok = [row for row in rows if row["backend"] != "dali-gpu"]
+    assert all(row["error"] is None for row in ok), [row["error"] for row in ok]
+    for row in ok:
+        for name in MEASURED:
+            assert positive(row[name]), (row["label"], name, row[name])
+        assert row["images_per_sec_min"] <= row["images_per_sec_per_gpu"] <= row["images_per_sec_max"]
+        assert row["timed_steps"] == 2
+        for name in GPU_FIGURES:  # no GPU here: honest nulls, never zeros
+            assert row[name] is None, (row["label"], name)
+        assert positive(row["vs_ceiling"])
+        # data wait is an e2e figure; threads needed a loader figure
+        assert (row["data_wait_share"] is not None) == (row["mode"] == "e2e")
+        assert (row["threads_needed"] is not None) == (row["mode"] == "loader")
+        if row["mode"] == "e2e":
+            assert 0.0 < row["data_wait_share"] < 1.0
+        if row["mode"] == "loader":
+            assert positive(row["threads_needed"])
+        if row["mode"] != "model":
+            assert positive(row["vs_pytorch"])
+    assert [row["vs_ceiling"] for row in ok if row["mode"] == "model"] == [1.0]
+    assert all(row["vs_pytorch"] == 1.0 for row in ok if row["backend"] == "pytorch")
+
+
+def test_profile_broken_backend_is_an_error_row(cpu_profile):
+    report, out = cpu_profile
+    broken = [row for row in report.rows if row.config.backend == "dali-gpu"]
+    assert len(broken) == 4 and not any(row.ok for row in broken)
+    assert all("CUDA" in row.error and row.images_per_sec_per_gpu is None for row in broken)
+    table = (out / "report.md").read_text()
+    assert table.count("| ERROR: RuntimeError:") == 4
+    assert "## Corpus" in table and "## Machine" in table and report.table_markdown() in table
+
+
+def test_profile_png_is_a_picture(cpu_profile):
+    _, out = cpu_profile
+    with Image.open(out / "report.png") as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
+
+
+def test_loader_that_raises_mid_epoch_is_an_error_row(tiny_shards, tmp_path, monkeypatch):
+    import pipeline
+
+    real_build_loader = pipeline.build_loader
+
+    class Failing:
+        """A pytorch loader that dies on its second batch, as a worker hitting a bad shard would."""
+
+        def __init__(self, loader):
+            self.loader, self.backend, self.num_classes = loader, loader.backend, loader.num_classes
+
+        def __iter__(self):
+            for n, batch in enumerate(self.loader):
+                if n == 1:
+                    raise OSError("worker 0: train-000003.tar: unexpected end of file")
+                yield batch
+
+        def close(self):
+            self.loader.close()
+
+    def build_loader(*args, backend, **kwargs):
+        loader = real_build_loader(*args, backend=backend, **kwargs)
+        return Failing(loader) if backend == "pytorch" else loader
+
+    monkeypatch.setattr(pipeline, "build_loader", build_loader)
+    report = profiler.profile(tiny_shards, out_dir=tmp_path, modes=("loader",), backends=("pytorch", "dali-cpu"),
+                              threads=(1,), **TINY)
+    by_backend = {row.config.backend: row for row in report.rows}
+    assert set(by_backend) == {"pytorch", "dali-cpu"}
+    assert by_backend["pytorch"].error == "OSError: worker 0: train-000003.tar: unexpected end of file"
+    assert by_backend["dali-cpu"].ok and positive(by_backend["dali-cpu"].images_per_sec_per_gpu)
+    assert by_backend["dali-cpu"].vs_pytorch is None  # no baseline to compare with
+    assert by_backend["dali-cpu"].vs_ceiling is None  # no model mode asked for
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert [row["error"] is None for row in rows] == [False, True]
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+def test_cli_prints_the_table_and_exits_zero(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "prof"
+    status = cli_main(["profile", str(tiny_shards), "--out", str(out), "--modes", "loader",
+                       "--backends", "dali-cpu,pytorch", "--threads", "1", "--batch-size", "8",
+                       "--image-size", "32", "--steps", "2", "--warmup", "1", "--windows", "2", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "| mode | backend | threads |" in printed
+    assert printed.count("| loader | dali-cpu | 1 |") == 1 and printed.count("| loader | pytorch | 1 |") == 1
+    assert f"corpus: {TRAIN_IMAGES} images, {TRAIN_CLASSES} classes" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "2,x"], "--threads"),
+    (["--compile", "maybe"], "--compile"),
+    (["--steps", "3", "--duration", "2"], "not allowed with argument"),
+])
+def test_cli_rejects_bad_flags(tiny_shards, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["profile", str(tiny_shards), "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_shards_is_one_line_error(tmp_path, capsys):
+    status = cli_main(["profile", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--modes", "loader",
+                       "--backends", "pytorch", "--steps", "1", "--no-progress"])
+    assert status == 2
+    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+# --- on a GPU -----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_profile_measures_utilisation_and_memory(tiny_shards, tmp_path):
+    report = profiler.profile(tiny_shards, out_dir=tmp_path, modes=("loader", "model", "e2e"),
+                              backends=("dali-gpu", "pytorch"), threads=(2,), hw_decoder_loads=(0.0, 1.0), **TINY)
+    assert len(report.rows) == 1 + 3 + 3
+    assert all(row.ok for row in report.rows), [row.error for row in report.rows]
+    for row in report.rows:
+        assert positive(row.images_per_sec_per_gpu) and positive(row.gpu_memory_used_gib)
+        assert row.gpu_util_pct is not None and 0.0 <= row.gpu_util_pct <= 100.0
+    assert all(positive(row.gpu_memory_peak_gib) for row in report.rows if row.config.mode != "loader")
+    assert Path(tmp_path / "report.png").stat().st_size > 0
