@@ -436,10 +436,9 @@ def run_config(
     """Build the loader (and the training step), measure, tear down. Any exception becomes an error row."""
     import torch
 
-    loader = None
+    loader = step = None
     try:
         loader = _build_loader(config, shards_dir=shards_dir, split=split, num_classes=num_classes)
-        step = None
         if config.mode in ("model", "e2e"):
             step = _build_step(config, arch=arch, num_classes=loader.num_classes, device=device)
         if device.type == "cuda":
@@ -456,8 +455,9 @@ def run_config(
                 loader.close()
             except Exception as err:  # closing a loader that failed mid-epoch may fail again; keep the row
                 print(f"saturate profile: closing {config.label()} failed: {err}", file=sys.stderr)
+        step = loader = None  # drop the model, its optimizer state and the loader's buffers ...
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # ... so the next configuration's memory figures start from empty
     return row
 
 
@@ -544,8 +544,11 @@ def measure(
 
     plan = _window_plan(steps=steps, windows=windows)
     window_seconds = None if plan else duration / windows
-    rates, step_times, utils, wait_total, wall_total, cpu_total, images_total, steps_total = [], [], [], 0.0, 0.0, \
-        0.0, 0, 0
+    rates: list[float] = []  # images/s per window
+    step_times: list[float] = []  # seconds per step, per window
+    utils: list[float | None] = []  # NVML GPU utilisation %, one sample per window
+    wait_total = wall_total = cpu_total = 0.0  # seconds
+    steps_total = 0
     for w in range(len(plan) if plan else windows):
         cpu_start = cpu_seconds_snapshot()
         start = time.perf_counter()
@@ -571,7 +574,6 @@ def measure(
         step_times.append(wall / window_steps)
         wait_total += window_wait
         wall_total += wall
-        images_total += window_images
         steps_total += window_steps
 
     utils = [u for u in utils if u is not None]
@@ -786,7 +788,10 @@ def plot_report(report: Report, path: str | os.PathLike) -> None:
         labels = [r.config.label() for r in rows]
         values = [r.images_per_sec_per_gpu if r.ok else 0.0 for r in rows]
         colours = [BACKEND_COLOURS.get(r.config.backend, "tab:purple") for r in rows]
-        ax.bar(range(len(rows)), values, color=colours)
+        # whiskers: the slowest and fastest timed window around the median bar
+        spread = [[v - r.images_per_sec_min if r.ok else 0.0 for v, r in zip(values, rows, strict=True)],
+                  [r.images_per_sec_max - v if r.ok else 0.0 for v, r in zip(values, rows, strict=True)]]
+        ax.bar(range(len(rows)), values, color=colours, yerr=spread, capsize=3, ecolor="0.3")
         for x, r in enumerate(rows):
             if not r.ok:
                 ax.text(x, 0, "error", rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
@@ -801,7 +806,8 @@ def plot_report(report: Report, path: str | os.PathLike) -> None:
         ax.set_title({"loader": "loader alone", "e2e": "training step fed by the loader",
                       "model": "training step on synthetic data (ceiling)"}[mode])
         if ceilings or any(values):
-            ax.set_ylim(0, max([*values, *ceilings.values(), 1.0]) * 1.15)
+            top = [r.images_per_sec_max for r in rows if r.ok]
+            ax.set_ylim(0, max([*top, *ceilings.values(), 1.0]) * 1.15)
     machine = report.machine
     fig.suptitle(f"{report.settings.get('arch')} on {machine.get('gpu') or 'CPU'}, "
                  f"{machine.get('cpu_usable')} CPU cores", fontsize=10)
