@@ -11,6 +11,7 @@ that has one batch fewer.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,29 @@ def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manife
     if manifest.num_samples < 1:
         raise ValueError(f"{Path(shards_dir)}: the {split} manifest lists no samples")
     return manifest, pairs
+
+
+#: Seconds a failed read may spend looking for the damaged shard before it gives up and says where to look.
+DIAGNOSE_BUDGET = 30.0  # seconds
+
+
+def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget: float = DIAGNOSE_BUDGET) -> str:
+    """After a read failure whose message does not name the sample (DALI's decoder reports only the sample's
+    position in the batch): check the split's shards with `shards.verify.check_shard` (sizes, sha256,
+    index, structure, a Pillow decode of every image) until one has a problem or `budget` seconds pass."""
+    from shards.verify import check_shard
+
+    started = time.perf_counter()
+    for checked, record in enumerate(manifest.shards):
+        if time.perf_counter() - started > budget:
+            return (
+                f"no damaged shard among the first {checked} of {len(manifest.shards)} within {budget:.0f} s; "
+                f"run `saturate shards verify {shards_dir} --decode` to check them all"
+            )
+        problems = check_shard(Path(shards_dir), record, manifest.num_classes, True).problems
+        if problems:
+            return "damaged: " + "; ".join(problems[:5])
+    return f"all {len(manifest.shards)} shards of the {manifest.split} split pass `shards verify --decode`"
 
 
 def local_cuda_device(device_id: int | None) -> int:

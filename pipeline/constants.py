@@ -6,6 +6,8 @@ change here changes all of them together and the backends stay comparable.
 
 from __future__ import annotations
 
+import math
+
 #: ImageNet per-channel mean and standard deviation, RGB, as fractions of full scale (torchvision's values).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -34,6 +36,21 @@ VAL_RESIZE_RATIO = 0.875
 def val_resize_size(image_size: int) -> int:
     """Shorter side (pixels) val images are resized to before the centre crop: 256 for 224."""
     return int(round(image_size / VAL_RESIZE_RATIO))
+
+
+def val_resized_shape(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) in pixels after the val resize: shorter side val_resize_size(image_size), longer side
+    scaled and rounded half up -- DALI's rule (torchvision truncates), so all backends crop the same pixels."""
+    short = val_resize_size(image_size)
+    if width <= height:
+        return short, max(short, math.floor(height * short / width + 0.5))
+    return max(short, math.floor(width * short / height + 0.5)), short
+
+
+def centre_crop_offset(length: int, crop: int) -> int:
+    """Offset (pixels) of a centred crop, halves rounded up like DALI's crop (Python's round() would round
+    half to even and land one pixel off)."""
+    return math.floor((length - crop) / 2 + 0.5)
 
 
 # --- DALI GPU decoder (values from NVIDIA DeepLearningExamples' ImageNet pipelines) ---------------------

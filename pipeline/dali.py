@@ -25,8 +25,10 @@ epoch continues with the next sample and the same random state.
 Undecodable samples: fail, never skip. The converter already rejects files Pillow cannot decode, so a
 JPEG that fails here means the shard was damaged after conversion; the loader raises ShardReadError
 naming the split, the shard directory and DALI's message (which names the tar and the member) instead of
-silently training on fewer samples. A truncated tar or an index that does not match its tar fails the
-same way when the pipeline is built.
+silently training on fewer samples. DALI's decoder error gives only the sample's position in the batch,
+so the loader then checks the split's shards (`diagnose_shards`, at most DIAGNOSE_BUDGET seconds) and names
+the damaged shard and sample key. A truncated tar or an index that does not match its tar fails the same
+way (DALI itself names the index and the line).
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ from typing import Any
 import numpy as np
 
 from pipeline import constants as C
-from pipeline.base import Loader, batches_per_epoch, check_state, local_cuda_device, open_split, rank_range
+from pipeline.base import (
+    Loader,
+    batches_per_epoch,
+    check_state,
+    diagnose_shards,
+    local_cuda_device,
+    open_split,
+    rank_range,
+)
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH
 
 READER_NAME = "Reader"
@@ -191,6 +201,7 @@ class DaliLoader(Loader):
         gpu = backend == "dali-gpu"
         dali_device = _device_id(gpu, device_id)
         manifest, pairs = open_split(shards_dir, split)
+        self.manifest = manifest
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shards_dir = Path(shards_dir)
@@ -262,10 +273,11 @@ class DaliLoader(Loader):
         except ShardReadError:
             raise
         except RuntimeError as err:
+            diagnosis = diagnose_shards(self.shards_dir, self.manifest)
             raise ShardReadError(
                 f"{self.backend}: {doing} the {self.split} shards in {self.shards_dir} "
-                f"(rank {self.rank} of {self.world_size}) failed; a shard or a sample in it is damaged, "
-                f"re-run the converter or `saturate shards verify`. DALI said: {err}"
+                f"(rank {self.rank} of {self.world_size}) failed: {diagnosis}. Re-convert the damaged "
+                f"shard; undecodable samples are never skipped. DALI said: {err}"
             ) from err
 
     def _next_dali(self) -> dict:

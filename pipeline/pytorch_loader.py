@@ -92,7 +92,8 @@ def round_robin(batches: list[int], limit: int) -> list[int]:
 
 # --- per-worker stages ----------------------------------------------------------------------------------
 def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> Iterator[dict]:
-    """Keep samples `first .. first+count-1` of each tar (the worker's slice); stop reading a tar after it."""
+    """Keep samples `first .. first+count-1` of each tar (the worker's slice); a tar that ends early (truncated,
+    or not the tar the manifest describes) is an error naming it, never a silently shorter epoch."""
     position: dict[str, int] = {}
     for sample in samples:
         url = sample["__url__"]
@@ -101,6 +102,12 @@ def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> 
         first, count = ranges[url]
         if first <= index < first + count:
             yield sample
+    for url, (first, count) in ranges.items():
+        if position.get(url, 0) < first + count:
+            raise ShardReadError(
+                f"{url}: ended after {position.get(url, 0)} samples, the manifest promises at least "
+                f"{first + count}; the shard is truncated or was replaced, re-convert it"
+            )
 
 
 def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
@@ -163,8 +170,10 @@ class Augment:
             if rng.random() < C.FLIP_PROBABILITY:
                 image = F.hflip(image)
         else:
-            image = F.resize(image, C.val_resize_size(size), InterpolationMode.BILINEAR, antialias=True)
-            image = F.center_crop(image, [size, size])
+            width, height = C.val_resized_shape(image.width, image.height, size)
+            image = F.resize(image, [height, width], InterpolationMode.BILINEAR, antialias=True)
+            top, left = C.centre_crop_offset(height, size), C.centre_crop_offset(width, size)
+            image = F.crop(image, top, left, size, size)
         return np.asarray(image, dtype=np.uint8), label, sample["__key__"]
 
 
