@@ -1,0 +1,227 @@
+"""Trainer pieces that need no data: config layering and validation, the CLI's one-line errors, the LR
+schedule, optimizer groups, model building and fine-tuning, the train step, atomic checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training import checkpoint
+from training.config import ConfigError, TrainConfig, build_config, from_dict, validate_environment
+from training.model import build_model
+from training.optim import build_optimizer, build_scheduler, lr_factor
+from training.step import TrainStep
+
+SYNTH = dict(backend="synthetic")
+
+
+# --- config ---------------------------------------------------------------------------------------------
+def test_defaults_are_the_resnet50_recipe():
+    c = build_config(overrides=SYNTH)
+    assert (c.arch, c.batch_size, c.base_lr, c.momentum, c.nesterov) == ("resnet50", 256, 0.256, 0.9, True)
+    assert (c.label_smoothing, c.weight_decay, c.lr_schedule, c.warmup_epochs, c.epochs) == (
+        0.1, 5e-5, "cosine", 5.0, 90)
+    assert c.peak_lr(world_size=8) == pytest.approx(0.256 * 8)  # 256 per GPU x 8 = 2048 -> 2.048
+
+
+def test_file_then_cli_layering_and_round_trip(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epochs: 7\nbase-lr: 0.5\ncrop_area: [0.35, 1.0]\nbackend: synthetic\n")
+    c = build_config(file=yaml_file, overrides={"epochs": "9", "compile": True})
+    assert (c.epochs, c.base_lr, c.crop_area, c.compile) == (9, 0.5, (0.35, 1.0), True)
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text('backend = "synthetic"\nglobal_batch_size = 1024\nlr_milestones = [10, 20]\n')
+    t = build_config(file=toml_file)
+    assert (t.global_batch_size, t.lr_milestones, t.peak_lr(world_size=4)) == (1024, (10, 20), 0.256 * 4)
+    assert from_dict(c.to_dict()) == c  # what checkpoints and config.json hold rebuilds the same config
+
+
+def test_progressive_resizing_follows_ffcv_ramp():
+    c = build_config(overrides=dict(SYNTH, image_size=128, min_res=64, start_ramp=2, end_ramp=6))
+    # FFCV: linear in the epoch between start_ramp and end_ramp, rounded to a multiple of 32
+    assert [c.image_size_at(e) for e in range(8)] == [64, 64, 64, 64, 96, 128, 128, 128]
+    assert build_config(overrides=SYNTH).image_size_at(3) == 224  # off by default
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"base_lr": "-0.1"}, "--base-lr: must be > 0, got -0.1"),
+        ({"backend": "tfrecord"}, "--backend: must be one of dali-gpu, dali-cpu, pytorch, synthetic"),
+        ({"backend": "dali-cpu"}, "--data: is required with --backend dali-cpu"),
+        ({"backend": "dali-cpu", "data": "/no/such/shards"}, "--data: directory does not exist"),
+        ({"precision": "fp8"}, "--precision: must be one of bf16, fp16, fp32"),
+        ({"epochs": "ten"}, "--epochs: cannot read 'ten'"),
+        ({"crop_area": (0.5, 0.2)}, "--crop-area: must be two fractions"),
+        ({"evaluate_only": True}, "--evaluate-only: needs --resume PATH|auto or --pretrained PATH"),
+        ({"resume": "/no/such.pt"}, "--resume: must be 'auto' or an existing checkpoint file"),
+        ({"pretrained": "/no/such.pt"}, "--pretrained: file does not exist"),
+        ({"batchsize": 3}, "unknown option 'batchsize'"),
+    ],
+)
+def test_bad_values_name_their_flag(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides={**SYNTH, **overrides})
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "cuda", "message"),
+    [
+        ({"global_batch_size": 1000}, 3, False, "--global-batch-size: 1000 is not divisible by the world size 3"),
+        ({"arch": "resnet5000"}, 1, False, "--arch: 'resnet5000' is not a torchvision classification model"),
+        ({"precision": "fp16"}, 1, False, "--precision: fp16 needs a CUDA GPU"),
+        ({"backend": "dali-gpu"}, 1, False, "--backend: dali-gpu needs a CUDA GPU"),
+    ],
+)
+def test_environment_checks_name_their_flag(tmp_path, overrides, world_size, cuda, message):
+    config = build_config(overrides={**SYNTH, "data": str(tmp_path), **overrides})
+    with pytest.raises(ConfigError) as err:
+        validate_environment(config, world_size=world_size, cuda=cuda)
+    assert str(err.value).startswith(message)
+    validate_environment(build_config(overrides={**SYNTH, "global_batch_size": 999}), world_size=3, cuda=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--backend", "synthetic", "--base-lr", "-1"], "train: error: --base-lr: must be > 0, got -1.0"),
+        (["--backend", "synthetic", "--arch", "resnet5000"], "train: error: --arch: 'resnet5000' is not"),
+        (["--backend", "dali-cpu", "--data", "/no/such/shards"], "train: error: --data: directory does not"),
+        (["--backend", "nope"], "train: error: --backend: must be one of"),
+    ]
+    + ([] if torch.cuda.is_available() else [
+        (["--backend", "synthetic", "--precision", "fp16"], "train: error: --precision: fp16 needs a CUDA GPU"),
+        (["--backend", "dali-gpu", "--data", "."], "train: error: --backend: dali-gpu needs a CUDA GPU"),
+    ]),
+)
+def test_cli_fails_at_start_with_one_line(argv, message, capsys, tmp_path):
+    from tools.train_cmd import main
+
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # nothing written before the config is known to be good
+
+
+def test_cli_print_config(capsys):
+    from tools.train_cmd import main
+
+    assert main(["--backend", "synthetic", "--arch", "resnet18", "--no-channels-last", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert '"arch": "resnet18"' in printed and '"channels_last": false' in printed
+
+
+# --- schedule and optimizer -----------------------------------------------------------------------------
+def test_warmup_then_cosine_and_step():
+    sched = dict(steps_per_epoch=10, epochs=10, warmup_epochs=2)
+    assert [lr_factor(s, **sched) for s in (0, 9, 19)] == [1 / 20, 10 / 20, 1.0]
+    assert lr_factor(20, **sched) == 1.0  # cosine starts at the peak after warm-up
+    assert lr_factor(60, **sched) == pytest.approx(0.5)  # half way through the 80 cosine steps
+    assert lr_factor(99, **sched) == pytest.approx(0.5 * (1 + math.cos(math.pi * 79 / 80)))
+    step = dict(sched, schedule="step", milestones=(3, 6), gamma=0.1)
+    assert [lr_factor(s, **step) for s in (25, 30, 59, 60, 99)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = build_model("resnet18", num_classes=10)
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=1e-4)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    bn_and_bias = {id(p) for n, p in model.named_parameters() if "bn" in n or "downsample.1" in n or
+                   n.endswith("bias")}
+    assert {id(p) for p in no_decay["params"]} == bn_and_bias
+    assert len(decay["params"]) == 21  # 20 convolutions + the fc weight
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+
+
+# --- model ----------------------------------------------------------------------------------------------
+def test_pretrained_fine_tuning_replaces_the_head(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("resnet18", num_classes=1000, channels_last=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("resnet18", num_classes=10, pretrained=path)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.weight, source.layer4[1].bn2.weight)
+    assert model.fc.weight.shape == (10, 512)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.save(build_model("mobilenet_v3_small", num_classes=10).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="--pretrained: .*other.pth does not match the architecture"):
+        build_model("resnet18", num_classes=10, pretrained=tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_fits_one_batch(precision):
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=4)
+    optimizer = build_optimizer(model, lr=0.05)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=1, epochs=10, warmup_epochs=0)
+    step = TrainStep(model, optimizer, precision=precision, label_smoothing=0.0, scheduler=scheduler)
+    assert not step.scaler.is_enabled()  # the scaler is for fp16 only
+    images = torch.randn(8, 3, 32, 32).half().contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(8) % 4
+    losses = [float(step(images, labels)) for _ in range(8)]
+    assert losses[-1] < losses[0] / 2
+    assert scheduler.last_epoch == 8
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * lr_factor(8, steps_per_epoch=1, epochs=10,
+                                                                               warmup_epochs=0))
+
+
+@pytest.mark.gpu
+def test_train_step_fp16_scaler_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = build_model("resnet18", num_classes=4).cuda()
+    step = TrainStep(model, build_optimizer(model, lr=0.05), precision="fp16", compile=False)
+    assert step.scaler.is_enabled()
+    images = torch.randn(8, 3, 64, 64, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    loss = step(images, torch.arange(8, device="cuda") % 4)
+    assert loss.is_cuda and torch.isfinite(loss)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    good = {"model": {"w": torch.arange(4.0)}, "step": 1, "config": TrainConfig().to_dict()}
+    path = checkpoint.save(good, run, step=1, keep_last=3, is_best=True)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")  # a crash half-way through the write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"step": 2}, path)  # over the existing file
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save({"step": 2}, run, step=2, keep_last=3, is_best=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "step-00000001.pt"]
+    for name in ("step-00000001.pt", "best.pt"):
+        loaded = checkpoint.load(run / "checkpoints" / name)  # weights_only=True
+        assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert checkpoint.resolve("auto", run) == path
+
+
+def test_checkpoint_rotation_keeps_last_n_and_best(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save({"step": step}, tmp_path, step=step, keep_last=2, is_best=step == 3)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000004.pt", "step-00000005.pt"]
+    assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["step"] == 3
+    assert checkpoint.resolve("auto", tmp_path).name == "step-00000005.pt"
+    assert checkpoint.resolve("auto", tmp_path / "empty") is None
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint.atomic_save({"rng": state}, tmp_path / "rng.pt")
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

@@ -1,0 +1,268 @@
+"""The one training configuration: a frozen dataclass with defaults in code, overrides from a YAML/TOML file
+and the command line, validated at start, printed, saved in the run directory and inside every checkpoint.
+
+It is flat on purpose: every field is also a command-line flag of the same name (`base_lr` <-> `--base-lr`),
+so a validation error can name the flag a person types, and a config file is a plain `key: value` list.
+
+The defaults are the ResNet-50 / 90-epoch ImageNet recipe described in `training/RECIPE.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")  # same names as pipeline.BACKENDS
+PRECISIONS = ("bf16", "fp16", "fp32")
+LR_SCHEDULES = ("cosine", "step")
+
+
+class ConfigError(ValueError):
+    """A configuration value a person has to fix; the message starts with the flag that sets it."""
+
+
+def _opt(default, help: str, **extra):  # noqa: A002 - `help` mirrors argparse
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------------------
+    data: str | None = _opt(None, "directory holding train and val shards (not needed with --backend synthetic)")
+    backend: str = _opt("dali-gpu", f"data backend, one of {', '.join(BACKENDS)}")
+    image_size: int = _opt(224, "training crop side in pixels (the final size when progressive resizing)")
+    val_image_size: int | None = _opt(None, "validation crop side in pixels (default: --image-size)")
+    crop_area: tuple[float, float] = _opt((0.08, 1.0), "random-resized-crop area range, fraction of the image")
+    num_threads: int = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers)")
+    synthetic_samples: int = _opt(1_281_167, "training samples per epoch with --backend synthetic")
+    synthetic_val_samples: int = _opt(50_000, "validation samples with --backend synthetic")
+    num_classes: int | None = _opt(None, "classes (default: from the train manifest; synthetic: 1000)")
+    # progressive resizing (FFCV): the crop side ramps min_res -> image_size between two epochs
+    min_res: int | None = _opt(None, "progressive resizing: crop side at the start (off when unset)")
+    start_ramp: int = _opt(0, "progressive resizing: last epoch at --min-res")
+    end_ramp: int = _opt(0, "progressive resizing: first epoch at --image-size")
+    # --- model ------------------------------------------------------------------------------------------
+    arch: str = _opt("resnet50", "any torchvision classification model by name")
+    pretrained: str | None = _opt(None, "local torchvision state dict to start from (fine-tuning)")
+    channels_last: bool = _opt(True, "keep weights and activations in NHWC memory layout")
+    compile: bool = _opt(False, "wrap the model in torch.compile")
+    precision: str = _opt("bf16", f"autocast precision, one of {', '.join(PRECISIONS)}")
+    zero_init_residual: bool = _opt(True, "ResNets: start each residual branch's last BN at zero (DLE)")
+    # --- optimisation (per-256 values; scaled with the global batch) --------------------------------------
+    batch_size: int = _opt(256, "batch per process (per GPU)")
+    global_batch_size: int | None = _opt(None, "total batch over all processes; overrides --batch-size")
+    base_lr: float = _opt(0.256, "learning rate per 256 images; lr = base_lr * global_batch / 256")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "Nesterov momentum")
+    weight_decay: float = _opt(5e-5, "L2 weight decay (not applied to BN parameters and biases)")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
+    epochs: int = _opt(90, "epochs; the LR schedule spans this many epochs")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (the schedule still spans --epochs)")
+    warmup_epochs: float = _opt(5.0, "linear LR warm-up length in epochs")
+    lr_schedule: str = _opt("cosine", f"LR decay after warm-up, one of {', '.join(LR_SCHEDULES)}")
+    lr_milestones: tuple[int, ...] = _opt((30, 60, 80), "step schedule: epochs where the LR is multiplied")
+    lr_gamma: float = _opt(0.1, "step schedule: factor applied at each milestone")
+    # --- run ----------------------------------------------------------------------------------------------
+    run_dir: str = _opt("runs/train", "directory for config, metrics, summary, curves and checkpoints")
+    seed: int = _opt(0, "seed for model init and data order")
+    deterministic: bool = _opt(False, "deterministic kernels (bit-exact resume on CPU; slower on GPU)")
+    log_every: int = _opt(50, "optimizer steps between log lines (each one is a host sync)")
+    throughput_warmup_steps: int = _opt(50, "steps after start/resize left out of the throughput averages")
+    eval_every: int = _opt(1, "epochs between full validation passes (the last epoch is always evaluated)")
+    checkpoint_minutes: float = _opt(30.0, "also checkpoint mid-epoch every this many minutes (0: off)")
+    keep_last: int = _opt(3, "epoch/step checkpoints kept besides best.pt")
+    resume: str | None = _opt(None, "'auto' (latest in RUN_DIR/checkpoints, if any) or a checkpoint path")
+    evaluate_only: bool = _opt(False, "evaluate --resume or --pretrained weights on val and exit")
+    progress: bool = _opt(True, "tqdm bar per epoch on rank 0")
+
+    # --- derived values ---------------------------------------------------------------------------------
+    def per_process_batch(self, world_size: int) -> int:
+        """Images per process per step: --global-batch-size split evenly, else --batch-size."""
+        if self.global_batch_size is not None:
+            return self.global_batch_size // world_size
+        return self.batch_size
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all processes."""
+        return self.per_process_batch(world_size) * world_size
+
+    def peak_lr(self, world_size: int) -> float:
+        """Linear scaling rule (Goyal et al. 2017): lr = base_lr * global_batch / 256."""
+        return self.base_lr * self.global_batch(world_size) / 256
+
+    def image_size_at(self, epoch: int) -> int:
+        """Training crop side for `epoch` (pixels): FFCV's linear ramp from --min-res at --start-ramp to
+        --image-size at --end-ramp, rounded to the nearest multiple of 32 (as FFCV's `get_resolution`)."""
+        if self.min_res is None or epoch >= self.end_ramp:
+            return self.image_size
+        if epoch <= self.start_ramp:
+            return self.min_res
+        frac = (epoch - self.start_ramp) / (self.end_ramp - self.start_ramp)
+        size = self.min_res + frac * (self.image_size - self.min_res)
+        return max(32, round(size / 32) * 32)
+
+    @property
+    def eval_image_size(self) -> int:
+        return self.val_image_size or self.image_size
+
+    def to_dict(self) -> dict:
+        """Plain Python types only (tuples become lists) so `torch.load(weights_only=True)` can read it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELD_TYPES: dict[str, object] = typing.get_type_hints(TrainConfig)
+
+
+def flag(name: str) -> str:
+    """The command-line flag that sets field `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: object, source: str) -> object:
+    """Turn a file/CLI value into the field's type; errors name the flag and where the value came from."""
+    hint = FIELD_TYPES[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag(name)}: may not be empty ({source})")
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    try:
+        if typing.get_origin(base) is tuple:
+            inner = typing.get_args(base)[0]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(inner(x) for x in items)
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{flag(name)}: cannot read {value!r} as {base} ({source})") from err
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Overrides from a YAML (.yaml/.yml) or TOML (.toml) file of `field: value` pairs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {path} does not exist")
+    if path.suffix == ".toml":
+        import tomllib
+
+        body = tomllib.loads(path.read_text())
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        body = yaml.safe_load(path.read_text()) or {}
+    elif path.suffix == ".json":
+        body = json.loads(path.read_text())
+    else:
+        raise ConfigError(f"--config: {path} must end in .yaml, .yml, .toml or .json")
+    if not isinstance(body, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of option: value")
+    return body
+
+
+def build_config(*, file: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- file <- overrides (the CLI), each key checked against the fields, then validated."""
+    values: dict = {}
+    layers = [(load_file(file), f"from {file}")] if file else []
+    layers.append((overrides or {}, "from the command line"))
+    for layer, source in layers:
+        for key, value in layer.items():
+            name = key.replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"unknown option {key!r} ({source}); see `saturate train --help`")
+            values[name] = _coerce(name, value, source)
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def from_dict(body: dict) -> TrainConfig:
+    """Rebuild a config saved by `to_dict` (in a checkpoint or config.json); unknown keys are an error."""
+    return build_config(overrides=body)
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need no hardware: each failure is one line that starts with the flag to fix."""
+    c = config
+
+    def need(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{flag(name)}: {why}, got {getattr(c, name)!r}")
+
+    need(c.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
+    need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+    need(c.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+    need(c.base_lr > 0, "base_lr", "must be > 0")
+    need(c.batch_size > 0, "batch_size", "must be > 0")
+    need(c.global_batch_size is None or c.global_batch_size > 0, "global_batch_size", "must be > 0")
+    need(c.epochs > 0, "epochs", "must be > 0")
+    need(c.max_steps is None or c.max_steps > 0, "max_steps", "must be > 0")
+    need(c.image_size >= 32, "image_size", "must be >= 32 pixels")
+    need(c.val_image_size is None or c.val_image_size >= 32, "val_image_size", "must be >= 32 pixels")
+    need(len(c.crop_area) == 2 and 0 < c.crop_area[0] <= c.crop_area[1] <= 1, "crop_area",
+         "must be two fractions 0 < min <= max <= 1")
+    need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
+    need(0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    need(c.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+    need(c.num_threads > 0, "num_threads", "must be > 0")
+    need(c.log_every > 0, "log_every", "must be > 0")
+    need(c.eval_every > 0, "eval_every", "must be > 0")
+    need(c.keep_last > 0, "keep_last", "must be > 0")
+    need(c.checkpoint_minutes >= 0, "checkpoint_minutes", "must be >= 0")
+    need(c.throughput_warmup_steps >= 0, "throughput_warmup_steps", "must be >= 0")
+    need(c.num_classes is None or c.num_classes > 1, "num_classes", "must be > 1")
+    need(c.synthetic_samples > 0, "synthetic_samples", "must be > 0")
+    need(c.synthetic_val_samples > 0, "synthetic_val_samples", "must be > 0")
+    if c.min_res is not None:
+        need(32 <= c.min_res <= c.image_size, "min_res", "must be between 32 and --image-size")
+        need(0 <= c.start_ramp < c.end_ramp, "end_ramp", "must be > --start-ramp >= 0 with --min-res")
+    need(0 < c.lr_gamma <= 1, "lr_gamma", "must be in (0, 1]")
+    need(list(c.lr_milestones) == sorted(c.lr_milestones), "lr_milestones", "must be increasing")
+    if c.backend != "synthetic":
+        need(c.data is not None, "data", f"is required with --backend {c.backend}")
+        need(Path(c.data).is_dir(), "data", "directory does not exist")
+    if c.evaluate_only:
+        need(c.resume is not None or c.pretrained is not None, "evaluate_only",
+             "needs --resume PATH|auto or --pretrained PATH")
+    if c.pretrained is not None:
+        need(Path(c.pretrained).is_file(), "pretrained", "file does not exist")
+    if c.resume not in (None, "auto"):
+        need(Path(c.resume).is_file(), "resume", "must be 'auto' or an existing checkpoint file")
+
+
+def validate_environment(config: TrainConfig, *, world_size: int, cuda: bool) -> None:
+    """Checks that depend on the machine and the process group (called once the group is up)."""
+    import torchvision
+
+    c = config
+    if c.arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"--arch: {c.arch!r} is not a torchvision classification model "
+            f"(e.g. resnet50, resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"
+        )
+    if c.global_batch_size is not None and c.global_batch_size % world_size:
+        raise ConfigError(
+            f"--global-batch-size: {c.global_batch_size} is not divisible by the world size {world_size}"
+        )
+    if c.precision == "fp16" and not cuda:
+        raise ConfigError("--precision: fp16 needs a CUDA GPU (fp16 autocast on CPU is not supported); "
+                          "use bf16 or fp32")
+    if c.backend == "dali-gpu" and not cuda:
+        raise ConfigError("--backend: dali-gpu needs a CUDA GPU; use dali-cpu or pytorch on this machine")

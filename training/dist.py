@@ -1,0 +1,99 @@
+"""The one place that knows rank, world size and the process group.
+
+`torchrun` (and Slurm through it) sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process
+and every collective below is a no-op, so the training loop never branches on "distributed or not".
+NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global rank of this process
+    world_size: int  # processes in the job
+    local_rank: int  # rank on this node = the GPU index this process drives
+    device: torch.device  # where this process's model and batches live
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints."""
+        return self.rank == 0
+
+
+_INFO: DistInfo | None = None
+
+
+def init() -> DistInfo:
+    """Read torchrun's environment, pick the device, and start the process group when world_size > 1."""
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not tdist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        tdist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return _INFO
+
+
+def info() -> DistInfo:
+    """The current process's DistInfo (init() first)."""
+    if _INFO is None:
+        raise RuntimeError("training.dist.init() has not been called")
+    return _INFO
+
+
+def shutdown() -> None:
+    global _INFO
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    _INFO = None
+
+
+def active() -> bool:
+    return tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all processes, in place (a sync point: call it on log/eval steps only)."""
+    if active():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj: object) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (pickled; for small plain objects such as loader states)."""
+    if not active():
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()

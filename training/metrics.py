@@ -1,0 +1,137 @@
+"""Throughput and metrics: the numbers in each log line, RUN_DIR/metrics.jsonl, summary.json and curves.png.
+
+Throughput is measured over windows of `log_every` steps that end at a host sync (reading the loss), so the
+wall time of a window covers the device work of its steps: images/s computed from it is real, not the rate at
+which the host enqueued kernels. Windows that end inside the first `throughput_warmup_steps` steps after a
+start or a resize (torch.compile, cudnn.benchmark autotuning, DALI prefetch fill) are left out of averages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Window:
+    """One log window as every rank measured it (host clock, seconds)."""
+
+    steps: int
+    images: int  # images this process trained on in the window
+    wall_s: float  # seconds from the previous log sync to this one
+    data_wait_s: float  # seconds spent blocked in next(loader) during the window
+
+
+class ThroughputMeter:
+    """Accumulates log windows; averages skip the warm-up steps."""
+
+    def __init__(self, *, world_size: int, warmup_steps: int) -> None:
+        self.world_size = world_size
+        self.warmup_steps = warmup_steps
+        self.steps_since_reset = 0
+        self.counted = Window(0, 0, 0.0, 0.0)
+
+    def reset_warmup(self) -> None:
+        """Call after anything that re-tunes kernels or refills queues (start, resume, resize)."""
+        self.steps_since_reset = 0
+
+    def add(self, window: Window) -> None:
+        self.steps_since_reset += window.steps
+        if self.steps_since_reset > self.warmup_steps:
+            c = self.counted
+            self.counted = Window(c.steps + window.steps, c.images + window.images,
+                                  c.wall_s + window.wall_s, c.data_wait_s + window.data_wait_s)
+
+    @property
+    def images_per_sec_per_gpu(self) -> float | None:
+        c = self.counted
+        return c.images / c.wall_s if c.wall_s > 0 else None
+
+    @property
+    def images_per_sec(self) -> float | None:
+        per_gpu = self.images_per_sec_per_gpu
+        return per_gpu * self.world_size if per_gpu is not None else None
+
+    @property
+    def data_wait_share(self) -> float | None:
+        c = self.counted
+        return c.data_wait_s / c.wall_s if c.wall_s > 0 else None
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, one JSON object per log step and per evaluation (rank 0 only), plus TensorBoard
+    scalars when `tensorboard` is installed (it is optional: nothing else depends on it)."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.records: list[dict] = []
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tensorboard = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is not a dependency
+                self.tensorboard = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step", "epoch"):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record.get("step", 0))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
+    """curves.png: training loss, val top-1/top-5 and images/s per GPU against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
+    axes[1].plot([r["step"] for r in evals], [r["top5"] for r in evals], "o-", label="top-5")
+    axes[1].set(title="validation accuracy (%)", xlabel="step")
+    axes[1].legend()
+    axes[2].plot([r["step"] for r in train], [r["images_per_sec_per_gpu"] for r in train])
+    axes[2].set(title="images/s per GPU", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> Path:
+    """Write JSON through a temporary file so a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,75 @@
+"""SGD with the ImageNet recipe's parameter groups, and the per-step LR schedule (warm-up, then cosine or step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
+    """Two groups: weights of conv/linear layers get `weight_decay`; BN/LayerNorm parameters and all biases
+    (every tensor with fewer than 2 dims) get none, as in DLE and FFCV (decaying BN scales hurts accuracy)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-5,
+) -> torch.optim.SGD:
+    """SGD with momentum; fused on CUDA (one kernel for all parameters), foreach on CPU.
+
+    `lr` is the peak LR already scaled with the global batch (see TrainConfig.peak_lr).
+    """
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.SGD(
+        parameter_groups(model, weight_decay=weight_decay),
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov and momentum > 0,
+        fused=on_cuda or None,
+        foreach=None if on_cuda else True,
+    )
+
+
+def lr_factor(
+    step: int,
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: float,
+    schedule: str = "cosine",
+    milestones: tuple[int, ...] = (30, 60, 80),
+    gamma: float = 0.1,
+) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based).
+
+    Linear warm-up from 1/warmup_steps to 1 over `warmup_epochs` (Goyal et al. 2017), then cosine to 0 at
+    the end of `epochs`, or a step decay by `gamma` at each milestone epoch.
+    """
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    epoch = step // steps_per_epoch
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, **schedule) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step; `schedule` are lr_factor's keyword arguments."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **schedule))
