@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from tools import profiler
@@ -23,6 +24,9 @@ TINY = dict(arch="resnet18", batch_sizes=(8,), image_sizes=(32,), precisions=("b
 MEASURED = ("images_per_sec_per_gpu", "images_per_sec_min", "images_per_sec_max", "step_time_ms",
             "cpu_cores_busy", "timed_seconds")
 GPU_FIGURES = ("gpu_util_pct", "gpu_memory_peak_gib", "gpu_memory_used_gib")
+#: These check what a machine without a GPU reports (dali-gpu fails, GPU figures are null); the gpu test
+#: covers a CUDA machine.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the figures of a machine without a GPU")
 
 
 def config_key(row: dict) -> tuple:
@@ -111,6 +115,7 @@ def cpu_profile(tiny_shards, tmp_path_factory):
     return report, out
 
 
+@cpu_only
 def test_profile_writes_every_configuration_asked_for(cpu_profile):
     report, out = cpu_profile
     body = json.loads((out / "report.json").read_text())
@@ -127,6 +132,7 @@ def test_profile_writes_every_configuration_asked_for(cpu_profile):
     assert isinstance(body["machine"]["pillow_simd"], bool) and body["machine"]["torch"]
 
 
+@cpu_only
 def test_profile_figures_are_numbers_where_measurable_and_null_where_not(cpu_profile):
     report, out = cpu_profile
     rows = json.loads((out / "report.json").read_text())["rows"]
@@ -153,6 +159,7 @@ def test_profile_figures_are_numbers_where_measurable_and_null_where_not(cpu_pro
     assert all(row["vs_pytorch"] == 1.0 for row in ok if row["backend"] == "pytorch")
 
 
+@cpu_only
 def test_profile_broken_backend_is_an_error_row(cpu_profile):
     report, out = cpu_profile
     broken = [row for row in report.rows if row.config.backend == "dali-gpu"]
@@ -163,6 +170,7 @@ def test_profile_broken_backend_is_an_error_row(cpu_profile):
     assert "## Corpus" in table and "## Machine" in table and report.table_markdown() in table
 
 
+@cpu_only
 def test_profile_png_is_a_picture(cpu_profile):
     _, out = cpu_profile
     with Image.open(out / "report.png") as image:
@@ -204,6 +212,16 @@ def test_loader_that_raises_mid_epoch_is_an_error_row(tiny_shards, tmp_path, mon
     assert by_backend["dali-cpu"].vs_ceiling is None  # no model mode asked for
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert [row["error"] is None for row in rows] == [False, True]
+
+
+@cpu_only
+def test_duration_bound_and_default_backends_without_a_gpu(tiny_shards, capsys):
+    report = profiler.profile(tiny_shards, modes=("loader",), backends=None, threads=(1,), batch_sizes=(8,),
+                              image_sizes=(32,), duration=0.2, warmup=1, windows=2, progress=False)
+    assert report.settings["backends"] == ["dali-cpu", "pytorch"] and report.settings["steps"] is None
+    assert "no CUDA GPU visible" in report.notes[0] and "no CUDA GPU visible" in capsys.readouterr().err
+    assert [row.config.backend for row in report.rows] == ["dali-cpu", "pytorch"]
+    assert all(row.ok and row.timed_steps >= 2 and positive(row.images_per_sec_per_gpu) for row in report.rows)
 
 
 # --- the command line ---------------------------------------------------------------------------------------

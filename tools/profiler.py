@@ -163,7 +163,7 @@ class Report:
                     _fmt(row.gpu_util_pct, "{:.0f}%"),
                     _fmt(memory, "{:.1f}"),
                     _fmt(row.vs_ceiling, "{:.2f}x"),
-                    _fmt(row.vs_pytorch, "{:.2f}x"),
+                    _fmt(row.vs_pytorch, "{:.2f}x", missing="-" if c.mode == "model" else NA),
                     _fmt(row.threads_needed, "{:.3g}", missing="-" if c.mode != "loader" else NA),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
