@@ -49,22 +49,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("shards", help="shard folder holding <split>.manifest.json and its shards")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
-    parser.add_argument("--modes", type=comma_list(str, "--modes"), default=list(MODE_CHOICES),
+    parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str, "--modes"), default=list(MODE_CHOICES),
                         help="any of loader,model,e2e (default: all three)")
-    parser.add_argument("--backends", type=comma_list(str, "--backends"),
+    parser.add_argument("--backends", metavar="BACKEND[,...]", type=comma_list(str, "--backends"),
                         help="data backends: dali-gpu,dali-cpu,pytorch (default: dali-gpu,pytorch; "
                              "dali-cpu,pytorch without a GPU)")
-    parser.add_argument("--batch-size", type=comma_list(int, "--batch-size"), default=[256],
+    parser.add_argument("--batch-size", metavar="N[,N...]", type=comma_list(int, "--batch-size"), default=[256],
                         help="images per step per GPU (default 256)")
-    parser.add_argument("--image-size", type=comma_list(int, "--image-size"), default=[224],
+    parser.add_argument("--image-size", metavar="PX[,PX...]", type=comma_list(int, "--image-size"), default=[224],
                         help="pixels (default 224)")
-    parser.add_argument("--threads", type=comma_list(int, "--threads"),
+    parser.add_argument("--threads", metavar="N[,N...]", type=comma_list(int, "--threads"),
                         help="DALI CPU threads / pytorch DataLoader workers (default: CPU cores per GPU)")
-    parser.add_argument("--hw-decoder-load", type=comma_list(float, "--hw-decoder-load"), default=[0.65],
+    parser.add_argument("--hw-decoder-load", metavar="X[,X...]", type=comma_list(float, "--hw-decoder-load"),
+                        default=[0.65],
                         help="dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default 0.65)")
-    parser.add_argument("--precision", type=comma_list(str, "--precision"), default=["bf16"],
+    parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str, "--precision"), default=["bf16"],
                         help="bf16,fp16,fp32 (default bf16)")
-    parser.add_argument("--compile", type=comma_list(on_off, "--compile"), default=[False],
+    parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off, "--compile"), default=[False],
                         help="torch.compile off,on (default off)")
     parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--split", default="train", help="split to read: train (default) or val")

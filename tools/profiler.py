@@ -43,6 +43,7 @@ BASELINE_BACKEND = "pytorch"
 DEFAULT_WINDOWS = 5  # timed windows per configuration
 DEFAULT_WARMUP = 20  # steps before timing: DALI prefetch, cuDNN autotune, torch.compile
 DEFAULT_DURATION = 15.0  # seconds of timed work per configuration when neither steps nor duration is given
+CPU_TICKS_MEASURABLE = 20  # timed wall time below this many kernel clock ticks gives no CPU-busy figure
 RESOLUTION_SAMPLE = 256  # images whose JPEG header is read to describe the corpus resolution
 NA = "n/a"
 
@@ -349,8 +350,16 @@ def profile(
         steps=steps, duration=duration, warmup=warmup, windows=windows,
     )
     import torch
+    import torchvision
     from tqdm import tqdm
 
+    from shards.schema import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"--split: choose one of {', '.join(SPLITS)}, got {split!r}")
+    if {"model", "e2e"} & set(modes) and arch not in torchvision.models.list_models(module=torchvision.models):
+        # checked once here rather than as one error row per training configuration
+        raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
     corpus = describe_corpus(shards_dir, split)
     machine = describe_machine()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -587,7 +596,9 @@ def measure(
         images_per_sec_max=max(rates),
         step_time_ms=statistics.median(step_times) * 1e3,
         data_wait_share=wait_total / wall_total if config.mode == "e2e" else None,
-        cpu_cores_busy=cpu_total / wall_total,
+        # the kernel counts CPU time in clock ticks (10 ms): below CPU_TICKS_MEASURABLE ticks of wall time the
+        # quantisation error is larger than the figure, so it is n/a rather than a misleading 0.0
+        cpu_cores_busy=cpu_total / wall_total if wall_total >= CPU_TICKS_MEASURABLE * _clock_tick() else None,
         gpu_util_pct=statistics.median(utils) if utils else None,
         gpu_memory_peak_gib=peak,
         gpu_memory_used_gib=gpu_monitor.memory_used_gib(),
@@ -614,6 +625,14 @@ def cpu_seconds_snapshot() -> dict[int | str, float]:
             continue
         snapshot[child.pid] = t.user + t.system
     return snapshot
+
+
+def _clock_tick() -> float:
+    """Seconds per kernel clock tick, the resolution of process CPU times (0.01 s on Linux)."""
+    try:
+        return 1.0 / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 0.01
 
 
 def cpu_seconds_delta(before: dict[int | str, float], after: dict[int | str, float]) -> float:
