@@ -340,7 +340,8 @@ def profile(
         backends, note = default_backends()
         if note:
             notes.append(note)
-            print(f"saturate profile: note: {note}", file=sys.stderr)
+            if progress:  # say it before the long run starts; the CLI's summary repeats report.notes
+                print(f"saturate profile: note: {note}", file=sys.stderr)
     threads = (default_threads(),) if threads is None else tuple(threads)
     if steps is None and duration is None:
         duration = DEFAULT_DURATION
