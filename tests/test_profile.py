@@ -93,6 +93,34 @@ def test_window_plan_and_cpu_delta():
     assert profiler.cpu_seconds_delta(before, after) == 0.5 + 0.25 + 0.5 + 0.25
 
 
+def test_ratios_against_the_ceiling_and_pytorch():
+    from tools.profiler import ProfileRow, Report
+
+    def row(mode, backend, rate, threads=None, precision=None, error=None):
+        compile_mode = False if precision else None
+        config = ProfileConfig(mode, backend, 256, 224, threads, None, precision, compile_mode)
+        return ProfileRow(config, error=error, images_per_sec_per_gpu=None if error else rate)
+
+    rows = [
+        row("model", "synthetic", 2000.0, precision="bf16"), row("model", "synthetic", 1000.0, precision="fp32"),
+        row("loader", "dali-cpu", 500.0, threads=4), row("loader", "pytorch", 250.0, threads=4),
+        row("loader", "dali-cpu", 900.0, threads=8), row("loader", "pytorch", None, threads=8, error="OSError: x"),
+        row("e2e", "dali-cpu", 900.0, threads=4, precision="fp32"),
+        row("e2e", "pytorch", 450.0, threads=4, precision="fp32"),
+    ]
+    report = Report(corpus={}, machine={}, settings={}, rows=rows)
+    profiler.add_ratios(report)
+    figures = [(r.vs_ceiling, r.vs_pytorch, r.threads_needed) for r in report.rows]
+    assert figures == [
+        (1.0, None, None), (0.5, None, None),  # model rows: against the fastest model configuration
+        (0.25, 2.0, 16.0), (0.125, 1.0, 32.0),  # 2000 img/s ceiling / (500/4 img/s per thread) = 16 threads
+        (0.45, None, 2000.0 / (900.0 / 8)), (None, None, None),  # no pytorch baseline at 8 threads: failed
+        (0.9, 2.0, None), (0.45, 1.0, None),  # e2e: against the model at its own precision (fp32)
+    ]
+    assert report.ceiling(batch_size=256, image_size=224) == 2000.0
+    assert report.ceiling(batch_size=128, image_size=224) is None
+
+
 # --- the corpus ---------------------------------------------------------------------------------------------
 def test_describe_corpus_reads_indexes_and_jpeg_headers(tiny_shards, tiny_imagenet):
     corpus = profiler.describe_corpus(tiny_shards, "train")
