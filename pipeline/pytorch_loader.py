@@ -347,7 +347,7 @@ class PytorchLoader(Loader):
 
     def _epoch(self, epoch: int, torch: Any) -> Iterator:
         while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
-            images, labels, keys = next(self._batches)
+            images, labels, keys = self._next_batch()
             # uint8 NHWC over the wire; normalise on the device into a float16 channels_last view.
             images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
             images = images.float().sub_(self._mean).mul_(self._inv_std).half()
@@ -357,6 +357,24 @@ class PytorchLoader(Loader):
         if self.epoch == epoch:
             self._batches = None  # shuts the workers down
             self._end_epoch()
+
+    def _next_batch(self) -> tuple[Any, Any, list[str]]:
+        failure = None
+        try:
+            return next(self._batches)
+        except Exception as err:  # a worker's error, re-raised here by the DataLoader with its traceback text
+            failure = (type(err), str(err))
+            # torch's re-raised error sits in a reference cycle with its traceback, whose frames hold the
+            # DataLoader iterator; cut it so dropping the iterator shuts the workers down now (left to the
+            # garbage collector, shutdown waits out a 5 s join timeout).
+            err.__traceback__ = None
+        self._batches = None
+        kind, message = failure
+        try:
+            error = kind(message)
+        except Exception:
+            error = RuntimeError(f"{kind.__name__}: {message}")
+        raise error
 
     def state_dict(self) -> dict[str, Any]:
         if self.batch_in_epoch == self.batches_per_epoch:
