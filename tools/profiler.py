@@ -174,9 +174,10 @@ class Report:
         """report.md: corpus, machine, the table, and how to read it."""
         corpus, machine = self.corpus, self.machine
         out = ["# saturate profile", ""]
-        out += ["## Corpus", ""] + [f"- {k}: {_fmt(v)}" for k, v in corpus.items()] + [""]
-        out += ["## Machine", ""] + [f"- {k}: {_fmt(v)}" for k, v in machine.items()] + [""]
-        out += ["## Settings", ""] + [f"- {k}: {_fmt(v)}" for k, v in self.settings.items()] + [""]
+        for title, section in (("Corpus", corpus), ("Machine", machine), ("Settings", self.settings)):
+            out += [f"## {title}", ""]
+            out += [f"- {k}: {_fmt(v, '{:.4g}' if isinstance(v, float) else '{}')}" for k, v in section.items()]
+            out += [""]
         if self.notes:
             out += ["## Notes", ""] + [f"- {note}" for note in self.notes] + [""]
         out += ["## Results", "", self.table_markdown()]
