@@ -39,8 +39,10 @@ class ThroughputMeter:
         self.steps_since_reset = 0
 
     def add(self, window: Window) -> None:
+        """Count `window` only if it started after the warm-up (a fresh process starts in warm-up)."""
+        started_at = self.steps_since_reset
         self.steps_since_reset += window.steps
-        if self.steps_since_reset > self.warmup_steps:
+        if started_at >= self.warmup_steps:
             c = self.counted
             self.counted = Window(c.steps + window.steps, c.images + window.images,
                                   c.wall_s + window.wall_s, c.data_wait_s + window.data_wait_s)

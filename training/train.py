@@ -250,8 +250,6 @@ class _Run:
             self.train_loader = self.build_loader("train", image_size=size, seed=self.train_loader_seed)
             self.meter.reset_warmup()  # cudnn.benchmark re-tunes, torch.compile may recompile
             self.say(f"epoch {epoch}: training crop {size} px")
-        if epoch == 0 or step_in_epoch or self.step == 0:
-            self.meter.reset_warmup()
         bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", unit="step",
                    disable=not (self.is_main and cfg.progress), leave=False, dynamic_ncols=True)
         batches = iter(self.train_loader)

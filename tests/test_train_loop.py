@@ -1,0 +1,158 @@
+"""The training loop end to end on tiny_shards through the dali-cpu loader: exact resume, rank-correct
+evaluation with 2 gloo processes, evaluate-only, and the run directory's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint
+from training.config import build_config
+from training.train import train
+
+TINY_TRAIN, TINY_VAL = 60, 25  # samples in tiny_shards (tests/conftest.py)
+
+
+def tiny_config(shards: Path, run_dir: Path, **overrides):
+    return build_config(overrides={**dict(
+        data=str(shards), backend="dali-cpu", arch="resnet18", image_size=32, crop_area=(0.35, 1.0),
+        precision="fp32", batch_size=8, base_lr=0.8, warmup_epochs=1, epochs=3, num_threads=1,
+        log_every=3, throughput_warmup_steps=2, run_dir=str(run_dir), progress=False,
+        checkpoint_minutes=0, keep_last=10, deterministic=True,
+    ), **overrides})
+
+
+def final_checkpoint(run_dir: Path) -> dict:
+    return checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(tiny_shards, tmp_path):
+    steps_per_epoch = TINY_TRAIN // 8  # 7
+    whole = train(tiny_config(tiny_shards, tmp_path / "whole", max_steps=10))
+    assert whole["steps"] == 10
+
+    first = train(tiny_config(tiny_shards, tmp_path / "split", max_steps=4))  # stops mid-epoch 0
+    assert first["steps"] == 4
+    stopped = final_checkpoint(tmp_path / "split")
+    assert (stopped["step"], stopped["epoch"], stopped["step_in_epoch"]) == (4, 0, 4)
+    assert stopped["loader_states"][0]["batch_in_epoch"] == 4
+    second = train(tiny_config(tiny_shards, tmp_path / "split", max_steps=10, resume="auto"))
+    assert second["steps"] == 10
+
+    a, b = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "split")
+    assert (a["step"], a["epoch"], a["step_in_epoch"]) == (b["step"], b["epoch"], b["step_in_epoch"]) == (
+        10, 1, 10 - steps_per_epoch)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 10
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for key in ("epoch", "batch_in_epoch"):
+        assert a["loader_states"][0][key] == b["loader_states"][0][key]
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name  # same samples, same order, same weights
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert whole["final_eval"]["correct1"] == second["final_eval"]["correct1"]
+
+    # the run directory a user reads: metrics of both sessions, summary, curves, config
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [3, 4, 6, 7, 9, 10]  # every 3 steps, at the epoch end (7) and at each stop
+    for r in records:
+        if r["kind"] == "train":
+            assert r["images_per_sec"] == pytest.approx(r["images_per_sec_per_gpu"])  # one process
+            assert 0 <= r["data_wait_share"] <= 1 and r["step_time_ms"] > 0 and r["image_size"] == 32
+        else:
+            assert r["total"] == TINY_VAL
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["config"]["max_steps"] == 10
+    assert summary["images_per_sec_per_gpu"] > 0 and 0 <= summary["data_wait_share"] <= 1
+    assert (tmp_path / "split" / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["resume"] == "auto"
+    assert b["config"]["resume"] == "auto" and stopped["config"]["max_steps"] == 4
+
+
+def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "training.train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _flags(config) -> list[str]:
+    flags = []
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            flags += [f"--{key.replace('_', '-')}", *map(str, value)]
+        else:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def test_two_gloo_processes_train_and_count_like_one(tiny_shards, tmp_path):
+    """2 processes (torchrun, gloo, each reading its own share of the shards) train 3 steps of global batch
+    8; their val counts, summed over ranks, equal one process's on the same checkpoint."""
+    config = tiny_config(tiny_shards, tmp_path / "ddp", batch_size=4, max_steps=3, deterministic=False)
+    done = _torchrun(_flags(config), nproc=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert (summary["world_size"], summary["global_batch"], summary["steps"]) == (2, 8, 3)
+    assert summary["peak_lr"] == pytest.approx(0.8 * 8 / 256)
+    ddp_eval = summary["final_eval"]
+    assert ddp_eval["total"] == TINY_VAL
+    ckpt = final_checkpoint(tmp_path / "ddp")
+    assert ckpt["world_size"] == 2 and len(ckpt["loader_states"]) == 2
+    assert [s["rank"] for s in ckpt["loader_states"]] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "checkpoints", "config.json", "curves.png", "metrics.jsonl", "summary.json"]
+
+    path = checkpoint.list_checkpoints(tmp_path / "ddp")[-1]
+    single = train(tiny_config(tiny_shards, tmp_path / "eval1", evaluate_only=True, resume=str(path)))
+    for key in ("correct1", "correct5", "total"):
+        assert single[key] == ddp_eval[key], (single, ddp_eval)
+    assert json.loads((tmp_path / "eval1" / "eval.json").read_text())["correct1"] == ddp_eval["correct1"]
+
+
+def test_evaluate_only_from_a_torchvision_state_dict(tiny_shards, tmp_path):
+    from training.model import build_model
+
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet18-1000.pth"
+    torch.save(build_model("resnet18", num_classes=1000, channels_last=False).state_dict(), weights)
+    result = train(tiny_config(tiny_shards, tmp_path / "run", evaluate_only=True, pretrained=str(weights)))
+    assert result["total"] == TINY_VAL and 0 <= result["correct1"] <= result["correct5"] <= TINY_VAL
+    assert result["pretrained"] == str(weights)
+
+
+def test_cli_synthetic_run_with_progressive_resizing(tmp_path, capsys):
+    """`saturate train --backend synthetic` end to end: --epochs and --max-steps, the loader rebuilt at the
+    epoch where the crop grows (32 -> 64 px), evaluation at each epoch end and at the stop."""
+    from tools.train_cmd import main
+
+    run = tmp_path / "run"
+    argv = ["--backend", "synthetic", "--arch", "resnet18", "--precision", "fp32", "--batch-size", "4",
+            "--synthetic-samples", "16", "--synthetic-val-samples", "10", "--num-classes", "10",
+            "--min-res", "32", "--image-size", "64", "--start-ramp", "0", "--end-ramp", "1",
+            "--epochs", "3", "--max-steps", "6", "--log-every", "2", "--no-progress", "--run-dir", str(run)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1: training crop 64 px" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [(r["step"], r["image_size"]) for r in records if r["kind"] == "train"]
+    assert train_records == [(2, 32), (4, 32), (6, 64)]
+    evals = [(r["epoch"], r["step"], r["total"]) for r in records if r["kind"] == "eval"]
+    assert evals == [(1, 4, 10), (1.5, 6, 10)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["epochs_completed"], summary["global_batch"]) == (6, 1, 4)
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000004.pt", "step-00000006.pt"]
+    assert checkpoint.load(run / "checkpoints" / "step-00000006.pt")["image_size"] == 64
