@@ -18,9 +18,9 @@ import os
 from typing import Any
 
 from pipeline import constants
-from pipeline.base import BACKENDS, Loader, check_arguments
+from pipeline.base import BACKENDS, Loader, ShardReadError, check_arguments
 
-__all__ = ["BACKENDS", "Loader", "build_loader", "constants"]
+__all__ = ["BACKENDS", "Loader", "ShardReadError", "build_loader", "constants"]
 
 
 def build_loader(

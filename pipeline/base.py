@@ -56,6 +56,10 @@ def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manife
     return manifest, pairs
 
 
+class ShardReadError(RuntimeError):
+    """A shard could not be read or one of its samples could not be decoded; the message names them."""
+
+
 #: Seconds a failed read may spend looking for the damaged shard before it gives up and says where to look.
 DIAGNOSE_BUDGET = 30.0  # seconds
 

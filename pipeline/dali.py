@@ -45,6 +45,7 @@ import numpy as np
 from pipeline import constants as C
 from pipeline.base import (
     Loader,
+    ShardReadError,
     batches_per_epoch,
     check_state,
     diagnose_shards,
@@ -66,10 +67,6 @@ DALI_OPTIONS: dict[str, Any] = {
     "prefetch_queue_depth": 2,  # batches
     "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
 }
-
-
-class ShardReadError(RuntimeError):
-    """A shard could not be read or one of its samples could not be decoded; the message names them."""
 
 
 def imagenet_graph(
@@ -215,12 +212,10 @@ class DaliLoader(Loader):
                 f"{self.shards_dir}: the {split} split has {manifest.num_samples} samples, too few for "
                 f"world_size={world_size} x batch_size={batch_size}"
             )
-        self.num_samples = end - start if not train else (manifest.num_samples // world_size)
         self.batches_per_epoch = batches_per_epoch(
             train=train, num_samples=manifest.num_samples, batch_size=batch_size, world_size=world_size, rank=rank
         )
-        if train:
-            self.num_samples = self.batches_per_epoch * batch_size
+        self.num_samples = self.batches_per_epoch * batch_size if train else end - start
         state = check_state(state, self.identity())
         checkpoint = None
         if state is not None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import constants as C
-from pipeline.base import Loader, check_state, local_cuda_device, open_split, rank_range
+from pipeline.base import Loader, ShardReadError, check_state, local_cuda_device, open_split, rank_range
 from shards.schema import IMAGE_EXT, LABEL_EXT, ShardFormatError, decode_label
 
 #: Backend options the `pytorch` backend accepts, with their defaults.
@@ -47,10 +47,6 @@ PYTORCH_OPTIONS: dict[str, Any] = {
     "prefetch_factor": 2,  # batches in flight per worker
     "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
 }
-
-
-class ShardReadError(RuntimeError):
-    """A sample could not be read or decoded; the message names the tar and the sample key."""
 
 
 # --- the epoch plan: which samples each worker reads, in which order ------------------------------------
@@ -108,6 +104,12 @@ def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> 
                 f"{url}: ended after {position.get(url, 0)} samples, the manifest promises at least "
                 f"{first + count}; the shard is truncated or was replaced, re-convert it"
             )
+
+
+def unreadable_tar(exn: Exception) -> bool:
+    """webdataset error handler: fail (never skip) with the tar's path, which webdataset appends to the args."""
+    url = exn.args[-1] if exn.args else "<unknown tar>"
+    raise ShardReadError(f"{url}: not a readable tar ({exn.args[0] if exn.args else exn}); re-convert it") from exn
 
 
 def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
@@ -206,7 +208,7 @@ def _dataset_class():
             prefix = f"{p['seed']}:{p['epoch']}:{p['rank']}:{worker}"
             stages: list[Any] = [
                 wds.SimpleShardList([p["tars"][shard] for shard, _, _ in units]),
-                wds.tarfile_to_samples(),
+                wds.tarfile_to_samples(handler=unreadable_tar),
                 lambda samples: keep_ranges(samples, ranges),
             ]
             if p["train"]:
@@ -370,6 +372,9 @@ class PytorchLoader(Loader):
             err.__traceback__ = None
         self._batches = None
         kind, message = failure
+        marker = f"{kind.__name__}: "  # torch prefixes the worker's traceback; the message is its last line
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
         try:
             error = kind(message)
         except Exception:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import BACKENDS, build_loader, constants
+from pipeline import BACKENDS, ShardReadError, build_loader, constants
 from shards.schema import IMAGE_EXT, LABEL_EXT, META_EXT, decode_label, load_manifest, parse_index
 
 SIZE = 48  # pixels: small enough to be fast, below every tiny image's shorter side (64..120)
@@ -291,11 +291,8 @@ def _overwrite_image(shards: Path, shard: str, sample: int) -> str:
 
 @pytest.mark.parametrize("backend", READERS)
 def test_undecodable_jpeg_fails_naming_shard_and_sample(damaged_copy, backend):
-    from pipeline.dali import ShardReadError as DaliShardReadError
-    from pipeline.pytorch_loader import ShardReadError as TorchShardReadError
-
     key = _overwrite_image(damaged_copy, "val-000001.tar", 2)
-    with pytest.raises((DaliShardReadError, TorchShardReadError), match=rf"val-000001\.tar.*{key}"):
+    with pytest.raises(ShardReadError, match=rf"val-000001\.tar.*{key}"):
         for _ in loader(damaged_copy, "val", backend):
             pass
 
@@ -304,7 +301,7 @@ def test_undecodable_jpeg_fails_naming_shard_and_sample(damaged_copy, backend):
 def test_truncated_tar_fails_naming_the_shard(damaged_copy, backend):
     tar = damaged_copy / "val-000002.tar"
     tar.write_bytes(tar.read_bytes()[:3000])
-    with pytest.raises(Exception, match=r"val-000002\.(tar|idx)"):
+    with pytest.raises(ShardReadError, match=r"val-000002\.tar"):
         for _ in loader(damaged_copy, "val", backend):
             pass
 
