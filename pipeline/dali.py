@@ -268,6 +268,8 @@ class DaliLoader(Loader):
         except ShardReadError:
             raise
         except RuntimeError as err:
+            if "fn.readers" not in str(err) and "fn.decoders" not in str(err):
+                raise  # not about the data (CUDA out of memory, a bad argument): DALI's message is the clearest
             diagnosis = diagnose_shards(self.shards_dir, self.manifest)
             raise ShardReadError(
                 f"{self.backend}: {doing} the {self.split} shards in {self.shards_dir} "
