@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import constants as C
 from pipeline.base import Loader, ShardReadError, check_state, local_cuda_device, open_split, rank_range
@@ -43,7 +45,7 @@ from shards.schema import IMAGE_EXT, LABEL_EXT, ShardFormatError, decode_label
 
 #: Backend options the `pytorch` backend accepts, with their defaults.
 PYTORCH_OPTIONS: dict[str, Any] = {
-    "shuffle_buffer": C.SHUFFLE_BUFFER,  # samples per worker
+    "shuffle_buffer": C.SHUFFLE_BUFFER,  # samples per rank, shared out among its workers
     "prefetch_factor": 2,  # batches in flight per worker
     "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
 }
@@ -179,52 +181,46 @@ class Augment:
         return np.asarray(image, dtype=np.uint8), label, sample["__key__"]
 
 
-def collate(samples: list[tuple[np.ndarray, int, str]]) -> tuple[Any, Any, list[str]]:
-    import torch
-
+def collate(samples: list[tuple[np.ndarray, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3) uint8
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     return images, labels, [s[2] for s in samples]
 
 
-def _dataset_class():
-    from torch.utils.data import IterableDataset, get_worker_info
+class RankShare(IterableDataset):
+    """This rank's samples for one epoch; each DataLoader worker reads its own slice (see module doc)."""
 
-    class RankShare(IterableDataset):
-        """This rank's samples for one epoch; each DataLoader worker reads its own slice (see module doc)."""
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
 
-        def __init__(self, plan: dict[str, Any]) -> None:
-            self.plan = plan
+    def __iter__(self) -> Iterator:
+        import webdataset as wds
 
-        def __iter__(self) -> Iterator:
-            import webdataset as wds
-
-            p = self.plan
-            info = get_worker_info()
-            physical = info.id if info is not None else 0
-            worker = (physical + p["rotation"]) % p["num_workers"]  # rotated so the right worker goes first
-            units = p["units"][worker]
-            ranges = {p["tars"][shard]: (first, count) for shard, first, count in units}
-            prefix = f"{p['seed']}:{p['epoch']}:{p['rank']}:{worker}"
-            stages: list[Any] = [
-                wds.SimpleShardList([p["tars"][shard] for shard, _, _ in units]),
-                wds.tarfile_to_samples(handler=unreadable_tar),
-                lambda samples: keep_ranges(samples, ranges),
-            ]
-            if p["train"]:
-                buffer = p["shuffle_buffer"]
-                stages.append(wds.shuffle(buffer, initial=buffer, rng=random.Random(f"shuffle:{prefix}")))
-            augment = Augment(
-                train=p["train"], image_size=p["image_size"], crop_area=p["crop_area"], seed_prefix=f"aug:{prefix}"
-            )
-            stages += [
-                lambda samples: skip(samples, p["skip"][worker] * p["batch_size"]),
-                lambda samples: map(augment, samples),
-                wds.batched(p["batch_size"], collation_fn=collate, partial=not p["train"]),
-            ]
-            return iter(wds.DataPipeline(*stages))
-
-    return RankShare
+        p = self.plan
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + p["rotation"]) % p["num_workers"]  # rotated so the right worker goes first
+        units = p["units"][worker]
+        ranges = {p["tars"][shard]: (first, count) for shard, first, count in units}
+        prefix = f"{p['seed']}:{p['epoch']}:{p['rank']}:{worker}"
+        stages: list[Any] = [
+            wds.SimpleShardList([p["tars"][shard] for shard, _, _ in units]),
+            wds.tarfile_to_samples(handler=unreadable_tar),
+            lambda samples: keep_ranges(samples, ranges),
+        ]
+        if p["train"]:
+            # the rank's buffer is split across its workers: host memory matches DALI's reader buffer
+            buffer = max(1, p["shuffle_buffer"] // p["num_workers"])
+            stages.append(wds.shuffle(buffer, initial=buffer, rng=random.Random(f"shuffle:{prefix}")))
+        augment = Augment(
+            train=p["train"], image_size=p["image_size"], crop_area=p["crop_area"], seed_prefix=f"aug:{prefix}"
+        )
+        stages += [
+            lambda samples: skip(samples, p["skip"][worker] * p["batch_size"]),
+            lambda samples: map(augment, samples),
+            wds.batched(p["batch_size"], collation_fn=collate, partial=not p["train"]),
+        ]
+        return iter(wds.DataPipeline(*stages))
 
 
 class PytorchLoader(Loader):
@@ -252,7 +248,6 @@ class PytorchLoader(Loader):
         if unknown:
             raise TypeError(f"backend 'pytorch' has no option(s) {sorted(unknown)}; known: {sorted(PYTORCH_OPTIONS)}")
         import PIL.Image  # noqa: F401  imported here so forked workers inherit them instead of
-        import torch
         import torchvision.transforms.functional  # noqa: F401  importing them again every epoch (seconds)
         import webdataset  # noqa: F401
 
@@ -330,10 +325,7 @@ class PytorchLoader(Loader):
         if self._batches is not None:  # the previous pass was abandoned mid-epoch: that epoch is over
             self._batches = None
             self._end_epoch()
-        import torch
-        from torch.utils.data import DataLoader
-
-        dataset = _dataset_class()(self._plan())
+        dataset = RankShare(self._plan())
         pin = self.device.type == "cuda"
         self._batches = iter(
             DataLoader(
@@ -345,9 +337,9 @@ class PytorchLoader(Loader):
             )
         )
         self.resumed_at = self.batch_in_epoch
-        return self._epoch(self.epoch, torch)
+        return self._epoch(self.epoch)
 
-    def _epoch(self, epoch: int, torch: Any) -> Iterator:
+    def _epoch(self, epoch: int) -> Iterator:
         while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
             images, labels, keys = self._next_batch()
             # uint8 NHWC over the wire; normalise on the device into a float16 channels_last view.
@@ -364,6 +356,9 @@ class PytorchLoader(Loader):
         failure = None
         try:
             return next(self._batches)
+        except StopIteration:
+            failure = (ShardReadError, f"the DataLoader ended the {self.split} epoch after {self.batch_in_epoch} "
+                       f"batches, expected {self.batches_per_epoch} (rank {self.rank} of {self.world_size})")
         except Exception as err:  # a worker's error, re-raised here by the DataLoader with its traceback text
             failure = (type(err), str(err))
             # torch's re-raised error sits in a reference cycle with its traceback, whose frames hold the
