@@ -19,8 +19,9 @@ import json
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import Manager
@@ -239,19 +240,13 @@ def write_shard(
     result = ShardResult(shard.index, digest, None)
     pending = 0
     try:
-        for source in shard.sources:
-            data = (src / source.rel).read_bytes()
-            try:
-                jpeg, reason = prepare_image(
-                    data, max_size=options.max_size, quality=options.quality,
-                    full_decode=options.check == "decode",
-                )
-            except RejectedImage as err:
+        for source, prepared in _prefetch(shard.sources, src=src, options=options):
+            if isinstance(prepared, RejectedImage):
                 if strict:
-                    raise ValueError(f"{src / source.rel}: {err} (--strict)") from None
-                result.rejected.append({"path": source.rel, "reason": str(err)})
-                jpeg = None
-            if jpeg is not None:
+                    raise ValueError(f"{src / source.rel}: {prepared} (--strict)") from None
+                result.rejected.append({"path": source.rel, "reason": str(prepared)})
+            else:
+                jpeg, reason = prepared
                 label = label_of[source.wnid]
                 meta = {"path": source.rel, "wnid": source.wnid, "label": label, "converted": reason}
                 writer.add_sample(source.key, [
@@ -279,6 +274,31 @@ def write_shard(
         progress_queue.put((pending, result.record["bytes"] if result.record else 0))
     _atomic_write(_part_path(out, split, shard.index), json.dumps(asdict(result), sort_keys=True))
     return result
+
+
+def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> tuple[bytes, str | None] | RejectedImage:
+    """The packed bytes and conversion reason for one source, or the rejection (returned, not raised, so the
+    writer decides what a rejection means: a manifest entry, or the end of a --strict run)."""
+    try:
+        return prepare_image((src / source.rel).read_bytes(), max_size=options.max_size, quality=options.quality,
+                             full_decode=options.check == "decode")
+    except RejectedImage as err:
+        return err
+
+
+def _prefetch(sources: Sequence[SourceFile], *, src: Path, options: WriteOptions, depth: int = 16):
+    """(source, prepared or RejectedImage) in order, reading and checking up to `depth` files ahead in two
+    threads while the caller writes and hashes: file reads, sha256 and writes all release the GIL."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        window: deque = deque()
+        for source in sources:
+            window.append((source, pool.submit(_read_and_prepare, source, src, options)))
+            if len(window) > depth:
+                head, future = window.popleft()
+                yield head, future.result()
+        while window:
+            head, future = window.popleft()
+            yield head, future.result()
 
 
 def _part_path(out: Path, split: str, index: int) -> Path:

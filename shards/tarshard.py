@@ -72,15 +72,22 @@ class ShardWriter:
         self._offset += len(chunk)
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """Write one sample's members (ext, payload) in order, recording each data offset for the index."""
-        indexed = []
+        """Write one sample's members (ext, payload) in order, recording each data offset for the index.
+
+        The sample is joined into one buffer first: one write and one hash update per sample instead of nine
+        (the per-call overhead was a measurable share of packing time).
+        """
+        chunks, indexed, offset = [], [], self._offset
         for ext, payload in members:
             name = member_name(key, ext)
-            self._write(ustar_header(name, len(payload)))
-            indexed.append(IndexedMember(ext, self._offset, len(payload), name))
-            self._write(payload)
-            if len(payload) % TAR_BLOCK:
-                self._write(b"\0" * (TAR_BLOCK - len(payload) % TAR_BLOCK))
+            chunks.append(ustar_header(name, len(payload)))
+            indexed.append(IndexedMember(ext, offset + TAR_BLOCK, len(payload), name))
+            chunks.append(payload)
+            padding = -len(payload) % TAR_BLOCK
+            if padding:
+                chunks.append(b"\0" * padding)
+            offset += TAR_BLOCK + len(payload) + padding
+        self._write(b"".join(chunks))
         self.samples.append(indexed)
 
     def commit(self) -> tuple[int, str]:
