@@ -4,6 +4,7 @@ schedule, optimizer groups, model building and fine-tuning, the train step, atom
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,15 @@ def test_file_then_cli_layering_and_round_trip(tmp_path):
     t = build_config(file=toml_file)
     assert (t.global_batch_size, t.lr_milestones, t.peak_lr(world_size=4)) == (1024, (10, 20), 0.256 * 4)
     assert from_dict(c.to_dict()) == c  # what checkpoints and config.json hold rebuilds the same config
+
+
+def test_bundled_configs_load():
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    dle = build_config(file=configs / "rn50_dle_90ep.yaml", overrides=SYNTH)
+    assert dle == build_config(overrides=SYNTH)  # the file spells out the defaults
+    ffcv = build_config(file=configs / "rn50_ffcv_style.yaml", overrides=SYNTH)
+    assert [ffcv.image_size_at(e) for e in (0, 65, 70, 76, 87)] == [160, 160, 160, 192, 192]
+    assert ffcv.eval_image_size == 256
 
 
 def test_progressive_resizing_follows_ffcv_ramp():
@@ -157,18 +167,22 @@ def test_pretrained_fine_tuning_replaces_the_head(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_step_fits_one_batch(precision):
     torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=4)
-    optimizer = build_optimizer(model, lr=0.05)
-    scheduler = build_scheduler(optimizer, steps_per_epoch=1, epochs=10, warmup_epochs=0)
+    model = torch.nn.Sequential(  # small enough to take milliseconds per step on a CPU
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4),
+    ).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, lr=0.2)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=1, epochs=40, warmup_epochs=0)
     step = TrainStep(model, optimizer, precision=precision, label_smoothing=0.0, scheduler=scheduler)
     assert not step.scaler.is_enabled()  # the scaler is for fp16 only
-    images = torch.randn(8, 3, 32, 32).half().contiguous(memory_format=torch.channels_last)
     labels = torch.arange(8) % 4
-    losses = [float(step(images, labels)) for _ in range(8)]
-    assert losses[-1] < losses[0] / 2
-    assert scheduler.last_epoch == 8
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * lr_factor(8, steps_per_epoch=1, epochs=10,
-                                                                               warmup_epochs=0))
+    images = torch.randn(8, 3, 16, 16) * 0.1 + labels[:, None, None, None] - 1.5  # brightness = class
+    images = images.half().contiguous(memory_format=torch.channels_last)  # what the loader hands over
+    losses = [float(step(images, labels)) for _ in range(20)]
+    assert losses[-1] < losses[0] / 2, losses
+    assert scheduler.last_epoch == 20  # stepped once per optimizer step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * lr_factor(20, steps_per_epoch=1, epochs=40,
+                                                                              warmup_epochs=0))
 
 
 @pytest.mark.gpu

@@ -156,3 +156,17 @@ def test_cli_synthetic_run_with_progressive_resizing(tmp_path, capsys):
     assert (summary["steps"], summary["epochs_completed"], summary["global_batch"]) == (6, 1, 4)
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000004.pt", "step-00000006.pt"]
     assert checkpoint.load(run / "checkpoints" / "step-00000006.pt")["image_size"] == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("backend", "compile_model"), [("dali-gpu", False), ("synthetic", True)])
+def test_gpu_bf16_training(tiny_shards, tmp_path, backend, compile_model):
+    """On a GPU: DALI GPU batches (or synthetic device tensors) into the bf16 channels_last step, NCCL-free
+    single process, optional torch.compile; the loop, evaluation and checkpoint run on the device."""
+    config = tiny_config(tiny_shards, tmp_path / "run", backend=backend, precision="bf16", deterministic=False,
+                         compile=compile_model, max_steps=4, num_classes=5 if backend == "synthetic" else None,
+                         synthetic_samples=32, synthetic_val_samples=25)
+    summary = train(config)
+    assert summary["steps"] == 4 and summary["final_eval"]["total"] == TINY_VAL
+    ckpt = final_checkpoint(tmp_path / "run")
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())  # loaded with map_location="cpu"

@@ -8,6 +8,7 @@ The step itself is training/step.py; everything here runs around it on log steps
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -29,11 +30,23 @@ from training.step import TrainStep
 def train(config: TrainConfig) -> dict:
     """Train (or, with `evaluate_only`, evaluate) as `config` says; returns the summary (same on every rank)."""
     info = dist.init()
+    torch_threads = torch.get_num_threads()
     try:
         validate_environment(config, world_size=info.world_size, cuda=info.device.type == "cuda")
+        if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(cpu_model_threads(config.num_threads, info))
         return _Run(config, info).execute()
     finally:
+        torch.set_num_threads(torch_threads)
         dist.shutdown()
+
+
+def cpu_model_threads(loader_threads: int, info: dist.DistInfo) -> int:
+    """Intra-op threads for the model when training on the CPU: this process's share of the cores minus the
+    loader's threads. Oversubscribed OpenMP threads spin against the loader's and can make a step 5-10x slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, cores // local_processes - loader_threads)
 
 
 class _Run:
@@ -227,11 +240,9 @@ class _Run:
         self.last_checkpoint_time = time.monotonic()
         try:
             while self.step < max_steps and epoch < cfg.epochs:
-                finished = self.train_epoch(epoch, step_in_epoch, max_steps)
+                finished, step_in_epoch = self.train_epoch(epoch, step_in_epoch, max_steps)
                 if finished:
                     epoch, step_in_epoch = epoch + 1, 0
-                else:
-                    step_in_epoch = self.step - epoch * self.steps_per_epoch
                 last = self.step >= max_steps or epoch >= cfg.epochs
                 if last or (finished and epoch % cfg.eval_every == 0):
                     self.run_eval(epoch if finished else epoch + step_in_epoch / self.steps_per_epoch)
@@ -240,8 +251,8 @@ class _Run:
             self.train_loader.close()
         return self.finish(time.perf_counter() - start_time, epoch)
 
-    def train_epoch(self, epoch: int, step_in_epoch: int, max_steps: int) -> bool:
-        """Steps of one epoch from `step_in_epoch`; True when the epoch ran to its end."""
+    def train_epoch(self, epoch: int, step_in_epoch: int, max_steps: int) -> tuple[bool, int]:
+        """Steps of one epoch from `step_in_epoch`; (ran to the epoch's end, steps done in the epoch)."""
         cfg = self.cfg
         size = cfg.image_size_at(epoch)
         if size != self.train_image_size:  # progressive resizing: a new loader at the new crop size
@@ -264,8 +275,11 @@ class _Run:
             t = time.perf_counter()
             batch = next(batches, None)
             data_wait += time.perf_counter() - t
-            if batch is None:
-                break  # the loader's epoch ended early (should not happen with drop_last)
+            if batch is None:  # the loader ended its epoch early (not expected: train drops only the tail)
+                self.say(f"warning: the train loader ended epoch {epoch} after {step_in_epoch} of "
+                         f"{self.steps_per_epoch} batches")
+                step_in_epoch = self.steps_per_epoch
+                break
             images = batch[0].to(self.device, non_blocking=True)  # no-op when the loader is on-device
             labels = batch[1].to(self.device, non_blocking=True)
             loss_sum += self.train_step(images, labels)  # stays on the device: no sync
@@ -284,7 +298,7 @@ class _Run:
         finished = step_in_epoch >= self.steps_per_epoch
         if finished:
             next(batches, None)  # let the loader see the end of its epoch so its state points at the next
-        return finished
+        return finished, step_in_epoch
 
     def log_window(self, epoch: int, steps: int, loss_sum: torch.Tensor, data_wait: float, wall: float,
                    bar: tqdm) -> bool:
