@@ -170,3 +170,20 @@ def test_gpu_bf16_training(tiny_shards, tmp_path, backend, compile_model):
     assert summary["steps"] == 4 and summary["final_eval"]["total"] == TINY_VAL
     ckpt = final_checkpoint(tmp_path / "run")
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())  # loaded with map_location="cpu"
+
+
+def test_time_based_checkpoints_mid_epoch(tmp_path):
+    """--checkpoint-minutes: rank 0's clock decides at log steps; the checkpoint lands mid-epoch with the
+    loader position, and `saturate train` dispatches to the same code."""
+    from tools.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--backend", "synthetic", "--arch", "resnet18", "--precision", "fp32", "--batch-size", "2",
+            "--image-size", "32", "--synthetic-samples", "8", "--synthetic-val-samples", "4", "--num-classes",
+            "3", "--epochs", "1", "--max-steps", "3", "--log-every", "1", "--checkpoint-minutes", "1e-9",
+            "--keep-last", "5", "--no-progress", "--run-dir", str(run)]
+    assert main(argv) == 0
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == [
+        "step-00000001.pt", "step-00000002.pt", "step-00000003.pt"]
+    mid = checkpoint.load(run / "checkpoints" / "step-00000002.pt")
+    assert (mid["epoch"], mid["step_in_epoch"], mid["loader_states"][0]["batch_in_epoch"]) == (0, 2, 2)
