@@ -101,6 +101,8 @@ def test_environment_checks_name_their_flag(tmp_path, overrides, world_size, cud
         (["--backend", "synthetic", "--arch", "resnet5000"], "train: error: --arch: 'resnet5000' is not"),
         (["--backend", "dali-cpu", "--data", "/no/such/shards"], "train: error: --data: directory does not"),
         (["--backend", "nope"], "train: error: --backend: must be one of"),
+        (["--backend", "synthetic", "--evaluate-only", "--resume", "auto"],
+         "train: error: --evaluate-only: --resume auto found no checkpoint"),
     ]
     + ([] if torch.cuda.is_available() else [
         (["--backend", "synthetic", "--precision", "fp16"], "train: error: --precision: fp16 needs a CUDA GPU"),

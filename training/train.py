@@ -109,6 +109,9 @@ class _Run:
         path = checkpoint.resolve(self.cfg.resume, self.run_dir)
         if path is None:
             if self.cfg.resume == "auto":
+                if self.cfg.evaluate_only and self.cfg.pretrained is None:
+                    raise ConfigError(f"--evaluate-only: --resume auto found no checkpoint in "
+                                      f"{self.run_dir / checkpoint.CHECKPOINT_DIR}")
                 self.say(f"--resume auto: no checkpoint in {self.run_dir / checkpoint.CHECKPOINT_DIR}, starting")
             return None
         ckpt = checkpoint.load(path)
@@ -141,11 +144,11 @@ class _Run:
     def execute(self) -> dict:
         cfg = self.cfg
         self.seed_and_backends()
+        ckpt = self.load_checkpoint()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
             self.say(f"config ({self.info.world_size} process(es), {self.device.type}):\n{cfg.to_json()}")
-        ckpt = self.load_checkpoint()
         self.val_loader = self.build_loader("val", image_size=cfg.eval_image_size, seed=cfg.seed)
         try:
             if cfg.evaluate_only:
