@@ -59,7 +59,6 @@ class _Run:
         self.run_dir = Path(config.run_dir)
         self.is_main = info.is_main
         self.batch = config.per_process_batch(info.world_size)  # images per process per step
-        self.log = MetricsLog(self.run_dir, enabled=self.is_main)
         self.meter = ThroughputMeter(world_size=info.world_size, warmup_steps=config.throughput_warmup_steps)
         self.best = {"top1": -1.0, "top5": -1.0}
         self.last_eval: dict | None = None
@@ -145,8 +144,8 @@ class _Run:
         cfg = self.cfg
         self.seed_and_backends()
         ckpt = self.load_checkpoint()
+        self.log = MetricsLog(self.run_dir, enabled=self.is_main)  # creates RUN_DIR on rank 0
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
             self.say(f"config ({self.info.world_size} process(es), {self.device.type}):\n{cfg.to_json()}")
         self.val_loader = self.build_loader("val", image_size=cfg.eval_image_size, seed=cfg.seed)
