@@ -30,7 +30,9 @@ from training.step import TrainStep
 def train(config: TrainConfig) -> dict:
     """Train (or, with `evaluate_only`, evaluate) as `config` says; returns the summary (same on every rank)."""
     info = dist.init()
-    torch_threads = torch.get_num_threads()
+    # process-wide torch settings this run changes, restored so that a caller (a test, a notebook) gets back
+    # what it had
+    torch_threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         validate_environment(config, world_size=info.world_size, cuda=info.device.type == "cuda")
         if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -38,6 +40,7 @@ def train(config: TrainConfig) -> dict:
         return _Run(config, info).execute()
     finally:
         torch.set_num_threads(torch_threads)
+        torch.use_deterministic_algorithms(deterministic)
         dist.shutdown()
 
 
