@@ -410,11 +410,14 @@ class _Run:
             write_json(summary, self.run_dir / "summary.json")
             if self.log.path.is_file():  # the whole run's records, earlier sessions of a resumed run too
                 plot_curves(read_metrics(self.log.path), self.run_dir / "curves.png")
-            self.say(
-                f"done: {self.step} steps in {wall_time:.0f} s; final top-1 {summary['final_top1']}, "
-                f"best top-1 {summary['best_top1']}; {summary['images_per_sec_per_gpu'] or 0:.0f} img/s/gpu "
-                f"(warm-up excluded); summary in {self.run_dir / 'summary.json'}"
-            )
+            per_gpu = summary["images_per_sec_per_gpu"]
+            throughput = (f"{per_gpu:.0f} img/s/gpu, data wait {100 * summary['data_wait_share']:.1f}% "
+                          f"(warm-up excluded)" if per_gpu is not None else
+                          "no throughput average: every log window fell in --throughput-warmup-steps")
+            final = f"{summary['final_top1']:.2f}%" if summary["final_top1"] is not None else "n/a"
+            best = f"{summary['best_top1']:.2f}%" if summary["best_top1"] is not None else "n/a"
+            self.say(f"done: {self.step} steps in {wall_time:.0f} s; val top-1 final {final}, best {best}; "
+                     f"{throughput}; summary in {self.run_dir / 'summary.json'}")
         return summary
 
 
