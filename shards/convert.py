@@ -19,9 +19,8 @@ import json
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import Manager
@@ -240,7 +239,8 @@ def write_shard(
     result = ShardResult(shard.index, digest, None)
     pending = 0
     try:
-        for source, prepared in _prefetch(shard.sources, src=src, options=options):
+        for source in shard.sources:
+            prepared = _read_and_prepare(source, src, options)
             if isinstance(prepared, RejectedImage):
                 if strict:
                     raise ValueError(f"{src / source.rel}: {prepared} (--strict)") from None
@@ -280,25 +280,15 @@ def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> t
     """The packed bytes and conversion reason for one source, or the rejection (returned, not raised, so the
     writer decides what a rejection means: a manifest entry, or the end of a --strict run)."""
     try:
-        return prepare_image((src / source.rel).read_bytes(), max_size=options.max_size, quality=options.quality,
+        fd = os.open(os.path.join(src, source.rel), os.O_RDONLY)
+        try:  # one exact-size read: no BufferedReader copy, and malloc reuses the freed buffers of earlier files
+            data = os.read(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        return prepare_image(data, max_size=options.max_size, quality=options.quality,
                              full_decode=options.check == "decode")
     except RejectedImage as err:
         return err
-
-
-def _prefetch(sources: Sequence[SourceFile], *, src: Path, options: WriteOptions, depth: int = 16):
-    """(source, prepared or RejectedImage) in order, reading and checking up to `depth` files ahead in two
-    threads while the caller writes and hashes: file reads, sha256 and writes all release the GIL."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        window: deque = deque()
-        for source in sources:
-            window.append((source, pool.submit(_read_and_prepare, source, src, options)))
-            if len(window) > depth:
-                head, future = window.popleft()
-                yield head, future.result()
-        while window:
-            head, future = window.popleft()
-            yield head, future.result()
 
 
 def _part_path(out: Path, split: str, index: int) -> Path:

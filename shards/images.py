@@ -36,6 +36,57 @@ def _ends_with_eoi(data: bytes) -> bool:
     return _EOI in data[-_EOI_TAIL:]
 
 
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame; not DHT, JPG, DAC
+
+
+def plain_rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) if `data` is an 8-bit, 3-component JPEG without an EXIF orientation other than 1 that
+    ends with its end-of-image marker; None for anything else (which then takes Pillow's full path).
+
+    A marker walk up to the first frame header: ~5 us instead of Pillow's ~70 us `Image.open`, which was the
+    largest Python cost per image when packing at `tar` speed.
+    """
+    if data[:2] != b"\xff\xd8" or not _ends_with_eoi(data):
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
+        if marker in _SOF_MARKERS:
+            if len(segment) < 6 or segment[0] != 8 or segment[5] != 3:
+                return None
+            return int.from_bytes(segment[3:5], "big"), int.from_bytes(segment[1:3], "big")
+        if marker == 0xE1 and segment[:6] == b"Exif\0\0" and _exif_orientation(segment[6:]) not in (0, 1):
+            return None
+        if marker == 0xDA:  # start of scan before any frame header: malformed, let Pillow decide
+            return None
+        pos += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 when absent, -1 when unreadable."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return -1
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return -1
+    for i in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
+        entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+        if len(entry) < 12:
+            return -1
+        if int.from_bytes(entry[0:2], order) == _EXIF_ORIENTATION:
+            return int.from_bytes(entry[8:10], order)
+    return 1
+
+
 def prepare_image(
     data: bytes, *, max_size: int | None = None, quality: int = 90, full_decode: bool = False
 ) -> tuple[bytes, str | None]:
@@ -46,6 +97,10 @@ def prepare_image(
     """
     if not data:
         raise RejectedImage("zero-byte file")
+    if not full_decode:
+        size = plain_rgb_jpeg_size(data)
+        if size is not None and (max_size is None or max(size) <= max_size):
+            return data, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

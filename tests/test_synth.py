@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tools import synth
+from tools import synth, synth_cmd
 
 WNID = re.compile(r"^n\d{8}$")
 SMALL = dict(classes=3, train_per_class=4, val_per_class=2, quirks=True, seed=1, scale=0.25, progress=False)
@@ -27,7 +27,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def synth_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saturate")
-    synth.register(parser.add_subparsers(dest="command", required=True))
+    synth_cmd.register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -12,7 +12,7 @@ import sys
 
 #: sub-command -> module that registers it
 COMMANDS = {
-    "synth": "tools.synth",
+    "synth": "tools.synth_cmd",
     "shards": "tools.shards_cmd",
     "train": "tools.train_cmd",
     "profile": "tools.profile_cmd",
