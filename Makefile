@@ -31,18 +31,32 @@ simd: install
 	$(BIN)/python -c "import PIL; print('Pillow', PIL.__version__)"
 
 # Synthetic ImageNet-shaped data -> shards -> a short training run -> the profiler's table.
-# DALI on the GPU when there is one, DALI on the CPU otherwise.
+# DALI on the GPU (ResNet-50, bf16) when there is one; DALI on the CPU (ResNet-18, fp32, small crops) otherwise.
+DEMO_TRAIN_GPU ?= --backend dali-gpu --arch resnet50 --precision bf16 --image-size 224 --batch-size 64 --num-threads 4
+DEMO_TRAIN_CPU ?= --backend dali-cpu --arch resnet18 --precision fp32 --image-size 112 --batch-size 32 --num-threads 1
+DEMO_PROFILE_GPU ?= --backends dali-gpu,dali-cpu,pytorch --arch resnet50 --precision bf16 --image-size 224 \
+	--batch-size 128 --threads 4 --duration 10
+DEMO_PROFILE_CPU ?= --backends dali-cpu,pytorch --arch resnet18 --precision fp32 --image-size 112 \
+	--batch-size 32 --threads 2 --duration 4 --warmup 3 --windows 3
+
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/saturate synth $(DEMO)/imagenet --classes $(DEMO_CLASSES) --train-per-class $(DEMO_TRAIN_PER_CLASS) \
 		--val-per-class $(DEMO_VAL_PER_CLASS) --quirks --seed 0
-	$(BIN)/saturate shards convert $(DEMO)/imagenet/train $(DEMO)/shards --split train \
-		--names $(DEMO)/imagenet/LOC_synset_mapping.txt --shard-size 64MB
-	$(BIN)/saturate shards convert $(DEMO)/imagenet/val $(DEMO)/shards --split val \
-		--names $(DEMO)/imagenet/LOC_synset_mapping.txt --shard-size 64MB
-	$(BIN)/saturate shards verify $(DEMO)/shards
-	$(BIN)/saturate train --config configs/demo.yaml --data $(DEMO)/shards --run-dir $(DEMO)/run
-	$(BIN)/saturate profile $(DEMO)/shards --config configs/demo-profile.yaml --out $(DEMO)/profile
+	for split in train val; do \
+		$(BIN)/saturate shards convert $(DEMO)/imagenet/$$split $(DEMO)/shards --split $$split \
+			--names $(DEMO)/imagenet/LOC_synset_mapping.txt --shard-size 32MB || exit 1; \
+	done
+	$(BIN)/saturate shards verify $(DEMO)/shards --decode
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		train="$(DEMO_TRAIN_GPU)"; profile="$(DEMO_PROFILE_GPU)"; \
+	else \
+		echo "No CUDA GPU: training and profiling with DALI on the CPU"; \
+		train="$(DEMO_TRAIN_CPU)"; profile="$(DEMO_PROFILE_CPU)"; \
+	fi; \
+	$(BIN)/saturate train --data $(DEMO)/shards --run-dir $(DEMO)/run --epochs 4 --warmup-epochs 1 \
+		--base-lr 0.4 --log-every 10 $$train && \
+	$(BIN)/saturate profile $(DEMO)/shards --out $(DEMO)/profile $$profile
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -251,3 +252,13 @@ def test_cli_prints_one_line_summary(tmp_path, capsys):
     assert len(lines) == 1
     assert re.match(r"synth: 8 images \(6 train, 2 val, 2 classes\) in .*, mean [\d.]+ KB, mean \d+x\d+ px", lines[0])
     assert (out / synth.VAL_SOLUTION).is_file()
+
+
+def test_progressive_quirk_encodes_grainy_large_images():
+    """Pillow's default progressive buffer (width*height bytes) is too small for noisy high-quality images."""
+    noise = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    for seed in range(4):  # several draws of quality/subsampling, 4:4:4 at q95 among them
+        data, size, orientation = synth.encode(Image.fromarray(noise), np.random.default_rng(seed), "progressive")
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.info.get("progressive") and img.size == size == (800, 600) and orientation == 1
+            img.load()

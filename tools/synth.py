@@ -237,7 +237,7 @@ def render(rng: np.random.Generator, look: ClassLook, width: int, height: int):
 def encode(image, rng: np.random.Generator, quirk: str | None) -> tuple[bytes, tuple[int, int], int]:
     """File bytes for `image` with its quirk, the stored (width, height) in px, and the EXIF orientation (1
     when the pixels are stored upright)."""
-    from PIL import Image
+    from PIL import Image, ImageFile
 
     quality = int(rng.integers(_QUALITY[0], _QUALITY[1] + 1))
     subsampling = int(rng.choice(_SUBSAMPLING, p=_SUBSAMPLING_P))
@@ -262,7 +262,15 @@ def encode(image, rng: np.random.Generator, quirk: str | None) -> tuple[bytes, t
     elif quirk is not None:
         raise ValueError(f"unknown quirk {quirk!r}; expected one of {QUIRK_KINDS}")
     buffer = io.BytesIO()
-    image.save(buffer, **options)
+    # Pillow sizes a progressive encode's whole-image buffer at width*height bytes, and grainy 4:4:4 images at
+    # high quality exceed it ("Suspension not allowed here"). Its floor is ImageFile.MAXBLOCK; the buffer size
+    # does not change the bytes written.
+    saved_maxblock = ImageFile.MAXBLOCK
+    ImageFile.MAXBLOCK = max(saved_maxblock, 3 * image.size[0] * image.size[1] + 65536)
+    try:
+        image.save(buffer, **options)
+    finally:
+        ImageFile.MAXBLOCK = saved_maxblock
     return buffer.getvalue(), image.size, orientation
 
 
