@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--work", default="/tmp/saturate-bench-shards")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--shard-size", default="64MB",
+                        help="small enough that both inputs span several shards per worker, as ImageNet's ~280 "
+                             "shards of 512 MB do; then both runs use the same processes and RSS compares")
     args = parser.parse_args(argv)
 
     from tools.synth import generate
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                  workers=args.workers, progress=False)
         files, nbytes = tree_stats(src / "train")
         convert = [*saturate, "shards", "convert", str(src / "train"), str(work / f"out-{n}"), "--split", "train",
-                   "--workers", str(args.workers), "--no-progress"]
+                   "--workers", str(args.workers), "--shard-size", args.shard_size, "--no-progress"]
         tar = ["tar", "-cf", str(work / f"tree-{n}.tar"), "-C", str(src), "train"]
         times: dict[str, list[float]] = {"tar": [], "convert": []}
         peaks = []
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / f"tree-{n}.tar").unlink()
 
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}; converter --workers {args.workers}\n")
+          f"Python {platform.python_version()}; converter --workers {args.workers} --shard-size {args.shard_size}\n")
     print("| input | tar -cf (best / other) | convert (best / other) | convert / tar | peak RSS (tree) |")
     print("|---|---|---|---|---|")
     for r in rows:
