@@ -45,6 +45,14 @@ def check_arguments(
         raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1 (fractions of image area), got {crop_area}")
 
 
+def resolve_options(backend: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The backend's options with its defaults filled in; an unknown option is a TypeError naming it."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise TypeError(f"backend {backend!r} has no option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
 def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manifest, list[tuple[Path, Path]]]:
     """The split's manifest and its (tar, idx) paths, every file checked to exist (errors name the file)."""
     if shards_dir is None:

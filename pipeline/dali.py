@@ -52,6 +52,7 @@ from pipeline.base import (
     local_cuda_device,
     open_split,
     rank_range,
+    resolve_options,
 )
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH
 
@@ -187,10 +188,7 @@ class DaliLoader(Loader):
         **backend_options: Any,
     ) -> None:
         super().__init__()
-        unknown = set(backend_options) - set(DALI_OPTIONS)
-        if unknown:
-            raise TypeError(f"backend {backend!r} has no option(s) {sorted(unknown)}; known: {sorted(DALI_OPTIONS)}")
-        options = {**DALI_OPTIONS, **backend_options}
+        options = resolve_options(backend, backend_options, DALI_OPTIONS)
         import torch
         from nvidia.dali import Pipeline
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

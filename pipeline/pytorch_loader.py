@@ -40,7 +40,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import constants as C
-from pipeline.base import Loader, ShardReadError, check_state, local_cuda_device, open_split, rank_range
+from pipeline.base import (
+    Loader,
+    ShardReadError,
+    check_state,
+    local_cuda_device,
+    open_split,
+    rank_range,
+    resolve_options,
+)
 from shards.schema import IMAGE_EXT, LABEL_EXT, ShardFormatError, decode_label
 
 #: Backend options the `pytorch` backend accepts, with their defaults.
@@ -244,14 +252,11 @@ class PytorchLoader(Loader):
         **backend_options: Any,
     ) -> None:
         super().__init__()
-        unknown = set(backend_options) - set(PYTORCH_OPTIONS)
-        if unknown:
-            raise TypeError(f"backend 'pytorch' has no option(s) {sorted(unknown)}; known: {sorted(PYTORCH_OPTIONS)}")
         import PIL.Image  # noqa: F401  imported here so forked workers inherit them instead of
         import torchvision.transforms.functional  # noqa: F401  importing them again every epoch (seconds)
         import webdataset  # noqa: F401
 
-        self.options = {**PYTORCH_OPTIONS, **backend_options}
+        self.options = resolve_options(backend, backend_options, PYTORCH_OPTIONS)
         manifest, pairs = open_split(shards_dir, split)
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.base import Loader, batches_per_epoch, check_state, local_cuda_device, rank_range
+from pipeline.base import Loader, batches_per_epoch, check_state, local_cuda_device, rank_range, resolve_options
 
 #: Backend options the `synthetic` backend accepts, with their defaults.
 SYNTHETIC_OPTIONS: dict[str, Any] = {
@@ -38,15 +38,12 @@ class SyntheticLoader(Loader):
         **backend_options: Any,
     ) -> None:
         super().__init__()
-        unknown = set(backend_options) - set(SYNTHETIC_OPTIONS)
-        if unknown:
-            raise TypeError(
-                f"backend 'synthetic' has no option(s) {sorted(unknown)}; known: {sorted(SYNTHETIC_OPTIONS)}"
-            )
+        options = resolve_options(backend, backend_options, SYNTHETIC_OPTIONS)
         import torch
 
-        num_classes = int(backend_options.get("num_classes", SYNTHETIC_OPTIONS["num_classes"]))
-        total = int(backend_options.get("num_samples", SYNTHETIC_OPTIONS["num_samples"][split]))
+        num_classes = int(options["num_classes"])
+        total = options["num_samples"]
+        total = int(total[split] if isinstance(total, dict) else total)
         if num_classes < 1:
             raise ValueError(f"synthetic backend option num_classes must be >= 1, got {num_classes}")
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
