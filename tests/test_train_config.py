@@ -65,6 +65,7 @@ def test_progressive_resizing_follows_ffcv_ramp():
         ({"precision": "fp8"}, "--precision: must be one of bf16, fp16, fp32"),
         ({"epochs": "ten"}, "--epochs: cannot read 'ten'"),
         ({"crop_area": (0.5, 0.2)}, "--crop-area: must be two fractions"),
+        ({"hw_decoder_load": 1.5}, "--hw-decoder-load: must be in [0, 1], got 1.5"),
         ({"evaluate_only": True}, "--evaluate-only: needs --resume PATH|auto or --pretrained PATH"),
         ({"resume": "/no/such.pt"}, "--resume: must be 'auto' or an existing checkpoint file"),
         ({"pretrained": "/no/such.pt"}, "--pretrained: file does not exist"),

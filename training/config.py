@@ -16,7 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")  # same names as pipeline.BACKENDS
+from pipeline.base import BACKENDS  # light: the pipeline imports DALI only when a loader is built
+from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULES = ("cosine", "step")
 
@@ -36,8 +38,9 @@ class TrainConfig:
     backend: str = _opt("dali-gpu", f"data backend, one of {', '.join(BACKENDS)}")
     image_size: int = _opt(224, "training crop side in pixels (the final size when progressive resizing)")
     val_image_size: int | None = _opt(None, "validation crop side in pixels (default: --image-size)")
-    crop_area: tuple[float, float] = _opt((0.08, 1.0), "random-resized-crop area range, fraction of the image")
+    crop_area: tuple[float, float] = _opt(CROP_AREA, "random-resized-crop area range, fraction of the image")
     num_threads: int = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers)")
+    hw_decoder_load: float = _opt(HW_DECODER_LOAD, "dali-gpu: share of JPEG decoding on the hardware decoder (0-1)")
     synthetic_samples: int = _opt(1_281_167, "training samples per epoch with --backend synthetic")
     synthetic_val_samples: int = _opt(50_000, "validation samples with --backend synthetic")
     num_classes: int | None = _opt(None, "classes (default: from the train manifest; synthetic: 1000)")
@@ -222,6 +225,7 @@ def validate(config: TrainConfig) -> None:
     need(0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     need(c.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
     need(c.num_threads > 0, "num_threads", "must be > 0")
+    need(0.0 <= c.hw_decoder_load <= 1.0, "hw_decoder_load", "must be in [0, 1]")
     need(c.log_every > 0, "log_every", "must be > 0")
     need(c.eval_every > 0, "eval_every", "must be > 0")
     need(c.keep_last > 0, "keep_last", "must be > 0")

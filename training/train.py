@@ -88,6 +88,8 @@ class _Run:
 
         cfg = self.cfg
         options: dict = {}
+        if cfg.backend == "dali-gpu":
+            options["hw_decoder_load"] = cfg.hw_decoder_load
         if cfg.backend == "synthetic":
             options["num_classes"] = cfg.num_classes or 1000
             options["num_samples"] = cfg.synthetic_samples if split == "train" else cfg.synthetic_val_samples
