@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,8 @@ def test_index_matches_dali_wds2idx(tiny_shards, tmp_path):
     manifest = load_manifest(tiny_shards, "val")
     for tar, idx in shard_files(tiny_shards, manifest):
         theirs = tmp_path / (tar.stem + ".idx")
-        subprocess.run(["wds2idx", str(tar), str(theirs)], check=True, capture_output=True)
+        # DALI's wheel ships wds2idx as a module; run it with this interpreter (the venv need not be on PATH)
+        subprocess.run([sys.executable, "-m", "wds2idx", str(tar), str(theirs)], check=True, capture_output=True)
         assert idx.read_bytes() == theirs.read_bytes()
 
 
