@@ -253,7 +253,10 @@ class DaliLoader(Loader):
                 pipe,
                 output_map,
                 reader_name=READER_NAME,
-                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
+                # PARTIAL for train too: with DROP, the batch DALI pads a shorter share with (copies of its last
+                # sample) is never read and leaks into the next epoch as duplicates. The loader itself yields
+                # only `batches_per_epoch` full train batches and drains the rest of the epoch.
+                last_batch_policy=LastBatchPolicy.PARTIAL,
                 auto_reset=False,
                 prepare_first_batch=False,
             )

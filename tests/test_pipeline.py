@@ -184,6 +184,17 @@ def test_train_ranks_read_disjoint_shares_of_equal_length(tiny_shards, backend):
         assert len(set(epoch_keys)) == len(epoch_keys) == 3 * 4 * lengths[0]
 
 
+def test_uneven_train_shares_never_repeat_a_sample(tiny_shards):
+    """60 samples over 7 ranks (shares of 8 and 9) at batch 4: DALI pads the shorter shares' last batch; that
+    padding must never reach a later epoch as duplicates (it did with LastBatchPolicy.DROP)."""
+    for rank in (0, 6):
+        ldr = loader(tiny_shards, "train", "dali-cpu", batch_size=4, rank=rank, world_size=7, with_keys=True)
+        for _ in range(3):
+            keys = [k for *_, ks in epoch(ldr) for k in ks]
+            assert len(keys) == 8 and len(set(keys)) == 8
+        ldr.close()
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 def take(ldr, count):
     """The first `count` batches, crossing epoch boundaries like a training loop would."""
