@@ -119,7 +119,7 @@ def check_state(state: dict[str, Any] | None, expected: dict[str, Any]) -> dict[
         return None
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict from loader.state_dict(), got {type(state).__name__}")
-    for key in STATE_IDENTITY:
+    for key in expected:
         if state.get(key) != expected[key]:
             raise ValueError(
                 f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader has "

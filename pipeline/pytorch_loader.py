@@ -302,6 +302,11 @@ class PytorchLoader(Loader):
         self.resumed_at = self.batch_in_epoch
         self._batches = None  # the DataLoader iterator of the pass in progress
 
+    def identity(self) -> dict[str, Any]:
+        # The worker count shapes each worker's slice, the skip counts on resume and the epoch length, so a
+        # state taken with another count cannot continue here.
+        return {**super().identity(), "num_threads": self.num_workers}
+
     def _plan(self) -> dict[str, Any]:
         """Everything a worker needs for the current epoch, resuming after `batch_in_epoch` batches."""
         workers = max(self.num_workers, 1)

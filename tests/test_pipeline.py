@@ -195,6 +195,16 @@ def test_uneven_train_shares_never_repeat_a_sample(tiny_shards):
         ldr.close()
 
 
+def test_pytorch_state_from_another_worker_count_is_refused(tiny_shards):
+    """Worker slices and skip counts depend on the worker count: resuming with another would repeat samples."""
+    ldr = loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=2)
+    next(iter(ldr))
+    state = ldr.state_dict()
+    ldr.close()
+    with pytest.raises(ValueError, match="num_threads=2, this loader has num_threads=1"):
+        loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=1, state=state)
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 def take(ldr, count):
     """The first `count` batches, crossing epoch boundaries like a training loop would."""

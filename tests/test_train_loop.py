@@ -99,6 +99,19 @@ def _flags(config) -> list[str]:
     return flags
 
 
+def test_resume_with_another_global_batch_is_refused(tiny_shards, tmp_path):
+    """The scheduler's state holds the peak LR of the checkpoint's global batch: continuing with another batch
+    would keep the wrong LR, so the resume stops and says which value keeps the schedule."""
+    train(tiny_config(tiny_shards, tmp_path, max_steps=2))
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--global-batch-size: .* global batch of 8 on 1 process.*this run's is 4"):
+        train(tiny_config(tiny_shards, tmp_path, max_steps=4, batch_size=4, resume="auto"))
+    resumed = train(tiny_config(tiny_shards, tmp_path, max_steps=4, batch_size=4, global_batch_size=8,
+                                resume="auto"))
+    assert resumed["steps"] == 4
+
+
 def test_two_gloo_processes_train_and_count_like_one(tiny_shards, tmp_path):
     """2 processes (torchrun, gloo, each reading its own share of the shards) train 3 steps of global batch
     8; their val counts, summed over ranks, equal one process's on the same checkpoint."""

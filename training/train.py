@@ -128,6 +128,17 @@ class _Run:
                     f"--{name.replace('_', '-')}: {path} was trained with {name}={saved[name]!r}, "
                     f"not {getattr(self.cfg, name)!r}"
                 )
+        if not self.cfg.evaluate_only and "batch_size" in saved:
+            # The peak LR and the steps per epoch follow the global batch; the scheduler's state holds both,
+            # so continuing with another global batch would silently keep the old LR on a misplaced curve.
+            old = saved.get("global_batch_size") or saved["batch_size"] * ckpt["world_size"]
+            new = self.cfg.global_batch(self.info.world_size)
+            if old != new:
+                raise ConfigError(
+                    f"--global-batch-size: {path} was trained with a global batch of {old} on "
+                    f"{ckpt['world_size']} process(es); this run's is {new}. Pass --global-batch-size {old} "
+                    "to continue its schedule"
+                )
         self.say(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
         return {**ckpt, "path": str(path)}
 
@@ -190,13 +201,18 @@ class _Run:
         self.step = ckpt["step"] if ckpt else 0
         step_in_epoch = ckpt["step_in_epoch"] if ckpt else 0
         # The loader position is restored when the checkpoint's loader matches the one this epoch needs (same
-        # process count and crop size); otherwise the epoch's data order restarts with a fresh loader.
+        # process count, crop size, backend and loader threads); otherwise the epoch's data order restarts.
         loader_state, self.train_loader_seed = None, cfg.seed + epoch
-        if ckpt and ckpt["world_size"] == info.world_size and ckpt["image_size"] == cfg.image_size_at(epoch):
+        saved = ckpt.get("config", {}) if ckpt else {}
+        same_loader = ckpt and (ckpt["world_size"], ckpt["image_size"], saved.get("backend"),
+                                saved.get("num_threads")) == (info.world_size, cfg.image_size_at(epoch),
+                                                              cfg.backend, cfg.num_threads)
+        if same_loader:
             loader_state, self.train_loader_seed = ckpt["loader_states"][info.rank], ckpt["loader_seed"]
         elif ckpt and step_in_epoch:
             self.say(f"warning: {ckpt['path']} was written by {ckpt['world_size']} process(es) at crop size "
-                     f"{ckpt['image_size']}; the data order of epoch {epoch} restarts")
+                     f"{ckpt['image_size']} with --backend {saved.get('backend')} --num-threads "
+                     f"{saved.get('num_threads')}; the data order of epoch {epoch} restarts")
         self.train_image_size = cfg.image_size_at(epoch)
         self.train_loader = self.build_loader(
             "train", image_size=self.train_image_size, seed=self.train_loader_seed, state=loader_state
