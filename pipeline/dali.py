@@ -54,7 +54,7 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH
+from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
 
 READER_NAME = "Reader"
 #: Backend options the DALI backends accept, with their defaults.
@@ -164,7 +164,7 @@ def _device_id(gpu: bool, device_id: int | None) -> int | None:
 def _sample_key(source_info: np.ndarray) -> str:
     """Sample key from DALI's source info bytes "<tar>:<offset>:<key>.<ext>" (zero padded)."""
     text = bytes(source_info).rstrip(b"\0").decode()
-    return text.rsplit(":", 1)[-1].split(".", 1)[0]
+    return split_member_name(text.rsplit(":", 1)[-1])[0]
 
 
 class DaliLoader(Loader):

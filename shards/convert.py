@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -46,7 +47,7 @@ from shards.schema import (
     sample_key,
     shard_name,
 )
-from shards.tarshard import ShardWriter
+from shards.tarshard import ShardWriter, sha256_file
 
 DEFAULT_SHARD_BYTES = 512 * 10**6  # bytes; DALI and webdataset both read 256 MB - 1 GB shards efficiently
 PARTS_DIR = ".parts"  # per-shard records; what `merge` builds the manifest from
@@ -136,6 +137,11 @@ def _walk(root: Path):
                 yield Path(path).relative_to(root).as_posix(), os.path.getsize(path)
 
 
+def _image_id(path: str) -> str:
+    """Kaggle's ImageId for a file: its name up to the first dot (`ILSVRC2012_val_00000001`)."""
+    return Path(path).name.split(".")[0]
+
+
 def _label_from_csv(src: Path, files: list[tuple[str, int]], labels_csv: Path) -> list[SourceFile]:
     """Flat layout: Kaggle `LOC_val_solution.csv` (ImageId,PredictionString) or plain `file,wnid` rows."""
     if not labels_csv.is_file():
@@ -147,10 +153,10 @@ def _label_from_csv(src: Path, files: list[tuple[str, int]], labels_csv: Path) -
                 continue
             if len(row) < 2 or not row[1].split():
                 raise ValueError(f"{labels_csv}:{lineno}: expected 'file,wnid', got {row}")
-            by_stem[Path(row[0].strip()).name.split(".")[0]] = row[1].split()[0]
+            by_stem[_image_id(row[0].strip())] = row[1].split()[0]
     sources = []
     for rel, size in files:
-        stem = Path(rel).name.split(".")[0]
+        stem = _image_id(rel)
         if stem not in by_stem:
             raise ValueError(f"{src / rel} is absent from {labels_csv}; add its label or move it out of {src}")
         sources.append(SourceFile(rel, by_stem.pop(stem), size))
@@ -174,6 +180,9 @@ def resolve_classes(
         wnids = present
         _check_wnids(wnids, "class folders")
     names = read_class_names(names_file) if names_file is not None else {}
+    if names_file is None and classes_file is not None and classes_file.suffix == ".json":
+        # val converted with train's manifest keeps train's human-readable names too
+        names = {c["wnid"]: c["name"] for c in Manifest.from_json(classes_file.read_text(), classes_file).classes}
     return [{"index": i, "wnid": w, "name": names.get(w)} for i, w in enumerate(wnids)]
 
 
@@ -300,10 +309,16 @@ def _plan_path(out: Path, split: str) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file of this process's own: J jobs may write the same plan or manifest at
+    once (identical content), and a shared temporary name would let one job move the other's half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def is_complete(out: Path, split: str, index: int, digest: str) -> bool:
@@ -320,15 +335,7 @@ def is_complete(out: Path, split: str, index: int, digest: str) -> bool:
     tar, idx = out / record["name"], out / record["index"]
     if not (tar.is_file() and idx.is_file()) or tar.stat().st_size != record["bytes"]:
         return False
-    return _sha256(tar) == record["sha256"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(tar) == record["sha256"]
 
 
 def write_shards(

@@ -82,6 +82,12 @@ def member_name(key: str, ext: str) -> str:
     return f"{key}.{ext}"
 
 
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, ext) of a tar member: the base name split at its first dot, as webdataset and DALI's reader do."""
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext
+
+
 def sample_key(source_name: str) -> str:
     """A safe sample key from a source file name: the stem, with anything but [A-Za-z0-9_-] replaced by `_`.
 

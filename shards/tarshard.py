@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shards.schema import (
-    INDEX_VERSION,
     TAR_BLOCK,
     IndexedMember,
     ShardFormatError,
     format_index,
     member_name,
+    split_member_name,
 )
 
 _ZERO_BLOCK = b"\0" * TAR_BLOCK
@@ -111,9 +111,13 @@ class ShardWriter:
         self.samples.append(indexed)
 
     def _finish_writing(self) -> None:
+        """Stop the writer thread and close the file; safe to call twice (abort after a failed commit)."""
+        if self._fd is None:
+            return
         self._queue.put(None)
         self._thread.join()
         os.close(self._fd)
+        self._fd = None
 
     def commit(self) -> tuple[int, str]:
         """Finish the tar (two zero blocks), rename index then tar. Returns (bytes, sha256 hex)."""
@@ -142,8 +146,7 @@ def index_tar(path: str | os.PathLike) -> list[list[IndexedMember]]:
             for info in archive:
                 if not info.isreg():
                     continue
-                base = info.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
+                key, ext = split_member_name(info.name)
                 if not key:
                     continue
                 if key != last_key:
@@ -153,6 +156,15 @@ def index_tar(path: str | os.PathLike) -> list[list[IndexedMember]]:
     except tarfile.TarError as err:
         raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
     return samples
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a whole file, read in 4 MiB chunks (what the manifest records per shard)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
@@ -166,4 +178,4 @@ def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
         raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
 
 
-__all__ = ["ShardWriter", "index_tar", "iter_members", "ustar_header", "INDEX_VERSION"]
+__all__ = ["ShardWriter", "index_tar", "iter_members", "sha256_file", "ustar_header"]

@@ -7,7 +7,6 @@ keys unique across the split; with `decode=True` every image is decoded with Pil
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,8 +30,9 @@ from shards.schema import (
     format_index,
     load_manifest,
     manifest_name,
+    split_member_name,
 )
-from shards.tarshard import index_tar, iter_members
+from shards.tarshard import index_tar, iter_members, sha256_file
 
 
 @dataclass
@@ -55,12 +55,9 @@ def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode:
         return check
     if tar.stat().st_size != record.bytes:
         check.problems.append(f"{tar}: {tar.stat().st_size} bytes, manifest says {record.bytes}")
-    h = hashlib.sha256()
-    with open(tar, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    if h.hexdigest() != record.sha256:
-        check.problems.append(f"{tar}: sha256 {h.hexdigest()[:16]}... != manifest {record.sha256[:16]}...")
+    sha = sha256_file(tar)
+    if sha != record.sha256:
+        check.problems.append(f"{tar}: sha256 {sha[:16]}... != manifest {record.sha256[:16]}...")
     try:
         expected_index = format_index(index_tar(tar))
     except ShardFormatError as err:
@@ -73,7 +70,7 @@ def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode:
     order: list[str] = []
     try:
         for name, payload in iter_members(tar):
-            key, _, ext = name.partition(".")
+            key, ext = split_member_name(name)
             if key not in members:
                 members[key] = {}
                 order.append(key)

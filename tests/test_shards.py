@@ -291,6 +291,10 @@ def test_kaggle_flat_val_with_csv_and_names(tiny_imagenet, tmp_path):
     manifest = convert(flat, out, split="val", labels_csv=csv_path, names_file=names, progress=False)
     assert manifest.num_samples == 25 and manifest.wnids == TINY_CLASSES
     assert manifest.classes[2]["name"] == "class number 2, a name"
+    # converted after a train split that had names, val keeps them without --names
+    named = tmp_path / "named"
+    convert(tiny_imagenet / "train", named, split="train", names_file=names, progress=False)
+    assert convert(flat, named, split="val", labels_csv=csv_path, progress=False).classes == manifest.classes
     by_source = {}
     for path in sorted((tiny_imagenet / "val").rglob("*.JPEG")):
         by_source[path.read_bytes()] = TINY_CLASSES.index(path.parent.name)
@@ -376,3 +380,17 @@ def test_fast_ustar_header_equals_tarfile(name, size):
     assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
     with pytest.raises(ValueError, match="longer than ustar's 100 bytes"):
         ustar_header("y" * 101, 1)
+
+
+def test_failed_commit_reports_the_real_error(tmp_path):
+    """A commit that fails (here: the index's folder is gone) surfaces that error, not a double-close EBADF."""
+    from shards.tarshard import ShardWriter
+
+    writer = ShardWriter(tmp_path / "a.tar", tmp_path / "gone" / "a.idx")
+    writer.add_sample("k", [(IMAGE_EXT, b"x" * 10)])
+    with pytest.raises(FileNotFoundError):
+        try:
+            writer.commit()
+        finally:
+            writer.abort()
+    assert not list(tmp_path.glob("*.partial"))
