@@ -15,7 +15,7 @@ EPILOG = """examples:
   torchrun --nproc-per-node 8 -m training.train --data /shards/imagenet    # 8 GPUs, DDP
   saturate train --backend synthetic --max-steps 300 --compile             # model ceiling, no data
   saturate train --data D --evaluate-only --resume runs/train/checkpoints/best.pt
-see training/README.md for multi-node and Slurm, training/RECIPE.md for the recipe."""
+see docs/training.md for multi-node and Slurm, training/RECIPE.md for the recipe."""
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -51,13 +51,6 @@ def init() -> DistInfo:
     return _INFO
 
 
-def info() -> DistInfo:
-    """The current process's DistInfo (init() first)."""
-    if _INFO is None:
-        raise RuntimeError("training.dist.init() has not been called")
-    return _INFO
-
-
 def shutdown() -> None:
     global _INFO
     if tdist.is_initialized():
@@ -83,15 +76,6 @@ def all_gather_object(obj: object) -> list:
     out: list = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: object) -> object:
-    """Rank 0's `obj` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier() -> None:
