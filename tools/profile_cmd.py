@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-MODE_CHOICES = ("loader", "model", "e2e")
+from pipeline.constants import HW_DECODER_LOAD
+from tools.profiler import DEFAULT_DURATION, DEFAULT_WARMUP, DEFAULT_WINDOWS, MODES
 
 
 def comma_list(convert: Callable[[str], Any], flag: str) -> Callable[[str], list]:
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("shards", help="shard folder holding <split>.manifest.json and its shards")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
-    parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str, "--modes"), default=list(MODE_CHOICES),
+    parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str, "--modes"), default=list(MODES),
                         help="any of loader,model,e2e (default: all three)")
     parser.add_argument("--backends", metavar="BACKEND[,...]", type=comma_list(str, "--backends"),
                         help="data backends: dali-gpu,dali-cpu,pytorch (default: dali-gpu,pytorch; "
@@ -61,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", metavar="N[,N...]", type=comma_list(int, "--threads"),
                         help="DALI CPU threads / pytorch DataLoader workers (default: CPU cores per GPU)")
     parser.add_argument("--hw-decoder-load", metavar="X[,X...]", type=comma_list(float, "--hw-decoder-load"),
-                        default=[0.65],
-                        help="dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default 0.65)")
+                        default=[HW_DECODER_LOAD],
+                        help=f"dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default {HW_DECODER_LOAD})")
     parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str, "--precision"), default=["bf16"],
                         help="bf16,fp16,fp32 (default bf16)")
     parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off, "--compile"), default=[False],
@@ -70,11 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--split", default="train", help="split to read: train (default) or val")
     bound = parser.add_mutually_exclusive_group()
-    bound.add_argument("--duration", type=float, help="timed seconds per configuration (default 15)")
+    bound.add_argument("--duration", type=float, help=f"timed seconds per configuration (default {DEFAULT_DURATION:g})")
     bound.add_argument("--steps", type=int, help="timed steps per configuration instead of --duration")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps before timing (default 20)")
-    parser.add_argument("--windows", type=int, default=5,
-                        help="timed windows per configuration; img/s is their median (default 5)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                        help=f"untimed steps before timing (default {DEFAULT_WARMUP})")
+    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                        help=f"timed windows per configuration; img/s is their median (default {DEFAULT_WINDOWS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

@@ -34,10 +34,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.constants import HW_DECODER_LOAD
+from training.config import PRECISIONS  # light imports: neither pulls in torch or DALI
+
 MODES: tuple[str, ...] = ("loader", "model", "e2e")
 #: Backends that read the corpus; `synthetic` is the model mode's source, never profiled as a loader.
 DATA_BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch")
-PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
 #: The baseline every other backend is compared with (its ratio column).
 BASELINE_BACKEND = "pytorch"
 DEFAULT_WINDOWS = 5  # timed windows per configuration
@@ -318,7 +320,7 @@ def profile(
     batch_sizes: Sequence[int] = (256,),
     image_sizes: Sequence[int] = (224,),
     threads: Sequence[int] | None = None,
-    hw_decoder_loads: Sequence[float] = (0.65,),
+    hw_decoder_loads: Sequence[float] = (HW_DECODER_LOAD,),
     precisions: Sequence[str] = ("bf16",),
     compile_modes: Sequence[bool] = (False,),
     arch: str = "resnet50",
@@ -352,14 +354,14 @@ def profile(
         steps=steps, duration=duration, warmup=warmup, windows=windows,
     )
     import torch
-    import torchvision
     from tqdm import tqdm
 
     from shards.schema import SPLITS
+    from training.model import is_classifier
 
     if split not in SPLITS:
         raise ValueError(f"--split: choose one of {', '.join(SPLITS)}, got {split!r}")
-    if {"model", "e2e"} & set(modes) and arch not in torchvision.models.list_models(module=torchvision.models):
+    if {"model", "e2e"} & set(modes) and not is_classifier(arch):
         # checked once here rather than as one error row per training configuration
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
     corpus = describe_corpus(shards_dir, split)

@@ -253,10 +253,10 @@ def validate(config: TrainConfig) -> None:
 
 def validate_environment(config: TrainConfig, *, world_size: int, cuda: bool) -> None:
     """Checks that depend on the machine and the process group (called once the group is up)."""
-    import torchvision
+    from training.model import is_classifier
 
     c = config
-    if c.arch not in torchvision.models.list_models(module=torchvision.models):
+    if not is_classifier(c.arch):
         raise ConfigError(
             f"--arch: {c.arch!r} is not a torchvision classification model "
             f"(e.g. resnet50, resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"

@@ -11,6 +11,11 @@ from torch import nn
 _ZERO_INIT_FAMILIES = ("resnet", "resnext", "wide_resnet")
 
 
+def is_classifier(arch: str) -> bool:
+    """Whether `arch` names a torchvision classification model (the one list config, model and profiler use)."""
+    return arch in torchvision.models.list_models(module=torchvision.models)
+
+
 def build_model(
     arch: str,
     *,
@@ -28,7 +33,7 @@ def build_model(
     `zero_init_residual` starts the last BN of each ResNet residual branch at zero (Goyal et al. 2017, DLE),
     which matters at large batch; it is ignored for other families and when `pretrained` is given.
     """
-    if arch not in torchvision.models.list_models(module=torchvision.models):
+    if not is_classifier(arch):
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if zero_init_residual and pretrained is None and arch.startswith(_ZERO_INIT_FAMILIES):
