@@ -45,6 +45,11 @@ def check_arguments(
         raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1 (fractions of image area), got {crop_area}")
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's augmentation stream: distinct per rank, same for a seed (the shard order uses `seed`)."""
+    return (seed * 1_000_003 + rank) % 2**31
+
+
 def resolve_options(backend: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The backend's options with its defaults filled in; an unknown option is a TypeError naming it."""
     unknown = set(given) - set(defaults)
@@ -159,14 +164,41 @@ class Loader:
         self.resumed_at = 0
         self._pass_started = False
 
-    def __iter__(self) -> Iterator:
+    def _restore(self, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Check a saved state against this loader (errors name the flag) and continue from its position."""
+        state = check_state(state, self.identity())
+        if state is not None:
+            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.resumed_at = self.batch_in_epoch
+        return state
+
+    # --- what a backend supplies: the batches of one epoch, and how to start and finish a pass ------------
+    def _epoch(self, epoch: int) -> Iterator:
+        """Yield the rest of epoch `epoch`, counting `batch_in_epoch`; call `_complete_epoch()` at its end."""
         raise NotImplementedError
+
+    def _start_pass(self) -> None:
+        """Prepare reading the current epoch from `batch_in_epoch` on (e.g. start DataLoader workers)."""
+
+    def _complete_epoch(self) -> None:
+        """Finish the current epoch without yielding the rest (a backend drains or stops what is in flight)."""
+        self._end_epoch()
+
+    def __iter__(self) -> Iterator:
+        if self._pass_started:  # the previous pass was abandoned mid-epoch: finish that epoch first
+            self._complete_epoch()
+        self._pass_started = True
+        self._start_pass()
+        self.resumed_at = self.batch_in_epoch
+        return self._epoch(self.epoch)
 
     def identity(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in STATE_IDENTITY}
 
     def state_dict(self) -> dict[str, Any]:
         """Position and RNG state as plain Python types; `build_loader(..., state=...)` continues here."""
+        if self.batch_in_epoch == self.batches_per_epoch:  # all yielded: the state is the next epoch's start
+            self._complete_epoch()
         return {**self.identity(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def close(self) -> None:

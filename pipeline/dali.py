@@ -47,11 +47,11 @@ from pipeline.base import (
     Loader,
     ShardReadError,
     batches_per_epoch,
-    check_state,
     diagnose_shards,
     local_cuda_device,
     open_split,
     rank_range,
+    rank_seed,
     resolve_options,
 )
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
@@ -214,19 +214,15 @@ class DaliLoader(Loader):
             train=train, num_samples=manifest.num_samples, batch_size=batch_size, world_size=world_size, rank=rank
         )
         self.num_samples = self.batches_per_epoch * batch_size if train else end - start
-        state = check_state(state, self.identity())
-        checkpoint = None
-        if state is not None:
-            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-            checkpoint = base64.b64decode(state["dali_checkpoint"])
-        self.resumed_at = self.batch_in_epoch
+        state = self._restore(state)
+        checkpoint = base64.b64decode(state["dali_checkpoint"]) if state is not None else None
 
         pipe = Pipeline(
             batch_size=batch_size,
             num_threads=num_threads,
             device_id=dali_device,
             # distinct augmentation streams per rank; the shard order uses `seed` itself (same on all ranks)
-            seed=(seed * 1_000_003 + rank) % 2**31,
+            seed=rank_seed(seed, rank),
             prefetch_queue_depth=options["prefetch_queue_depth"],
             enable_checkpointing=True,
             checkpoint=checkpoint,
@@ -301,13 +297,6 @@ class DaliLoader(Loader):
             self._dali.reset()
         self._end_epoch()
 
-    def __iter__(self) -> Iterator:
-        if self._pass_started:  # the previous pass was abandoned mid-epoch: finish that epoch first
-            self._complete_epoch()
-        self._pass_started = True
-        self.resumed_at = self.batch_in_epoch
-        return self._epoch(self.epoch)
-
     def _epoch(self, epoch: int) -> Iterator:
         while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
             out = self._next_dali()
@@ -321,8 +310,6 @@ class DaliLoader(Loader):
             self._complete_epoch()
 
     def state_dict(self) -> dict[str, Any]:
-        if self.batch_in_epoch == self.batches_per_epoch:  # all yielded: the state is the next epoch's start
-            self._complete_epoch()
         state = super().state_dict()
         state["dali_checkpoint"] = base64.b64encode(self._dali.checkpoints()[0]).decode("ascii")
         return state

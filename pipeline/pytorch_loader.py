@@ -43,7 +43,6 @@ from pipeline import constants as C
 from pipeline.base import (
     Loader,
     ShardReadError,
-    check_state,
     local_cuda_device,
     open_split,
     rank_range,
@@ -296,11 +295,8 @@ class PytorchLoader(Loader):
         mean = torch.tensor(C.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
         std = torch.tensor(C.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
         self._mean, self._inv_std = mean, 1.0 / std
-        state = check_state(state, self.identity())
-        if state is not None:
-            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.resumed_at = self.batch_in_epoch
         self._batches = None  # the DataLoader iterator of the pass in progress
+        self._restore(state)
 
     def identity(self) -> dict[str, Any]:
         # The worker count shapes each worker's slice, the skip counts on resume and the epoch length, so a
@@ -331,10 +327,11 @@ class PytorchLoader(Loader):
             "rank": self.rank,
         }
 
-    def __iter__(self) -> Iterator:
-        if self._batches is not None:  # the previous pass was abandoned mid-epoch: that epoch is over
-            self._batches = None
-            self._end_epoch()
+    def _complete_epoch(self) -> None:
+        self._batches = None  # shuts the workers down
+        self._end_epoch()
+
+    def _start_pass(self) -> None:
         dataset = RankShare(self._plan())
         pin = self.device.type == "cuda"
         self._batches = iter(
@@ -346,8 +343,6 @@ class PytorchLoader(Loader):
                 prefetch_factor=self.options["prefetch_factor"] if self.num_workers else None,
             )
         )
-        self.resumed_at = self.batch_in_epoch
-        return self._epoch(self.epoch)
 
     def _epoch(self, epoch: int) -> Iterator:
         while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
@@ -359,8 +354,7 @@ class PytorchLoader(Loader):
             self.batch_in_epoch += 1
             yield (images, labels, keys) if self.options["with_keys"] else (images, labels)
         if self.epoch == epoch:
-            self._batches = None  # shuts the workers down
-            self._end_epoch()
+            self._complete_epoch()
 
     def _next_batch(self) -> tuple[Any, Any, list[str]]:
         failure = None
@@ -385,12 +379,6 @@ class PytorchLoader(Loader):
         except Exception:
             error = RuntimeError(f"{kind.__name__}: {message}")
         raise error
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.batch_in_epoch == self.batches_per_epoch:
-            self._batches = None
-            self._end_epoch()
-        return super().state_dict()
 
     def close(self) -> None:
         self._batches = None

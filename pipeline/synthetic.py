@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.base import Loader, batches_per_epoch, check_state, local_cuda_device, rank_range, resolve_options
+from pipeline.base import Loader, batches_per_epoch, local_cuda_device, rank_range, rank_seed, resolve_options
 
 #: Backend options the `synthetic` backend accepts, with their defaults.
 SYNTHETIC_OPTIONS: dict[str, Any] = {
@@ -64,22 +64,12 @@ class SyntheticLoader(Loader):
         self.device = (
             torch.device("cuda", local_cuda_device(device_id)) if torch.cuda.is_available() else torch.device("cpu")
         )
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        generator = torch.Generator().manual_seed(rank_seed(seed, rank))
         images = torch.randn(batch_size, image_size, image_size, 3, generator=generator, dtype=torch.float32)
         # NHWC buffer viewed as (N, 3, H, W): channels_last like the real backends.
         self._images = images.to(device=self.device, dtype=torch.float16).permute(0, 3, 1, 2)
         self._labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(self.device)
-        state = check_state(state, self.identity())
-        if state is not None:
-            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.resumed_at = self.batch_in_epoch
-
-    def __iter__(self) -> Iterator:
-        if self._pass_started:  # the previous pass was abandoned mid-epoch: that epoch is over
-            self._end_epoch()
-        self._pass_started = True
-        self.resumed_at = self.batch_in_epoch
-        return self._epoch(self.epoch)
+        self._restore(state)
 
     def _epoch(self, epoch: int) -> Iterator:
         while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
@@ -89,9 +79,4 @@ class SyntheticLoader(Loader):
             else:
                 yield self._images, self._labels
         if self.epoch == epoch:
-            self._end_epoch()
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.batch_in_epoch == self.batches_per_epoch:
-            self._end_epoch()
-        return super().state_dict()
+            self._complete_epoch()
