@@ -311,6 +311,10 @@ class _Run:
             window_steps += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or step_in_epoch == self.steps_per_epoch or self.step == max_steps:
+                if self.device.type == "cuda":
+                    # Logging steps only: the window ends when the GPU has finished its steps, not when the
+                    # host queued them (the host runs a few steps ahead, which would inflate images/s).
+                    torch.cuda.synchronize(self.device)
                 save_now = self.log_window(epoch, window_steps, loss_sum, data_wait,
                                            time.perf_counter() - window_start, bar)
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
