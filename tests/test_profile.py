@@ -87,10 +87,11 @@ def test_window_plan_and_cpu_delta():
     assert profiler._window_plan(steps=7, windows=3) == [3, 2, 2]
     assert profiler._window_plan(steps=2, windows=5) == [1, 1]
     assert profiler._window_plan(steps=None, windows=5) is None
-    # a worker born during the window counts from zero, one that vanished counts nothing more
+    # During the window: this process +0.5 s, worker 101 +0.5 s, worker 102 ran 0.25 s more and ended (the
+    # kernel then adds its whole 3.25 s lifetime to "reaped"), worker 103 was born and ran 0.25 s.
     before = {"self": 1.0, "reaped": 0.5, 101: 2.0, 102: 3.0}
-    after = {"self": 1.5, "reaped": 0.75, 101: 2.5, 103: 0.25}
-    assert profiler.cpu_seconds_delta(before, after) == 0.5 + 0.25 + 0.5 + 0.25
+    after = {"self": 1.5, "reaped": 0.5 + 3.25, 101: 2.5, 103: 0.25}
+    assert profiler.cpu_seconds_delta(before, after) == 0.5 + 0.5 + 0.25 + 0.25
 
 
 def test_ratios_against_the_ceiling_and_pytorch():

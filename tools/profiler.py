@@ -640,8 +640,12 @@ def _clock_tick() -> float:
 
 
 def cpu_seconds_delta(before: dict[int | str, float], after: dict[int | str, float]) -> float:
-    """CPU seconds spent between two snapshots; a child born in between counts from zero."""
-    return sum(max(0.0, seconds - before.get(key, 0.0)) for key, seconds in after.items())
+    """CPU seconds spent between two snapshots. A child born in between counts from zero. A child that ended
+    in between moved its whole lifetime into "reaped", so its time before the first snapshot is taken back
+    out (DataLoader workers end at every epoch boundary; without this they were counted twice)."""
+    spent = sum(seconds - before.get(key, 0.0) for key, seconds in after.items())
+    spent -= sum(seconds for key, seconds in before.items() if key not in after)
+    return max(spent, 0.0)
 
 
 class GpuMonitor:
