@@ -363,7 +363,6 @@ class _Run:
 
     def run_eval(self, epoch: float) -> dict:
         result = evaluate(self.raw_model, self.val_loader, device=self.device, precision=self.cfg.precision)
-        self.raw_model.train()
         result = {"kind": "eval", "epoch": epoch, "step": self.step, **result}
         self.log.write(result)
         self.say(self.eval_line(result))
