@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -29,6 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shards.atomic import atomic_write
+from shards.cpus import usable_cpus
 from shards.images import RejectedImage, prepare_image
 from shards.schema import (
     IMAGE_EXT,
@@ -281,7 +282,7 @@ def write_shard(
         raise
     if progress_queue is not None:
         progress_queue.put((pending, result.record["bytes"] if result.record else 0))
-    _atomic_write(_part_path(out, split, shard.index), json.dumps(asdict(result), sort_keys=True))
+    atomic_write(_part_path(out, split, shard.index), json.dumps(asdict(result), sort_keys=True))
     return result
 
 
@@ -306,19 +307,6 @@ def _part_path(out: Path, split: str, index: int) -> Path:
 
 def _plan_path(out: Path, split: str) -> Path:
     return out / PARTS_DIR / f"{split}.plan.json"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file of this process's own: J jobs may write the same plan or manifest at
-    once (identical content), and a shared temporary name would let one job move the other's half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def is_complete(out: Path, split: str, index: int, digest: str) -> bool:
@@ -406,7 +394,7 @@ def write_manifest(out: Path, split: str) -> Manifest | None:
     if manifest.discovered != num_samples + len(rejected):
         raise RuntimeError(f"{split}: discovered {manifest.discovered} != packed {num_samples} + rejected "
                            f"{len(rejected)}; a shard record is inconsistent, rerun convert")
-    _atomic_write(out / manifest_name(split), manifest.to_json())
+    atomic_write(out / manifest_name(split), manifest.to_json())
     return manifest
 
 
@@ -459,7 +447,7 @@ def convert(
     plan = plan_shards(sources, options)
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(_plan_path(out, split), json.dumps({
+    atomic_write(_plan_path(out, split), json.dumps({
         "digests": [digests[s.index] for s in plan], "discovered": len(sources) + len(discovery_rejected),
         "discovery_rejected": discovery_rejected, "classes": classes, "options": asdict(options),
         "tool_version": tool_version(),
@@ -468,7 +456,7 @@ def convert(
     mine = plan[job_index::num_jobs]
     stats = write_shards(
         mine, digests, src=src, out=out, options=options, label_of={c["wnid"]: c["index"] for c in classes},
-        strict=strict, workers=workers or os.cpu_count() or 1, progress=progress,
+        strict=strict, workers=workers or usable_cpus(), progress=progress,
     )
     manifest = write_manifest(out, split)
     if progress:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from shards.cpus import usable_cpus
 from shards.schema import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -124,7 +125,7 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
     for split in splits:
         manifest: Manifest = load_manifest(shards_dir, split)
         args = [(shards_dir, r, manifest.num_classes, decode) for r in manifest.shards]
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        with ProcessPoolExecutor(max_workers=workers or usable_cpus()) as pool:
             checks = list(pool.map(check_shard, *zip(*args, strict=True))) if args else []
         keys: set[str] = set()
         for check in checks:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from shards.cpus import usable_cpus
+
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Run `cmd`; return (wall seconds, peak RSS in bytes summed over the process and all its children)."""
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2000, help="images in the small input (the large is 10x)")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--work", default="/tmp/saturate-bench-shards")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=usable_cpus())
     parser.add_argument("--shard-size", default="64MB",
                         help="small enough that both inputs span several shards per worker, as ImageNet's ~280 "
                              "shards of 512 MB do; then both runs use the same processes and RSS compares")

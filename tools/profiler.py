@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.constants import HW_DECODER_LOAD
+from shards.cpus import usable_cpus
 from training.config import PRECISIONS  # light imports: neither pulls in torch or DALI
 
 MODES: tuple[str, ...] = ("loader", "model", "e2e")
@@ -308,7 +309,7 @@ def default_threads() -> int:
     """CPU cores per GPU: what one training rank of this machine can give its loader."""
     import torch
 
-    return max(1, _cpu_count() // max(1, torch.cuda.device_count()))
+    return max(1, usable_cpus() // max(1, torch.cuda.device_count()))
 
 
 def profile(
@@ -759,7 +760,7 @@ def describe_machine() -> dict:
         "cuda": torch.version.cuda,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_usable": _cpu_count(),
+        "cpu_usable": usable_cpus(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dali": dali_version,
@@ -768,14 +769,6 @@ def describe_machine() -> dict:
         "pillow_simd": ".post" in PIL.__version__,
         "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
     }
-
-
-def _cpu_count() -> int:
-    """CPU cores this process may run on (affinity / container limits), not the machine's total."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def _cpu_model() -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -24,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--shard-size", default="512MB", help="target bytes per shard (default 512MB)")
     size.add_argument("--samples-per-shard", type=int, help="fixed number of samples per shard instead")
     conv.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
-    conv.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    conv.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     conv.add_argument("--num-jobs", type=int, default=1, help="total jobs sharing this conversion")
     conv.add_argument("--job-index", type=int, default=0, help="this job's index in [0, num-jobs)")
     conv.add_argument("--max-size", type=int, metavar="PX", help="shrink images whose longer side exceeds PX")
@@ -39,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("out")
     ver.add_argument("--split", action="append", help="only this split (repeatable; default: all manifests)")
     ver.add_argument("--decode", action="store_true", help="decode every image")
-    ver.add_argument("--workers", type=int, default=os.cpu_count())
+    ver.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     ver.set_defaults(func=run_verify)
 
     merge = sub.add_parser("merge", help="write the manifest once every job of a split is done")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.cpus import usable_cpus
+
 #: Oddities real ImageNet files have, in the order they are assigned (and recorded in synth.json).
 QUIRK_KINDS: tuple[str, ...] = ("cmyk", "grayscale", "png", "progressive", "exif_rotated")
 QUIRK_FRACTION = 0.01  # of each split's images, per kind (at least one each)
@@ -351,13 +353,6 @@ def _write_image(job: ImageJob) -> tuple[int, int, int, tuple[int, int, int, int
     return len(data), stored_w, stored_h, stored_box(box, width, height, orientation)
 
 
-def _available_cores() -> int:
-    """Cores this process may run on (respects CPU affinity in containers), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty OUT unless `overwrite`; then only remove what an earlier synth run wrote."""
     if out.exists() and not out.is_dir():
@@ -422,7 +417,7 @@ def generate(out: str | os.PathLike, *, classes: int, train_per_class: int, val_
     for folder in sorted({os.path.dirname(job.path) for job in jobs}):
         (out / folder).mkdir(parents=True, exist_ok=True)
 
-    workers = min(workers or _available_cores(), len(jobs))
+    workers = min(workers or usable_cpus(), len(jobs))
     bar = tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress)
     if workers == 1:
         _init_worker(str(out), seed, scale, looks)

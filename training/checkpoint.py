@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards.atomic import atomic_open, temporary_path
+
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 _STEP_NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -45,20 +47,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace: a reader (or a resume after a
-    crash) sees the old file or the complete new one, never a partial file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """torch.save through shards.atomic with fsync: a reader (or a resume after a crash) sees the old file or
+    the complete new one, never a partial file under the final name."""
+    with atomic_open(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save(state: dict, run_dir: str | os.PathLike, *, step: int, keep_last: int, is_best: bool) -> Path:
@@ -67,8 +60,7 @@ def save(state: dict, run_dir: str | os.PathLike, *, step: int, keep_last: int, 
     path = atomic_save(state, directory / step_name(step))
     if is_best:
         # A hard link costs no second write; replacing through a temporary name keeps best.pt atomic too.
-        tmp = directory / f".{BEST_NAME}.tmp-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
+        tmp = temporary_path(directory / BEST_NAME)
         try:
             os.link(path, tmp)
             os.replace(tmp, directory / BEST_NAME)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.atomic import atomic_write
+
 
 @dataclass
 class Window:
@@ -131,9 +133,5 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write JSON through a temporary file so a reader never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (shards.atomic) so a reader never sees half of it."""
+    return atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shards.cpus import usable_cpus
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig, validate_environment
 from training.evaluate import evaluate
@@ -47,7 +48,7 @@ def train(config: TrainConfig) -> dict:
 def cpu_model_threads(loader_threads: int, info: dist.DistInfo) -> int:
     """Intra-op threads for the model when training on the CPU: this process's share of the cores minus the
     loader's threads. Oversubscribed OpenMP threads spin against the loader's and can make a step 5-10x slower."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, cores // local_processes - loader_threads)
 
