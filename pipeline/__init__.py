@@ -1,7 +1,7 @@
 """Input pipelines: one `build_loader` over four backends (DeepLearningExamples-style switch).
 
     from pipeline import build_loader, BACKENDS
-    loader = build_loader("shards/", "train", batch_size=256, backend="dali-gpu")
+    loader = build_loader("shards/", "train", train=True, batch_size=256, backend="dali-gpu")
     for images, labels in loader:   # one pass = one epoch
         ...                         # images: float16 (N, 3, H, W) channels_last, ImageNet-normalised
                                     # labels: int64 (N,), on the same device
@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from pipeline import constants
-from pipeline.base import BACKENDS, Loader, ShardReadError, check_arguments
+from pipeline.base import BACKENDS, Loader, ShardReadError, check_arguments, resolve_rank
 
 __all__ = ["BACKENDS", "Loader", "ShardReadError", "build_loader", "constants"]
 
@@ -27,11 +27,12 @@ def build_loader(
     shards_dir: str | os.PathLike | None,
     split: str,
     *,
+    train: bool,
     batch_size: int,
     image_size: int = constants.DEFAULT_IMAGE_SIZE,
     backend: str = "dali-gpu",
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     num_threads: int = 4,
     seed: int = 0,
     device_id: int | None = None,
@@ -41,6 +42,11 @@ def build_loader(
 ) -> Loader:
     """A loader over `<shards_dir>/<split>-*.tar` for rank `rank` of `world_size`.
 
+    train: True augments (random-resized crop, flip), shuffles and drops each rank's last partial batch;
+    False resizes and centre-crops and yields every sample of the rank's share once. Set explicitly, never
+    guessed from the split's name (a `minival` or `test` split can be read either way).
+    rank, world_size: default to the initialised process group, else torchrun's $RANK/$WORLD_SIZE, else 0 of
+    1; values that disagree with those are refused.
     batch_size: samples per batch per rank. image_size: side of the square output (pixels).
     num_threads: DALI CPU threads, or DataLoader worker processes for `pytorch`.
     seed: the same on every rank (shard order is global; augmentation streams differ per rank).
@@ -51,12 +57,13 @@ def build_loader(
     backend_options: per backend, see DALI_OPTIONS (pipeline.dali), PYTORCH_OPTIONS
     (pipeline.pytorch_loader), SYNTHETIC_OPTIONS (pipeline.synthetic).
     """
+    rank, world_size = resolve_rank(rank, world_size)
     check_arguments(
-        split=split, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
+        split=split, train=train, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
         world_size=world_size, crop_area=crop_area,
     )
     common = dict(
-        batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
+        train=train, batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
         num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area),
     )
     if backend in ("dali-gpu", "dali-cpu"):

@@ -16,22 +16,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shards.schema import SPLITS, Manifest, load_manifest, shard_files
+from shards.schema import Manifest, check_split_name, load_manifest, shard_files
 
 BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 #: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
-STATE_IDENTITY = ("backend", "split", "batch_size", "image_size", "rank", "world_size", "seed")
+STATE_IDENTITY = ("backend", "split", "train", "batch_size", "image_size", "rank", "world_size", "seed")
 
 
 def check_arguments(
-    *, split: str, backend: str, batch_size: int, image_size: int, rank: int, world_size: int,
+    *, split: str, train: bool, backend: str, batch_size: int, image_size: int, rank: int, world_size: int,
     crop_area: tuple[float, float],
 ) -> None:
     """Reject bad flags before anything is opened, naming the flag."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    check_split_name(split, "split")
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be True (augment, shuffle, drop the last partial batch) or False (centre "
+                        f"crop, every sample once), got {train!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(image_size, int) or image_size < 1:
@@ -43,6 +45,31 @@ def check_arguments(
     low, high = crop_area
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1 (fractions of image area), got {crop_area}")
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) of this process. Unset, they come from the initialised torch.distributed process
+    group, else from torchrun's $RANK/$WORLD_SIZE, else (0, 1). Values given that disagree with the group or
+    the environment are refused: under torchrun, a loader that silently read the whole split on every rank
+    would train on each sample W times per epoch."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        actual, source = (tdist.get_rank(), tdist.get_world_size()), "the initialised process group"
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        actual, source = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])), "$RANK/$WORLD_SIZE"
+    else:
+        actual, source = (0, 1), None
+    if rank is None and world_size is None:
+        return actual
+    if rank is None or world_size is None:
+        raise ValueError(f"pass both rank and world_size or neither (got rank={rank!r}, world_size={world_size!r})")
+    if source is not None and (rank, world_size) != actual:
+        raise ValueError(
+            f"rank={rank}, world_size={world_size} disagree with {source} (rank {actual[0]} of {actual[1]}); "
+            "pass neither to read this process's share"
+        )
+    return rank, world_size
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -143,6 +170,7 @@ class Loader:
 
     backend: str
     split: str
+    train: bool  # augment, shuffle and drop each rank's last partial batch; else centre crop, every sample once
     batch_size: int
     num_samples: int  # samples this rank yields per full epoch
     num_classes: int
@@ -172,9 +200,9 @@ class Loader:
         self.resumed_at = self.batch_in_epoch
         return state
 
-    # --- what a backend supplies: the batches of one epoch, and how to start and finish a pass ------------
-    def _epoch(self, epoch: int) -> Iterator:
-        """Yield the rest of epoch `epoch`, counting `batch_in_epoch`; call `_complete_epoch()` at its end."""
+    # --- what a backend supplies: the next batch, and how to start and finish a pass ----------------------
+    def _next_batch(self) -> tuple:
+        """The next batch of the current epoch, `(images, labels)` (plus keys when asked for)."""
         raise NotImplementedError
 
     def _start_pass(self) -> None:
@@ -183,6 +211,15 @@ class Loader:
     def _complete_epoch(self) -> None:
         """Finish the current epoch without yielding the rest (a backend drains or stops what is in flight)."""
         self._end_epoch()
+
+    def _epoch(self, epoch: int) -> Iterator:
+        """The rest of epoch `epoch`; the epoch is completed when its last batch was taken."""
+        while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
+            batch = self._next_batch()
+            self.batch_in_epoch += 1
+            yield batch
+        if self.epoch == epoch:  # not already completed by state_dict() or a new pass
+            self._complete_epoch()
 
     def __iter__(self) -> Iterator:
         if self._pass_started:  # the previous pass was abandoned mid-epoch: finish that epoch first

@@ -16,7 +16,7 @@ One graph (`imagenet_graph`) serves train and val; `train` is fixed when the pip
 
 Epochs end exactly: the reader is named (`READER_NAME`) and pads its share to whole batches with
 `pad_last_batch`; val uses LastBatchPolicy.PARTIAL, so the padding never reaches the caller and every val
-sample is seen exactly once across ranks; train uses LastBatchPolicy.DROP.
+sample is seen exactly once across ranks; train yields only its full batches and drains the rest.
 
 Resume: pipelines are built with `enable_checkpointing=True`; `state_dict()` holds the iterator's DALI
 checkpoint (base64 text) and `build_loader(..., state=...)` rebuilds the pipeline from it, so a resumed
@@ -175,6 +175,7 @@ class DaliLoader(Loader):
         shards_dir: str | os.PathLike,
         split: str,
         *,
+        train: bool,
         batch_size: int,
         image_size: int,
         backend: str,
@@ -203,7 +204,7 @@ class DaliLoader(Loader):
         self.num_classes = manifest.num_classes
         self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
         self.with_keys = bool(options["with_keys"])
-        train = split == "train"
+        self.train = train
         start, end = rank_range(manifest.num_samples, rank, world_size)
         if end == start or (train and manifest.num_samples // world_size < batch_size):
             raise ValueError(
@@ -297,17 +298,12 @@ class DaliLoader(Loader):
             self._dali.reset()
         self._end_epoch()
 
-    def _epoch(self, epoch: int) -> Iterator:
-        while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
-            out = self._next_dali()
-            images = out["images"].permute(0, 3, 1, 2)  # NHWC buffer -> (N, 3, H, W) channels_last view
-            self.batch_in_epoch += 1
-            if self.with_keys:
-                yield images, out["labels"], [_sample_key(row) for row in out["source_info"].cpu().numpy()]
-            else:
-                yield images, out["labels"]
-        if self.epoch == epoch:  # not already completed by state_dict() or a new pass
-            self._complete_epoch()
+    def _next_batch(self) -> tuple:
+        out = self._next_dali()
+        images = out["images"].permute(0, 3, 1, 2)  # NHWC buffer -> (N, 3, H, W) channels_last view
+        if self.with_keys:
+            return images, out["labels"], [_sample_key(row) for row in out["source_info"].cpu().numpy()]
+        return images, out["labels"]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

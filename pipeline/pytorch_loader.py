@@ -238,6 +238,7 @@ class PytorchLoader(Loader):
         shards_dir: str | os.PathLike,
         split: str,
         *,
+        train: bool,
         batch_size: int,
         image_size: int,
         backend: str,
@@ -264,7 +265,7 @@ class PytorchLoader(Loader):
         self.tars = [str(tar) for tar, _ in pairs]
         self.counts = [record.num_samples for record in manifest.shards]
         self.total = manifest.num_samples
-        self.train = split == "train"
+        self.train = train
         self.num_workers = max(int(num_threads), 0)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_cuda_device(device_id))
@@ -344,19 +345,15 @@ class PytorchLoader(Loader):
             )
         )
 
-    def _epoch(self, epoch: int) -> Iterator:
-        while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
-            images, labels, keys = self._next_batch()
-            # uint8 NHWC over the wire; normalise on the device into a float16 channels_last view.
-            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            images = images.float().sub_(self._mean).mul_(self._inv_std).half()
-            labels = labels.to(self.device, non_blocking=True)
-            self.batch_in_epoch += 1
-            yield (images, labels, keys) if self.options["with_keys"] else (images, labels)
-        if self.epoch == epoch:
-            self._complete_epoch()
+    def _next_batch(self) -> tuple:
+        images, labels, keys = self._from_workers()
+        # uint8 NHWC over the wire; normalise on the device into a float16 channels_last view.
+        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        images = images.float().sub_(self._mean).mul_(self._inv_std).half()
+        labels = labels.to(self.device, non_blocking=True)
+        return (images, labels, keys) if self.options["with_keys"] else (images, labels)
 
-    def _next_batch(self) -> tuple[Any, Any, list[str]]:
+    def _from_workers(self) -> tuple[Any, Any, list[str]]:
         failure = None
         try:
             return next(self._batches)

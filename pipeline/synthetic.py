@@ -5,7 +5,6 @@ generated once and yielded again and again, to measure the model's ceiling with 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from pipeline.base import Loader, batches_per_epoch, local_cuda_device, rank_range, rank_seed, resolve_options
@@ -25,6 +24,7 @@ class SyntheticLoader(Loader):
         shards_dir: str | os.PathLike | None,
         split: str,
         *,
+        train: bool,
         batch_size: int,
         image_size: int,
         backend: str,
@@ -49,7 +49,7 @@ class SyntheticLoader(Loader):
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_classes = num_classes
-        train = split == "train"
+        self.train = train
         self.batches_per_epoch = batches_per_epoch(
             train=train, num_samples=total, batch_size=batch_size, world_size=world_size, rank=rank
         )
@@ -71,12 +71,7 @@ class SyntheticLoader(Loader):
         self._labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(self.device)
         self._restore(state)
 
-    def _epoch(self, epoch: int) -> Iterator:
-        while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
-            self.batch_in_epoch += 1
-            if self._last_batch and self.batch_in_epoch == self.batches_per_epoch:
-                yield self._images[: self._last_batch], self._labels[: self._last_batch]
-            else:
-                yield self._images, self._labels
-        if self.epoch == epoch:
-            self._complete_epoch()
+    def _next_batch(self) -> tuple:
+        if self._last_batch and self.batch_in_epoch + 1 == self.batches_per_epoch:
+            return self._images[: self._last_batch], self._labels[: self._last_batch]
+        return self._images, self._labels

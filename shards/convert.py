@@ -40,6 +40,7 @@ from shards.schema import (
     Manifest,
     ShardRecord,
     _check_wnids,
+    check_split_name,
     encode_label,
     index_name,
     manifest_name,
@@ -426,6 +427,7 @@ def convert(
     non-train split reuses `OUT/train.manifest.json`'s classes when that exists, so val gets train's indices.
     """
     src, out = Path(src), Path(out)
+    check_split_name(split)
     if not 0 <= job_index < num_jobs:
         raise ValueError(f"--job-index {job_index} must be in [0, --num-jobs {num_jobs})")
     if samples_per_shard is not None and samples_per_shard < 1:

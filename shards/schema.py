@@ -40,7 +40,9 @@ TAR_BLOCK = 512  # bytes
 #: Version tag DALI's `wds2idx` writes on the first line of an index; our indexes are identical to its own.
 INDEX_VERSION = "v1.2"
 
+#: The usual split names; any name matching SPLIT_PATTERN works (test, minival, train_subset, ...).
 SPLITS = ("train", "val")
+SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 WNID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -61,6 +63,22 @@ def decode_label(raw: bytes) -> int:
     if len(raw) != LABEL_WIDTH or not raw.isdigit():
         raise ShardFormatError(f".{LABEL_EXT} member {raw[:16]!r} is not {LABEL_WIDTH} ASCII digits")
     return int(raw)
+
+
+def check_split_name(split: str, flag: str = "--split") -> str:
+    """A split name becomes part of file names (`<split>-000000.tar`, `<split>.manifest.json`): letters,
+    digits and `_` only, so it can neither leave the shard folder nor make one split's files look like
+    another's (`-` separates the split from the shard number)."""
+    if not isinstance(split, str) or not SPLIT_PATTERN.match(split):
+        raise ValueError(f"{flag} {split!r}: a split name is letters, digits and '_' (e.g. train, val, minival)")
+    return split
+
+
+def splits_in(shards_dir: str | os.PathLike) -> list[str]:
+    """Every split with a manifest in `shards_dir`: train and val first, then the others by name."""
+    found = {p.name[: -len(".manifest.json")] for p in Path(shards_dir).glob("*.manifest.json")}
+    found = {s for s in found if SPLIT_PATTERN.match(s)}
+    return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
 
 def shard_name(split: str, index: int) -> str:

@@ -23,15 +23,16 @@ from shards.schema import (
     LABEL_EXT,
     META_EXT,
     SAMPLE_EXTS,
-    SPLITS,
     Manifest,
     ShardFormatError,
     ShardRecord,
+    check_split_name,
     decode_label,
     format_index,
     load_manifest,
     manifest_name,
     split_member_name,
+    splits_in,
 )
 from shards.tarshard import index_tar, iter_members, sha256_file
 
@@ -116,7 +117,7 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise FileNotFoundError(f"shard directory {shards_dir} does not exist")
-    splits = splits or [s for s in SPLITS if (shards_dir / manifest_name(s)).is_file()]
+    splits = [check_split_name(s) for s in splits] if splits else splits_in(shards_dir)
     if not splits:
         raise FileNotFoundError(f"no *.manifest.json in {shards_dir}: nothing to verify")
     problems: list[str] = []

@@ -31,6 +31,7 @@ def loader(shards, split, backend, **kwargs):
     kwargs.setdefault("batch_size", 8)
     kwargs.setdefault("image_size", SIZE)
     kwargs.setdefault("num_threads", THREADS.get(backend, 1))
+    kwargs.setdefault("train", split == "train")
     return build_loader(shards, split, backend=backend, **kwargs)
 
 
@@ -257,8 +258,8 @@ def test_resume_refuses_a_state_from_another_configuration(tiny_shards):
 
 # --- synthetic ----------------------------------------------------------------------------------------------
 def test_synthetic_batches_have_the_real_shape_dtype_and_layout():
-    ldr = build_loader(None, "train", batch_size=6, image_size=SIZE, backend="synthetic", num_classes=10,
-                       num_samples=40, world_size=2)
+    ldr = build_loader(None, "train", train=True, batch_size=6, image_size=SIZE, backend="synthetic",
+                       num_classes=10, num_samples=40, rank=0, world_size=2)
     batches = list(ldr)
     assert len(batches) == len(ldr) == 3 and ldr.num_samples == 18 and ldr.num_classes == 10
     for images, labels in batches:
@@ -266,7 +267,7 @@ def test_synthetic_batches_have_the_real_shape_dtype_and_layout():
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert labels.dtype == torch.int64 and labels.shape == (6,) and 0 <= labels.min() <= labels.max() < 10
     assert batches[0][0].data_ptr() == batches[1][0].data_ptr()  # generated once, reused
-    val = build_loader(None, "val", batch_size=6, image_size=SIZE, backend="synthetic", num_samples=25,
+    val = build_loader(None, "val", train=False, batch_size=6, image_size=SIZE, backend="synthetic", num_samples=25,
                        world_size=3, rank=2)
     assert [len(y) for _, y in val] == [6, 3] and val.num_samples == 9
 
@@ -280,20 +281,24 @@ def damaged_copy(tiny_shards, tmp_path):
 
 def test_bad_flags_are_named(tiny_shards):
     with pytest.raises(ValueError, match="unknown backend 'dali'.*dali-gpu"):
-        build_loader(tiny_shards, "val", batch_size=4, backend="dali")
-    with pytest.raises(ValueError, match="unknown split 'test'"):
-        build_loader(tiny_shards, "test", batch_size=4, backend="dali-cpu")
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="dali")
+    with pytest.raises(ValueError, match="split '../val': a split name is letters"):
+        build_loader(tiny_shards, "../val", train=False, batch_size=4, backend="dali-cpu")
+    with pytest.raises(FileNotFoundError, match="test.manifest.json not found"):
+        build_loader(tiny_shards, "test", train=False, batch_size=4, backend="dali-cpu")
+    with pytest.raises(TypeError, match="train must be True"):
+        build_loader(tiny_shards, "val", train="val", batch_size=4, backend="dali-cpu")
     for bad in (0, -1):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-            build_loader(tiny_shards, "val", batch_size=bad, backend="dali-cpu")
+            build_loader(tiny_shards, "val", train=False, batch_size=bad, backend="dali-cpu")
     with pytest.raises(ValueError, match="rank must be in"):
-        build_loader(tiny_shards, "val", batch_size=4, backend="dali-cpu", rank=2, world_size=2)
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="dali-cpu", rank=2, world_size=2)
     with pytest.raises(ValueError, match="crop_area"):
-        build_loader(tiny_shards, "train", batch_size=4, backend="dali-cpu", crop_area=(0.5, 0.1))
+        build_loader(tiny_shards, "train", train=True, batch_size=4, backend="dali-cpu", crop_area=(0.5, 0.1))
     with pytest.raises(TypeError, match="no option.*hw_decoder_lod"):
-        build_loader(tiny_shards, "val", batch_size=4, backend="dali-cpu", hw_decoder_lod=0.5)
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="dali-cpu", hw_decoder_lod=0.5)
     with pytest.raises(ValueError, match="too few"):
-        build_loader(tiny_shards, "train", batch_size=64, backend="dali-cpu")
+        build_loader(tiny_shards, "train", train=True, batch_size=64, backend="dali-cpu")
     assert BACKENDS == ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 
 
@@ -335,7 +340,7 @@ def test_truncated_tar_fails_naming_the_shard(damaged_copy, backend):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without a GPU")
 def test_gpu_backend_without_gpu_is_a_clear_error(tiny_shards):
     with pytest.raises(RuntimeError, match="dali-gpu.*needs a CUDA GPU.*dali-cpu"):
-        build_loader(tiny_shards, "val", batch_size=4, backend="dali-gpu")
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="dali-gpu")
 
 
 # --- GPU ------------------------------------------------------------------------------------------------------
@@ -346,7 +351,8 @@ def test_gpu_backend_without_gpu_is_a_clear_error(tiny_shards):
 def test_gpu_batches_live_on_the_device(tiny_shards, backend, split):
     truth = read_split(tiny_shards, split)
     options = {"with_keys": True} if backend != "synthetic" else {"num_samples": 60}
-    ldr = build_loader(tiny_shards, split, batch_size=8, image_size=SIZE, backend=backend, num_threads=2, **options)
+    ldr = build_loader(tiny_shards, split, train=split == "train", batch_size=8, image_size=SIZE, backend=backend,
+                       num_threads=2, **options)
     assert ldr.device.type == "cuda"
     for images, labels, *keys in ldr:
         assert images.device.type == labels.device.type == "cuda"

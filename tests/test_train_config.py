@@ -111,7 +111,7 @@ def test_environment_checks_name_their_flag(tmp_path, overrides, world_size, cud
     ]),
 )
 def test_cli_fails_at_start_with_one_line(argv, message, capsys, tmp_path):
-    from tools.train_cmd import main
+    from training.cli import main
 
     assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -121,7 +121,7 @@ def test_cli_fails_at_start_with_one_line(argv, message, capsys, tmp_path):
 
 
 def test_cli_print_config(capsys):
-    from tools.train_cmd import main
+    from training.cli import main
 
     assert main(["--backend", "synthetic", "--arch", "resnet18", "--no-channels-last", "--print-config"]) == 0
     printed = capsys.readouterr().out

@@ -52,7 +52,7 @@ def test_digit_labels_survive_shards_and_dali(digit_shards):
     shards, truth = digit_shards
     manifest = load_manifest(shards, "val")
     assert manifest.wnids == [f"d{k}" for k in range(10)]
-    loader = build_loader(shards, "val", batch_size=64, image_size=DIGIT_SIDE, backend="dali-cpu",
+    loader = build_loader(shards, "val", train=False, batch_size=64, image_size=DIGIT_SIDE, backend="dali-cpu",
                           num_threads=1, with_keys=True)
     seen = {}
     for _images, labels, keys in loader:

@@ -150,7 +150,7 @@ def test_evaluate_only_from_a_torchvision_state_dict(tiny_shards, tmp_path):
 def test_cli_synthetic_run_with_progressive_resizing(tmp_path, capsys):
     """`saturate train --backend synthetic` end to end: --epochs and --max-steps, the loader rebuilt at the
     epoch where the crop grows (32 -> 64 px), evaluation at each epoch end and at the stop."""
-    from tools.train_cmd import main
+    from training.cli import main
 
     run = tmp_path / "run"
     argv = ["--backend", "synthetic", "--arch", "resnet18", "--precision", "fp32", "--batch-size", "4",

@@ -484,9 +484,10 @@ def _build_loader(config: ProfileConfig, *, shards_dir: str | os.PathLike, split
     if config.backend == "synthetic":
         # the ceiling must train the same head as e2e; a long epoch so no epoch boundary lands in a window
         options.update(num_classes=num_classes, num_samples=config.batch_size * 10_000)
-        return build_loader(None, "train", batch_size=config.batch_size, image_size=config.image_size,
+        return build_loader(None, "train", train=True, batch_size=config.batch_size, image_size=config.image_size,
                             backend="synthetic", **options)
-    return build_loader(shards_dir, split, batch_size=config.batch_size, image_size=config.image_size,
+    # the training pipeline (augmentation, shuffle) whichever split's shards it reads: that is what feeds a step
+    return build_loader(shards_dir, split, train=True, batch_size=config.batch_size, image_size=config.image_size,
                         backend=config.backend, num_threads=config.threads or 1, **options)
 
 

@@ -1,93 +1,18 @@
-"""`saturate train` (and `python -m training.train`, torchrun-able): flags -> TrainConfig -> training.train.
-
-Every field of training.config.TrainConfig is a flag of the same name (`base_lr` -> `--base-lr`); a
-`--config FILE` (YAML/TOML/JSON) sets fields first and flags given on the command line override it.
-"""
+"""`saturate train`: registers the trainer's own command line (training/cli.py) as a sub-command."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-import typing
-
-EPILOG = """examples:
-  saturate train --data /shards/imagenet                                   # 1 GPU, ResNet-50 recipe
-  torchrun --nproc-per-node 8 -m training.train --data /shards/imagenet    # 8 GPUs, DDP
-  saturate train --backend synthetic --max-steps 300 --compile             # model ceiling, no data
-  saturate train --data D --evaluate-only --resume runs/train/checkpoints/best.pt
-see docs/training.md for multi-node and Slurm, training/RECIPE.md for the recipe."""
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so only flags actually given override."""
-    from training.config import FIELD_TYPES, FIELDS, flag
-
-    group = parser.add_argument_group("training options (defaults in training/config.py)")
-    for name, spec in FIELDS.items():
-        hint = FIELD_TYPES[name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if len(args) == 1 else hint
-        default = spec.default
-        text = f"{spec.metadata['help']} (default: {default})"
-        if base is bool:
-            group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)
-        elif typing.get_origin(base) is tuple:
-            group.add_argument(flag(name), dest=name, nargs="+", metavar="X", default=argparse.SUPPRESS,
-                               help=text)
-        else:
-            # strings here; TrainConfig's coercion gives one error format (naming the flag) for file and CLI
-            group.add_argument(flag(name), dest=name, metavar=name.upper(), default=argparse.SUPPRESS,
-                               help=text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from training.cli import EPILOG, configure
+
     parser = subparsers.add_parser(
         "train",
         help="train a torchvision classifier on shards (DDP under torchrun)",
-        description=__doc__,
+        description="Flags -> TrainConfig -> training.train; every TrainConfig field is a flag of the same name.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     configure(parser)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of option: value pairs")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-    add_config_flags(parser)
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from training.config import FIELDS, build_config
-
-    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    config = build_config(file=args.config, overrides=overrides)
-    if args.print_config:
-        print(config.to_json())
-        return 0
-    from training.train import train
-
-    train(config)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m training.train`: same flags, same one-line errors as `saturate train`."""
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        if args.traceback:
-            raise
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

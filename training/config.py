@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.base import BACKENDS  # light: the pipeline imports DALI only when a loader is built
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
+from shards.schema import SPLIT_PATTERN
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 LR_SCHEDULES = ("cosine", "step")
@@ -35,6 +36,8 @@ def _opt(default, help: str, **extra):  # noqa: A002 - `help` mirrors argparse
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------------------
     data: str | None = _opt(None, "directory holding train and val shards (not needed with --backend synthetic)")
+    train_split: str = _opt("train", "split to train on (read with augmentation and shuffling)")
+    val_split: str = _opt("val", "split to evaluate on (centre crop, every sample exactly once)")
     backend: str = _opt("dali-gpu", f"data backend, one of {', '.join(BACKENDS)}")
     image_size: int = _opt(224, "training crop side in pixels (the final size when progressive resizing)")
     val_image_size: int | None = _opt(None, "validation crop side in pixels (default: --image-size)")
@@ -209,6 +212,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{flag(name)}: {why}, got {getattr(c, name)!r}")
 
     need(c.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
+    for name in ("train_split", "val_split"):
+        need(SPLIT_PATTERN.match(getattr(c, name)) is not None, name, "must be letters, digits and '_'")
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
     need(c.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
     need(c.base_lr > 0, "base_lr", "must be > 0")

@@ -67,25 +67,32 @@ class ThroughputMeter:
 
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, one JSON object per log step and per evaluation (rank 0 only), plus TensorBoard
-    scalars when `tensorboard` is installed (it is optional: nothing else depends on it)."""
+    scalars when `tensorboard` is installed (it is optional: nothing else depends on it). Nothing is created
+    before the first record, so a run that fails at start leaves no RUN_DIR behind."""
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool) -> None:
         self.enabled = enabled
         self.records: list[dict] = []
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self.tensorboard = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._opened = False
 
-                self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is not a dependency
-                self.tensorboard = None
+    def _open(self) -> None:
+        self._opened = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is not a dependency
+            self.tensorboard = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if not self._opened:
+            self._open()
         record = {"time": time.time(), **record}
         self.records.append(record)
         with open(self.path, "a") as f:

@@ -1,0 +1,38 @@
+"""The trainer's side of `pipeline.build_loader`: which split, which backend options, from the config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.config import TrainConfig
+from training.dist import DistInfo
+
+
+def make_loader(cfg: TrainConfig, info: DistInfo, *, train: bool, image_size: int, seed: int,
+                state: dict | None = None) -> Any:
+    """The train loader (`train=True`: --train-split, augmented, shuffled) or the val loader (--val-split,
+    centre crop, every sample once) for this rank; `state` continues a saved position."""
+    from pipeline import build_loader  # imports DALI; kept out of module import time
+
+    options: dict = {}
+    if cfg.backend == "dali-gpu":
+        options["hw_decoder_load"] = cfg.hw_decoder_load
+    if cfg.backend == "synthetic":
+        options["num_classes"] = cfg.num_classes or 1000
+        options["num_samples"] = cfg.synthetic_samples if train else cfg.synthetic_val_samples
+    return build_loader(
+        cfg.data if cfg.backend != "synthetic" else None,
+        cfg.train_split if train else cfg.val_split,
+        train=train,
+        batch_size=cfg.per_process_batch(info.world_size),
+        image_size=image_size,
+        backend=cfg.backend,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_threads=cfg.num_threads,
+        seed=seed,
+        device_id=info.local_rank if info.device.type == "cuda" else None,
+        state=state,
+        crop_area=tuple(cfg.crop_area),
+        **options,
+    )

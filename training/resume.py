@@ -1,0 +1,83 @@
+"""Where a run starts: a checkpoint found and checked against the config, and the position to continue from.
+
+A checkpoint is refused (one line naming the flag) when continuing it would silently change the run: another
+architecture or class count, or another global batch (the peak LR and the schedule's length follow it).
+The loader position is restored only when the loader that wrote it is the loader this epoch needs (same
+process count, crop size, backend and loader threads); otherwise the epoch's data order restarts, and the
+run says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from training import checkpoint
+from training.config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The position a run continues from (all zero for a fresh run)."""
+
+    epoch: int  # the epoch in progress
+    step: int  # optimizer steps already taken
+    step_in_epoch: int  # steps already taken in `epoch`
+    loader_seed: int  # seed of the train loader of `epoch`
+    loader_state: dict | None  # this rank's saved loader position, or None to start the epoch's order afresh
+    steps_per_epoch: int | None  # the saved epoch length when `loader_state` is restored (it sets the schedule)
+
+
+def load_checkpoint(cfg: TrainConfig, run_dir: Path, *, world_size: int, say: Callable[[str], None]) -> dict | None:
+    """The checkpoint `--resume` names (or the newest one for `auto`), checked against `cfg`; None to start."""
+    path = checkpoint.resolve(cfg.resume, run_dir)
+    if path is None:
+        if cfg.resume == "auto":
+            if cfg.evaluate_only and cfg.pretrained is None:
+                raise ConfigError(f"--evaluate-only: --resume auto found no checkpoint in "
+                                  f"{run_dir / checkpoint.CHECKPOINT_DIR}")
+            say(f"--resume auto: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}, starting")
+        return None
+    ckpt = checkpoint.load(path)
+    saved = ckpt.get("config", {})
+    for name in ("arch", "num_classes"):
+        if name in saved and saved[name] is not None and saved[name] != getattr(cfg, name) and (
+            name != "num_classes" or cfg.num_classes is not None
+        ):
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: {path} was trained with {name}={saved[name]!r}, "
+                f"not {getattr(cfg, name)!r}"
+            )
+    if not cfg.evaluate_only and "batch_size" in saved:
+        # The peak LR and the steps per epoch follow the global batch; the scheduler's state holds both,
+        # so continuing with another global batch would silently keep the old LR on a misplaced curve.
+        old = saved.get("global_batch_size") or saved["batch_size"] * ckpt["world_size"]
+        new = cfg.global_batch(world_size)
+        if old != new:
+            raise ConfigError(
+                f"--global-batch-size: {path} was trained with a global batch of {old} on "
+                f"{ckpt['world_size']} process(es); this run's is {new}. Pass --global-batch-size {old} "
+                "to continue its schedule"
+            )
+    say(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
+    return {**ckpt, "path": str(path)}
+
+
+def resume_point(ckpt: dict | None, cfg: TrainConfig, *, rank: int, world_size: int,
+                 say: Callable[[str], None]) -> ResumePoint:
+    """Where to continue: the checkpoint's epoch and step, and its loader position when it can be used."""
+    if ckpt is None:
+        return ResumePoint(0, 0, 0, cfg.seed, None, None)
+    epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+    saved = ckpt.get("config", {})
+    same_loader = (ckpt["world_size"], ckpt["image_size"], saved.get("backend"), saved.get("num_threads")) == (
+        world_size, cfg.image_size_at(epoch), cfg.backend, cfg.num_threads)
+    if same_loader:
+        return ResumePoint(epoch, ckpt["step"], step_in_epoch, ckpt["loader_seed"], ckpt["loader_states"][rank],
+                           ckpt["steps_per_epoch"])
+    if step_in_epoch:
+        say(f"warning: {ckpt['path']} was written by {ckpt['world_size']} process(es) at crop size "
+            f"{ckpt['image_size']} with --backend {saved.get('backend')} --num-threads "
+            f"{saved.get('num_threads')}; the data order of epoch {epoch} restarts")
+    return ResumePoint(epoch, ckpt["step"], step_in_epoch, cfg.seed + epoch, None, None)

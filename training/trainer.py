@@ -1,0 +1,310 @@
+"""One training run from its resume point: `Trainer(...)` builds everything (and writes nothing), `fit()` runs
+epochs of steps with logging, evaluation and checkpoints, and returns the summary.
+
+The step itself is training/step.py; everything here runs around it on log steps, epoch ends and checkpoints.
+Host syncs happen only on log steps (`log_window`), at evaluation and at checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training import checkpoint, dist
+from training.config import ConfigError, TrainConfig
+from training.data import make_loader
+from training.evaluate import evaluate
+from training.metrics import MetricsLog, ThroughputMeter, Window, plot_curves, read_metrics, write_json
+from training.model import build_model
+from training.optim import build_optimizer, build_scheduler, lr_factor
+from training.preempt import Preempted, StopRequest
+from training.resume import resume_point
+from training.step import TrainStep
+
+
+def model_for_run(cfg: TrainConfig, num_classes: int, ckpt: dict | None, device: torch.device) -> torch.nn.Module:
+    """The run's model on `device`: the checkpoint's weights, else --pretrained's, else a fresh init."""
+    model = build_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained if ckpt is None else None,
+                        channels_last=cfg.channels_last, zero_init_residual=cfg.zero_init_residual)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def eval_line(r: dict) -> str:
+    return (f"val step {r['step']}: top-1 {r['top1']:.2f}% ({r['correct1']}/{r['total']}) "
+            f"top-5 {r['top5']:.2f}% ({r['correct5']}/{r['total']}) loss {r['loss']:.4f}")
+
+
+class Trainer:
+    """Loaders, model, optimizer, schedule and bookkeeping of one run; `fit()` trains."""
+
+    def __init__(self, cfg: TrainConfig, info: dist.DistInfo, *, ckpt: dict | None, val_loader, log: MetricsLog,
+                 run_dir: Path, say: Callable[[str], None]) -> None:
+        self.cfg, self.info, self.device, self.is_main = cfg, info, info.device, info.is_main
+        self.val_loader, self.log, self.run_dir, self.say = val_loader, log, run_dir, say
+        self.batch = cfg.per_process_batch(info.world_size)  # images per process per step
+        point = resume_point(ckpt, cfg, rank=info.rank, world_size=info.world_size, say=say)
+        self.epoch, self.step, self.step_in_epoch = point.epoch, point.step, point.step_in_epoch
+        self.train_image_size = cfg.image_size_at(point.epoch)
+        self.train_loader_seed = point.loader_seed
+        self.train_loader = make_loader(cfg, info, train=True, image_size=self.train_image_size,
+                                        seed=self.train_loader_seed, state=point.loader_state)
+        try:
+            num_classes = cfg.num_classes or self.train_loader.num_classes
+            if cfg.num_classes is None and val_loader.num_classes != num_classes:
+                raise ConfigError(f"--data: {cfg.train_split} has {num_classes} classes but {cfg.val_split} has "
+                                  f"{val_loader.num_classes}; convert both splits with the same class list")
+            # len() of a loader resumed mid-epoch counts only the batches left in that epoch; the checkpoint
+            # remembers the full length (it sets the LR schedule, so it must not change on resume).
+            self.steps_per_epoch = point.steps_per_epoch if point.loader_state else len(self.train_loader)
+            if self.steps_per_epoch == 0:
+                raise ConfigError(f"--batch-size: {self.batch} per process is larger than this rank's "
+                                  f"{self.train_loader.num_samples} training samples")
+            self.max_steps = min(cfg.max_steps or cfg.epochs * self.steps_per_epoch, cfg.epochs * self.steps_per_epoch)
+            self.raw_model = model_for_run(cfg, num_classes, ckpt, self.device)
+            model = self.raw_model
+            if info.world_size > 1:
+                model = torch.nn.parallel.DistributedDataParallel(
+                    model,
+                    device_ids=[info.local_rank] if self.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True,  # grads alias the all-reduce buckets: one copy less
+                )
+            self.peak_lr = cfg.peak_lr(info.world_size)
+            optimizer = build_optimizer(self.raw_model, lr=self.peak_lr, momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+            self.schedule = dict(steps_per_epoch=self.steps_per_epoch, epochs=cfg.epochs,
+                                 warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule,
+                                 milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma)
+            scheduler = build_scheduler(optimizer, **self.schedule)
+            self.train_step = TrainStep(model, optimizer, precision=cfg.precision, compile=cfg.compile,
+                                        label_smoothing=cfg.label_smoothing, scheduler=scheduler)
+        except BaseException:
+            self.train_loader.close()
+            raise
+        self.meter = ThroughputMeter(world_size=info.world_size, warmup_steps=cfg.throughput_warmup_steps)
+        self.best = {"top1": -1.0, "top5": -1.0}
+        self.last_eval: dict | None = None
+        self.is_best = False  # the last evaluation beat every earlier one: the next checkpoint is best.pt
+        self.stop = StopRequest()
+        self.stop_agreed = False  # every rank knows a stop signal arrived: save and exit
+        if ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            self.train_step.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["world_size"] == info.world_size:
+                checkpoint.set_rng_state(ckpt["rng"][info.rank])
+            self.best = ckpt["best"]
+            self.last_eval = ckpt["last_eval"]
+        self.last_checkpoint_time = time.monotonic()
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to --epochs / --max-steps; on a stop signal, checkpoint and raise Preempted."""
+        cfg, world = self.cfg, self.info.world_size
+        start_time = time.perf_counter()
+        self.say(f"training {cfg.arch} on {world} process(es): global batch {cfg.global_batch(world)}, peak lr "
+                 f"{self.peak_lr:.4g}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, stopping at step "
+                 f"{self.max_steps}")
+        with self.stop:
+            try:
+                while self.step < self.max_steps and self.epoch < cfg.epochs:
+                    finished = self.train_epoch()
+                    if finished:
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    last = self.step >= self.max_steps or self.epoch >= cfg.epochs
+                    if not self.stop_agreed and (last or (finished and self.epoch % cfg.eval_every == 0)):
+                        self.run_eval(self.epoch if finished
+                                      else self.epoch + self.step_in_epoch / self.steps_per_epoch)
+                    path = self.save()
+                    if self.stop_agreed:
+                        raise Preempted(self.stop.signum or 15, str(path) if path else None, self.step)
+            finally:
+                self.train_loader.close()
+        return self.finish(time.perf_counter() - start_time)
+
+    def train_epoch(self) -> bool:
+        """Steps of the current epoch from `step_in_epoch`; True when the epoch ran to its end."""
+        cfg, epoch = self.cfg, self.epoch
+        size = cfg.image_size_at(epoch)
+        if size != self.train_image_size:  # progressive resizing: a new loader at the new crop size
+            self.train_loader.close()
+            self.train_image_size, self.train_loader_seed = size, cfg.seed + epoch
+            self.train_loader = make_loader(cfg, self.info, train=True, image_size=size, seed=self.train_loader_seed)
+            self.meter.reset_warmup()  # cudnn.benchmark re-tunes, torch.compile may recompile
+            self.say(f"epoch {epoch}: training crop {size} px")
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", unit="step",
+                   disable=not (self.is_main and cfg.progress), leave=False, dynamic_ncols=True)
+        batches = iter(self.train_loader)
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        while self.step_in_epoch < self.steps_per_epoch and self.step < self.max_steps:
+            # Data wait = host time blocked in next(): no batch was ready. On a GPU the host runs ahead of
+            # the device, so while the loader keeps up this is ~0 even though kernels are still queued;
+            # when it does not, the GPU drains its queue and idles for about this long. Summed over the
+            # window and divided by the window's wall time (which ends at the sync below) it is the share
+            # of training time lost to input.
+            t = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - t
+            if batch is None:  # the loader ended its epoch early (not expected: train drops only the tail)
+                self.say(f"warning: the train loader ended epoch {epoch} after {self.step_in_epoch} of "
+                         f"{self.steps_per_epoch} batches")
+                self.step_in_epoch = self.steps_per_epoch
+                break
+            images = batch[0].to(self.device, non_blocking=True)  # no-op when the loader is on-device
+            labels = batch[1].to(self.device, non_blocking=True)
+            loss_sum += self.train_step(images, labels)  # stays on the device: no sync
+            self.step += 1
+            self.step_in_epoch += 1
+            window_steps += 1
+            bar.update(1)
+            end_of_window = (self.step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+                             or self.step == self.max_steps)
+            if end_of_window:
+                if self.device.type == "cuda":
+                    # Logging steps only: the window ends when the GPU has finished its steps, not when the
+                    # host queued them (the host runs a few steps ahead, which would inflate images/s).
+                    torch.cuda.synchronize(self.device)
+                save_now, self.stop_agreed = self.log_window(window_steps, loss_sum, data_wait,
+                                                             time.perf_counter() - window_start, bar)
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                loss_sum = torch.zeros((), device=self.device)
+                if save_now and not self.stop_agreed and self.step_in_epoch < self.steps_per_epoch:
+                    self.save()
+            elif self.info.world_size == 1 and self.stop.signum is not None:
+                self.stop_agreed = True  # one process: nobody to agree with, stop after this step
+            if self.stop_agreed:
+                break
+        bar.close()
+        finished = self.step_in_epoch >= self.steps_per_epoch
+        if finished:
+            next(batches, None)  # let the loader see the end of its epoch so its state points at the next
+        return finished
+
+    def log_window(self, steps: int, loss_sum: torch.Tensor, data_wait: float, wall: float,
+                   bar: tqdm) -> tuple[bool, bool]:
+        """Log one window (the sync point of the loop); returns (rank 0 says "checkpoint now", some rank
+        received a stop signal), the same on every rank."""
+        cfg, world = self.cfg, self.info.world_size
+        due = cfg.checkpoint_minutes > 0 and time.monotonic() - self.last_checkpoint_time >= 60 * cfg.checkpoint_minutes
+        flags = (data_wait, wall, float(due and self.is_main), float(self.stop.signum is not None))
+        stats = torch.stack([loss_sum.double(), *(torch.tensor(x, dtype=torch.float64, device=self.device)
+                                                   for x in flags)])
+        dist.all_reduce_sum(stats)  # every rank: loss, wait and wall summed; rank 0's checkpoint flag; stops
+        loss, data_wait, wall, save_flag, stop_flag = stats.tolist()  # .tolist() is a sync point
+        loss, data_wait, wall = loss / (world * steps), data_wait / world, wall / world
+        self.meter.add(Window(steps=steps, images=steps * self.batch, wall_s=wall, data_wait_s=data_wait))
+        record = {
+            "kind": "train",
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": loss,
+            "lr": self.peak_lr * lr_factor(self.step - 1, **self.schedule),  # LR of the last step taken
+            "images_per_sec_per_gpu": steps * self.batch / wall,  # images/s per GPU (per process)
+            "images_per_sec": steps * self.batch * world / wall,  # images/s over all processes
+            "step_time_ms": 1000 * wall / steps,
+            "data_wait_share": data_wait / wall,
+            "image_size": self.train_image_size,
+        }
+        self.log.write(record)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at step {self.step}: lower --base-lr or use --precision bf16")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.3g}")
+        self.say(
+            f"epoch {self.epoch} step {self.step} | loss {loss:.4f} | lr {record['lr']:.4g} | "
+            f"{record['images_per_sec_per_gpu']:.0f} img/s/gpu {record['images_per_sec']:.0f} img/s | "
+            f"step {record['step_time_ms']:.1f} ms | data wait {100 * record['data_wait_share']:.1f}%"
+        )
+        return save_flag > 0, stop_flag > 0
+
+    def run_eval(self, epoch: float) -> dict:
+        result = evaluate(self.raw_model, self.val_loader, device=self.device, precision=self.cfg.precision)
+        result = {"kind": "eval", "epoch": epoch, "step": self.step, **result}
+        self.log.write(result)
+        self.say(eval_line(result))
+        self.is_best = result["top1"] > self.best["top1"]
+        if self.is_best:
+            self.best = {"top1": result["top1"], "top5": result["top5"], "step": self.step}
+        self.last_eval = result
+        return result
+
+    def save(self) -> Path | None:
+        """Checkpoint (collective: every rank hands in its loader position and RNG; rank 0 writes and gets the
+        path)."""
+        loader_states = dist.all_gather_object(self.train_loader.state_dict())
+        rng_states = dist.all_gather_object(checkpoint.rng_state())
+        path = None
+        if self.is_main:
+            state = {
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.train_step.optimizer.state_dict(),
+                "scheduler": self.train_step.scheduler.state_dict(),
+                "scaler": self.train_step.scaler.state_dict(),
+                "epoch": self.epoch,  # the epoch in progress (== completed epochs when step_in_epoch is 0)
+                "step": self.step,  # optimizer steps taken
+                "step_in_epoch": self.step_in_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "image_size": self.train_image_size,  # of the loader whose positions are saved
+                "loader_seed": self.train_loader_seed,
+                "world_size": self.info.world_size,
+                "loader_states": loader_states,  # per rank, plain types
+                "rng": rng_states,  # per rank
+                "best": self.best,
+                "last_eval": self.last_eval,
+                "config": self.cfg.to_dict(),
+            }
+            path = checkpoint.save(state, self.run_dir, step=self.step, keep_last=self.cfg.keep_last,
+                                   is_best=self.is_best)
+            self.say(f"checkpoint {path}" + (" (best)" if self.is_best else ""))
+        self.is_best = False
+        self.last_checkpoint_time = time.monotonic()
+        dist.barrier()
+        return path
+
+    def finish(self, wall_time: float) -> dict:
+        summary = {
+            "final_top1": self.last_eval["top1"] if self.last_eval else None,
+            "final_top5": self.last_eval["top5"] if self.last_eval else None,
+            "best_top1": self.best["top1"] if self.best["top1"] >= 0 else None,
+            "best_top5": self.best["top5"] if self.best["top1"] >= 0 else None,
+            "final_eval": self.last_eval,
+            "images_per_sec_per_gpu": self.meter.images_per_sec_per_gpu,
+            "images_per_sec": self.meter.images_per_sec,
+            "data_wait_share": self.meter.data_wait_share,
+            "throughput_steps": self.meter.counted.steps,  # steps the averages cover (warm-up excluded)
+            "wall_time_s": wall_time,
+            "steps": self.step,
+            "epochs_completed": self.epoch,
+            "world_size": self.info.world_size,
+            "global_batch": self.cfg.global_batch(self.info.world_size),
+            "peak_lr": self.peak_lr,
+            "config": self.cfg.to_dict(),
+        }
+        if self.is_main:
+            write_json(summary, self.run_dir / "summary.json")
+            if self.log.path.is_file():  # the whole run's records, earlier sessions of a resumed run too
+                plot_curves(read_metrics(self.log.path), self.run_dir / "curves.png")
+            per_gpu = summary["images_per_sec_per_gpu"]
+            throughput = (f"{per_gpu:.0f} img/s/gpu, data wait {100 * summary['data_wait_share']:.1f}% "
+                          f"(warm-up excluded)" if per_gpu is not None else
+                          "no throughput average: every log window fell in --throughput-warmup-steps")
+            final = f"{summary['final_top1']:.2f}%" if summary["final_top1"] is not None else "n/a"
+            best = f"{summary['best_top1']:.2f}%" if summary["best_top1"] is not None else "n/a"
+            self.say(f"done: {self.step} steps in {wall_time:.0f} s; val top-1 final {final}, best {best}; "
+                     f"{throughput}; summary in {self.run_dir / 'summary.json'}")
+        return summary
+
+
+def say_on_main(info: dist.DistInfo) -> Callable[[str], None]:
+    """print() for rank 0 that does not break tqdm bars; a no-op on the other ranks."""
+    def say(text: str) -> None:
+        if info.is_main:
+            tqdm.write(text, file=sys.stdout)
+    return say
