@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shards.schema import Manifest, check_split_name, load_manifest, shard_files
+from shards.schema import Manifest, ShardFormatError, check_split_name, load_manifest, shard_files
 
 BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 #: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
@@ -86,11 +86,16 @@ def resolve_options(backend: str, given: dict[str, Any], defaults: dict[str, Any
 
 
 def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manifest, list[tuple[Path, Path]]]:
-    """The split's manifest and its (tar, idx) paths, every file checked to exist (errors name the file)."""
+    """The split's manifest and its (tar, idx) paths, every shard checked cheaply against its record (exists,
+    size, sample count: `shards.schema.shard_files`). A shard that does not match is a ShardReadError naming it:
+    training must never start on shards that are not the ones the manifest describes."""
     if shards_dir is None:
         raise ValueError("shards_dir is required for every backend but 'synthetic'")
     manifest = load_manifest(shards_dir, split)
-    pairs = shard_files(shards_dir, manifest)
+    try:
+        pairs = shard_files(shards_dir, manifest)
+    except ShardFormatError as err:
+        raise ShardReadError(str(err)) from err
     if manifest.num_samples < 1:
         raise ValueError(f"{Path(shards_dir)}: the {split} manifest lists no samples")
     return manifest, pairs

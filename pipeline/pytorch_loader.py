@@ -48,7 +48,7 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from shards.schema import IMAGE_EXT, LABEL_EXT, ShardFormatError, decode_label
+from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label
 
 #: Backend options the `pytorch` backend accepts, with their defaults.
 PYTORCH_OPTIONS: dict[str, Any] = {
@@ -171,8 +171,8 @@ class Augment:
             image = image.convert("RGB")
         except KeyError as err:
             raise ShardReadError(f"{where}: member .{err.args[0]} is missing") from None
-        except (OSError, ShardFormatError) as err:
-            raise ShardReadError(f"{where}: cannot decode ({err})") from err
+        except Exception as err:  # OSError, DecompressionBombError, a bad label: all name the shard and sample
+            raise ShardReadError(f"{where}: cannot decode ({type(err).__name__}: {err})") from err
         size = self.image_size
         if self.train:
             rng = random.Random(f"{self.seed_prefix}:{sample['__position__']}")

@@ -18,6 +18,9 @@ import hashlib
 import json
 import os
 import random
+import re
+import stat
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from shards.atomic import atomic_write
 from shards.cpus import usable_cpus
-from shards.images import RejectedImage, prepare_image
+from shards.images import CHECKS, DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
 from shards.schema import (
     IMAGE_EXT,
     LABEL_ENCODING,
@@ -38,6 +41,7 @@ from shards.schema import (
     META_EXT,
     TAR_BLOCK,
     Manifest,
+    ShardFormatError,
     ShardRecord,
     _check_wnids,
     check_split_name,
@@ -89,7 +93,8 @@ class WriteOptions:
     samples_per_shard: int | None
     max_size: int | None
     quality: int
-    check: str  # "header" (fast) or "decode" (decode every image while packing)
+    check: str  # "decode" (strict decode of every pass-through JPEG) or "header" (trust a well-formed header)
+    max_pixels: int  # width x height above which an image is rejected (decompression bombs)
 
 
 @dataclass
@@ -99,44 +104,84 @@ class ShardResult:
     record: dict | None  # ShardRecord fields; None when every source of the shard was rejected
     converted: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
     rejected: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    class_counts: dict[str, int] = field(default_factory=dict)  # wnid -> samples packed in this shard
 
 
 # --- discover ---------------------------------------------------------------------------------------------
-def discover(src: Path, *, labels_csv: Path | None = None) -> tuple[list[SourceFile], list[dict]]:
+def discover(src: Path, *, labels_csv: Path | None = None) -> tuple[list[SourceFile], list[dict], list[str]]:
     """Every regular, non-hidden file under `src`, labelled by its class folder or by `labels_csv`.
 
-    Returns (labelled sources sorted by path, rejected-at-discovery records). Raises for a missing or empty
-    source, or (flat layout) a file absent from the CSV / a CSV row without a file.
+    Returns (labelled sources sorted by path, rejected-at-discovery records, class folders). The class folders
+    are torchvision's `find_classes` list (every non-hidden folder directly under `src`, empty ones included, so
+    class indices match `ImageFolder(allow_empty=True)`); empty for the flat CSV layout. Raises for a missing or
+    empty source, or (flat layout) a file absent from the CSV / a CSV row without a file.
     """
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
-    files = sorted(_walk(src))
-    if not files:
+    files, rejected = _walk(src)
+    if not files and not rejected:
         raise ValueError(f"source folder {src} holds no files (empty split?)")
     if labels_csv is not None:
-        return _label_from_csv(src, files, labels_csv), []
-    sources, rejected = [], []
+        return _label_from_csv(src, files, labels_csv), rejected, []
+    folders = sorted(e.name for e in os.scandir(src) if not e.name.startswith(".") and e.is_dir())
+    sources = []
     for rel, size in files:
         if "/" not in rel:
             rejected.append({"path": rel, "reason": "not inside a class folder"})
         else:
             sources.append(SourceFile(rel, rel.split("/", 1)[0], size))
-    if not sources:
-        raise ValueError(f"{src} has no class folders with files (expected SRC/<wnid>/<image>, or pass --labels)")
-    return sources, rejected
+    if not folders:
+        raise ValueError(f"{src} has no class folders (expected SRC/<wnid>/<image>, or pass --labels)")
+    return sources, sorted(rejected, key=lambda r: r["path"]), folders
 
 
-def _walk(root: Path):
-    """(posix relative path, size) of regular files, skipping hidden files and folders; follows links like
-    torchvision's ImageFolder does."""
+def _walk(root: Path) -> tuple[list[tuple[str, int]], list[dict]]:
+    """((posix relative path, size) of regular files, rejected records), hidden files and folders skipped.
+
+    Links are followed like torchvision's ImageFolder follows them, but every real folder is visited once: a
+    link to a folder of the tree itself or to one already visited (`cls/up -> ..`, which would loop and pack the
+    tree again under the wrong label) is listed as rejected instead, as are dangling links, links to themselves
+    and anything that is not a regular file (FIFOs, sockets, devices).
+    """
+    def real(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    def rel(path: str) -> str:
+        return Path(path).relative_to(root).as_posix()
+
+    visited = {real(d) for d, _, _ in os.walk(root)}  # the tree's own folders (links not followed) win
+    files: list[tuple[str, int]] = []
+    rejected: list[dict] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
+        followed = []
+        for name in sorted(dirnames):
+            path = os.path.join(dirpath, name)
+            if name.startswith("."):
+                continue
+            if os.path.islink(path):
+                if real(path) in visited:
+                    rejected.append({"path": rel(path), "reason": f"link to a folder already in the tree "
+                                     f"({os.readlink(path)}); each folder is read once"})
+                    continue
+                visited.add(real(path))
+            followed.append(name)
+        dirnames[:] = followed
+        for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = os.path.join(dirpath, name)
-            if os.path.isfile(path):
-                yield Path(path).relative_to(root).as_posix(), os.path.getsize(path)
+            try:
+                st = os.stat(path)
+            except OSError as err:  # dangling link (ENOENT), a link to itself or a loop of links (ELOOP)
+                target = os.readlink(path) if os.path.islink(path) else "?"
+                rejected.append({"path": rel(path), "reason": f"unusable link to {target} ({err.strerror})"})
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.append((rel(path), st.st_size))
+            else:
+                rejected.append({"path": rel(path), "reason": "not a regular file"})
+    return sorted(files), rejected
 
 
 def _image_id(path: str) -> str:
@@ -169,10 +214,11 @@ def _label_from_csv(src: Path, files: list[tuple[str, int]], labels_csv: Path) -
 
 
 def resolve_classes(
-    sources: Sequence[SourceFile], *, classes_file: Path | None, names_file: Path | None
+    sources: Sequence[SourceFile], *, folders: Sequence[str], classes_file: Path | None, names_file: Path | None
 ) -> list[dict]:
-    """Class list in index order: torchvision ImageFolder's sorted WNIDs, or exactly `classes_file`'s list."""
-    present = sorted({s.wnid for s in sources})
+    """Class list in index order: torchvision ImageFolder's sorted class folders (empty ones included), or
+    exactly `classes_file`'s list. `folders` is empty for the flat CSV layout: then the labels present."""
+    present = sorted(set(folders) | {s.wnid for s in sources})
     if classes_file is not None:
         wnids = read_class_list(classes_file)
         unknown = sorted(set(present) - set(wnids))
@@ -265,6 +311,7 @@ def write_shard(
                     (LABEL_EXT, encode_label(label)),
                     (META_EXT, json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
                 ])
+                result.class_counts[source.wnid] = result.class_counts.get(source.wnid, 0) + 1
                 if reason:
                     result.converted.append({"path": source.rel, "reason": reason})
             pending += 1
@@ -296,8 +343,8 @@ def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> t
             data = os.read(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-        return prepare_image(data, max_size=options.max_size, quality=options.quality,
-                             full_decode=options.check == "decode")
+        return prepare_image(data, max_size=options.max_size, quality=options.quality, check=options.check,
+                             max_pixels=options.max_pixels)
     except RejectedImage as err:
         return err
 
@@ -346,27 +393,89 @@ def write_shards(
             bar.update(len(shard.sources))
             bar.set_postfix_str(f"{written / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s")
     else:
-        with Manager() as manager, ProcessPoolExecutor(max_workers=workers) as pool:
+        with Manager() as manager, ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
+                                                       initargs=(os.getpid(),)) as pool:
             queue = manager.Queue()
             pending = {
                 pool.submit(write_shard, s, digest=digests[s.index], progress_queue=queue, **kwargs)
                 for s in todo
             }
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()  # re-raises a worker's error (e.g. --strict) with its message
-                while not queue.empty():
-                    images, nbytes = queue.get()
-                    bar.update(images)
-                    written += nbytes
-                bar.set_postfix_str(f"{written / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s")
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()  # re-raises a worker's error (e.g. --strict, a full disk) with its message
+                    while not queue.empty():
+                        images, nbytes = queue.get()
+                        bar.update(images)
+                        written += nbytes
+                    bar.set_postfix_str(f"{written / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s")
+            except BaseException:
+                stop_pool(pool)  # report now, not after every shard in flight was finished for nothing
+                raise
     bar.close()
     return {"shards_written": len(todo), "shards_skipped": skipped, "images": total, "bytes": written,
             "seconds": time.perf_counter() - start}
 
 
+def die_with_parent(parent: int) -> None:
+    """Pool worker initializer: be killed when the converter process dies (Linux PR_SET_PDEATHSIG), so a
+    `kill -9` of the converter does not leave workers writing shards nobody will record."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers end with their queue instead
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel queued shards and terminate the workers writing the others (their `.partial` files are
+    overwritten by the next run)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list(getattr(pool, "_processes", {}).values()):  # no public API before Python 3.14
+        process.terminate()
+
+
 # --- manifest ---------------------------------------------------------------------------------------------
+def invalidate_other_manifest(out: Path, split: str, split_digest: str, *, say=None) -> None:
+    """Remove `<split>.manifest.json` unless it describes exactly this plan, before any shard is touched: a
+    re-conversion (another seed, source or option) replaces shards one by one, and a manifest left in place
+    would describe a mix of old and new shards to every loader until the last job rewrites it."""
+    path = out / manifest_name(split)
+    if not path.is_file():
+        return
+    try:
+        current = Manifest.from_json(path.read_text(), path).plan_digest == split_digest
+    except ShardFormatError:
+        current = False
+    if not current:
+        path.unlink(missing_ok=True)
+        if say is not None:
+            say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
+
+
+def remove_unlisted_shards(out: Path, split: str, manifest: Manifest) -> list[Path]:
+    """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s and records) the new manifest does not
+    list: shards of an older, larger plan, or of a shard index whose samples this plan all rejected."""
+    listed = {name for r in manifest.shards for name in (r.name, r.index)}
+    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.(tar|idx)(\.partial)?$")
+    removed = []
+    for path in sorted(out.iterdir()):
+        if pattern.match(path.name) and path.name not in listed:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    parts = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.json$")
+    planned = len(json.loads(_plan_path(out, split).read_text())["digests"])
+    for path in sorted((out / PARTS_DIR).iterdir()):
+        if (m := parts.match(path.name)) and int(m.group(1)) >= planned:
+            path.unlink(missing_ok=True)
+    return removed
+
+
 def write_manifest(out: Path, split: str) -> Manifest | None:
     """Build `<split>.manifest.json` from the plan and the per-shard records; None while shards are missing."""
     plan_file = _plan_path(out, split)
@@ -383,19 +492,25 @@ def write_manifest(out: Path, split: str) -> Manifest | None:
             raise ValueError(f"{part} was written for another plan (other source or options); rerun convert")
         results.append(result)
     records = [ShardRecord(**r["record"]) for r in results if r["record"] is not None]
+    counts: dict[str, int] = {}
+    for r in results:
+        for wnid, n in r.get("class_counts", {}).items():
+            counts[wnid] = counts.get(wnid, 0) + n
+    classes = [{**c, "num_samples": counts.get(c["wnid"], 0)} for c in plan["classes"]]
     rejected = sorted(plan["discovery_rejected"] + [x for r in results for x in r["rejected"]],
                       key=lambda x: x["path"])
     num_samples = sum(r.num_samples for r in records)
     manifest = Manifest(
         split=split, num_samples=num_samples, discovered=plan["discovered"],
-        converted=sum(len(r["converted"]) for r in results), rejected=rejected, classes=plan["classes"],
+        converted=sum(len(r["converted"]) for r in results), rejected=rejected, classes=classes,
         label_encoding=dict(LABEL_ENCODING), shards=records, seed=plan["options"]["seed"],
-        options=plan["options"], tool_version=plan["tool_version"],
+        options=plan["options"], tool_version=plan["tool_version"], plan_digest=plan["plan_digest"],
     )
     if manifest.discovered != num_samples + len(rejected):
         raise RuntimeError(f"{split}: discovered {manifest.discovered} != packed {num_samples} + rejected "
                            f"{len(rejected)}; a shard record is inconsistent, rerun convert")
     atomic_write(out / manifest_name(split), manifest.to_json())
+    remove_unlisted_shards(out, split, manifest)
     return manifest
 
 
@@ -418,8 +533,8 @@ def convert(
     labels_csv: str | os.PathLike | None = None, classes_file: str | os.PathLike | None = None,
     names_file: str | os.PathLike | None = None, shard_bytes: int | None = DEFAULT_SHARD_BYTES,
     samples_per_shard: int | None = None, seed: int = 0, workers: int | None = None, num_jobs: int = 1,
-    job_index: int = 0, max_size: int | None = None, quality: int = 90, check: str = "header",
-    strict: bool = False, progress: bool = True,
+    job_index: int = 0, max_size: int | None = None, quality: int = 90, check: str = "decode",
+    max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False, progress: bool = True,
 ) -> Manifest | None:
     """Convert one split; returns the manifest, or None when other jobs' shards are still missing.
 
@@ -428,31 +543,45 @@ def convert(
     """
     src, out = Path(src), Path(out)
     check_split_name(split)
+    if num_jobs < 1:
+        raise ValueError(f"--num-jobs {num_jobs} must be >= 1")
     if not 0 <= job_index < num_jobs:
         raise ValueError(f"--job-index {job_index} must be in [0, --num-jobs {num_jobs})")
     if samples_per_shard is not None and samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard {samples_per_shard} must be >= 1")
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality {quality} must be in 1..100")
-    if check not in ("header", "decode"):
-        raise ValueError(f"--check {check!r} must be 'header' or 'decode'")
+    if check not in CHECKS:
+        raise ValueError(f"--check {check!r} must be one of {', '.join(CHECKS)}")
+    if max_size is not None and max_size < 1:
+        raise ValueError(f"--max-size {max_size} must be >= 1 pixel")
+    if max_pixels < 1:
+        raise ValueError(f"--max-pixels {max_pixels} must be >= 1")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers {workers} must be >= 1 (or leave it out: the usable CPU cores)")
+
     if classes_file is None and split != "train" and (out / manifest_name("train")).is_file():
         classes_file = out / manifest_name("train")
         if progress:
             print(f"{split}: using class indices from {classes_file}")
     options = WriteOptions(split, seed, None if samples_per_shard else shard_bytes, samples_per_shard,
-                           max_size, quality, check)
+                           max_size, quality, check, max_pixels)
 
-    sources, discovery_rejected = discover(src, labels_csv=Path(labels_csv) if labels_csv else None)
-    classes = resolve_classes(sources, classes_file=Path(classes_file) if classes_file else None,
+    sources, discovery_rejected, folders = discover(src, labels_csv=Path(labels_csv) if labels_csv else None)
+    if strict and discovery_rejected:
+        first = discovery_rejected[0]
+        raise ValueError(f"{src / first['path']}: {first['reason']} (--strict)")
+    classes = resolve_classes(sources, folders=folders, classes_file=Path(classes_file) if classes_file else None,
                               names_file=Path(names_file) if names_file else None)
     plan = plan_shards(sources, options)
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
+    split_digest = hashlib.sha256(" ".join(digests[s.index] for s in plan).encode()).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
+    invalidate_other_manifest(out, split, split_digest, say=print if progress else None)
     atomic_write(_plan_path(out, split), json.dumps({
-        "digests": [digests[s.index] for s in plan], "discovered": len(sources) + len(discovery_rejected),
-        "discovery_rejected": discovery_rejected, "classes": classes, "options": asdict(options),
-        "tool_version": tool_version(),
+        "digests": [digests[s.index] for s in plan], "plan_digest": split_digest,
+        "discovered": len(sources) + len(discovery_rejected), "discovery_rejected": discovery_rejected,
+        "classes": classes, "options": asdict(options), "tool_version": tool_version(),
     }, sort_keys=True))
 
     mine = plan[job_index::num_jobs]
@@ -463,7 +592,20 @@ def convert(
     manifest = write_manifest(out, split)
     if progress:
         _print_summary(split, stats, manifest, job_index, num_jobs, len(mine))
+    if manifest is not None:
+        warn_empty_classes(manifest)
     return manifest
+
+
+def warn_empty_classes(manifest: Manifest) -> None:
+    """Say which classes have no sample: their indices are kept (labels match torchvision's ImageFolder with
+    allow_empty=True), but a class that is never seen cannot be learned or evaluated."""
+    empty = [c for c in manifest.classes if c.get("num_samples") == 0]
+    if empty:
+        shown = ", ".join(f"{c['wnid']} (index {c['index']})" for c in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        print(f"warning: {manifest.split}: {len(empty)} of {manifest.num_classes} classes have no samples: "
+              f"{shown}{more}; their indices are kept", file=sys.stderr)
 
 
 def _print_summary(split, stats, manifest, job_index, num_jobs, planned) -> None:

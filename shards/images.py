@@ -1,8 +1,18 @@
 """Deciding, per source file, whether its bytes can go into a shard untouched, must become RGB JPEG, or are rejected.
 
 The fast path is the common one: an RGB JPEG with an end-of-image marker and no EXIF rotation is packed
-byte-identical after parsing only its header (tens of microseconds). Everything else is decoded with Pillow
-(or Pillow-SIMD when installed: same API) and re-encoded, and the reason is recorded:
+byte-identical after a marker scan of its header (microseconds) and, by default (`check="decode"`), a strict
+decode: libjpeg-turbo (through `simplejpeg`) decodes the whole entropy-coded stream at 1/8 scale and any
+libjpeg warning is an error. A JPEG whose data is corrupt mid-file ("Corrupt JPEG data: premature end of data
+segment", bytes flipped by a bad disk or a broken download) decodes with only a warning in Pillow, DALI's CPU
+decoder and torchvision, and would be trained on as grey blocks; it is rejected here instead. `check="header"`
+skips that decode (about 1 ms per image; see docs/benchmarks.md) for trusted sources.
+
+A header whose width x height exceeds `max_pixels` is rejected before anything is decoded (a decompression
+bomb: a few KB that claims 60000 x 60000 pixels would stop a loader mid-epoch or exhaust its memory).
+
+Everything else is decoded with Pillow (or Pillow-SIMD when installed: same API) and re-encoded, and the
+reason is recorded:
 
 - CMYK / grayscale JPEGs, PNG or any other format -> RGB JPEG (DALI's and Pillow's decoders then agree).
 - EXIF Orientation != 1 -> pixels rotated upright and the tag dropped. DALI applies EXIF orientation when it
@@ -23,9 +33,10 @@ _EXIF_ORIENTATION = 0x0112
 # Bytes allowed after the end-of-image marker (some encoders pad) before a JPEG counts as suspicious.
 _EOI_TAIL = 32  # bytes
 
-# Pillow refuses absurd pixel counts by default; ImageNet's largest image is far below this, but a
-# decompression bomb in a scraped data set must be rejected, not crash a worker.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+#: Largest width x height packed by default: Pillow's own decompression-bomb limit (about 9459 x 9459).
+#: ImageNet-1k's largest image has 38 megapixels; `--max-pixels` raises it for data sets with larger images.
+DEFAULT_MAX_PIXELS = 89_478_485  # pixels
+CHECKS = ("decode", "header")  # what the converter checks of a pass-through JPEG: strict decode, or header only
 
 
 class RejectedImage(Exception):
@@ -87,30 +98,80 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
+def strict_decode_problem(data: bytes) -> tuple[str, str] | None:
+    """None if libjpeg-turbo decodes all of `data` without a single warning; else (kind, libjpeg's message) with
+    kind "corrupt" (it decodes, but only with warnings: damaged entropy-coded data) or "unsupported" (the
+    TurboJPEG API cannot read it at all, e.g. an unusual chroma subsampling; Pillow may still).
+
+    Decoding at 1/8 scale still reads and Huffman-decodes every byte of the scan, so corruption is found, and
+    costs about a third of a full decode.
+    """
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+        return None
+    except ValueError as strict_error:
+        try:
+            simplejpeg.decode_jpeg(data, strict=False, min_height=1, min_width=1)
+        except ValueError:
+            return "unsupported", str(strict_error)
+        return "corrupt", str(strict_error)
+
+
+def _strict_check(data: bytes) -> str | None:
+    """None when the strict decode passes; raises RejectedImage for corrupt data; else the "unsupported" reason."""
+    problem = strict_decode_problem(data)
+    if problem is None:
+        return None
+    kind, message = problem
+    if kind == "corrupt":
+        raise RejectedImage(f"corrupt JPEG data ({message})")
+    return message
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise RejectedImage(f"header claims {width}x{height} = {width * height} pixels, above --max-pixels "
+                            f"{max_pixels} (decompression bomb?)")
+
+
 def prepare_image(
-    data: bytes, *, max_size: int | None = None, quality: int = 90, full_decode: bool = False
+    data: bytes, *, max_size: int | None = None, quality: int = 90, check: str = "decode",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[bytes, str | None]:
     """Return (JPEG bytes to pack, reason it was converted or None if packed untouched).
 
-    Raises RejectedImage with the reason for zero-byte, non-image, truncated or undecodable input.
-    `full_decode` decodes every pass-through JPEG too (slow; catches corrupt entropy data mid-file).
+    Raises RejectedImage with the reason for zero-byte, non-image, truncated, corrupt, undecodable or
+    oversized (`max_pixels`) input. `check="decode"` strictly decodes every pass-through JPEG (see the module
+    docstring); `"header"` trusts a well-formed header.
     """
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     if not data:
         raise RejectedImage("zero-byte file")
-    if not full_decode:
-        size = plain_rgb_jpeg_size(data)
-        if size is not None and (max_size is None or max(size) <= max_size):
-            return data, None
+    size = plain_rgb_jpeg_size(data)
+    problem = None  # what the strict decode found, once it ran
+    if size is not None:
+        _check_pixels(*size, max_pixels)
+        if max_size is None or max(size) <= max_size:
+            if check == "header" or (problem := _strict_check(data)) is None:
+                return data, None
+            # the TurboJPEG API cannot read it: Pillow decides below, and re-encodes what it can read
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (a warning above, an error above twice this)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RejectedImage(f"above --max-pixels {max_pixels} (decompression bomb? {err})") from None
+    except UnidentifiedImageError as err:
         raise RejectedImage(f"not an image ({type(err).__name__})") from None
     except (OSError, SyntaxError, ValueError) as err:
         kind = "JPEG" if data[:2] == b"\xff\xd8" else "image"
         reason = "truncated" if "runcated" in str(err) else "unreadable header of"
         raise RejectedImage(f"{reason} {kind} ({err})") from None
+    _check_pixels(*img.size, max_pixels)
 
     reasons = []
     if img.format != "JPEG":
@@ -122,9 +183,14 @@ def prepare_image(
     if max_size is not None and max(img.size) > max_size:
         reasons.append(f"longer side {max(img.size)} > {max_size}")
 
+    if not reasons and img.format == "JPEG" and check == "decode":
+        if problem is None:  # not a plain RGB JPEG by its header (e.g. padding after the end marker): check now
+            problem = _strict_check(data)
+        if problem is not None:
+            reasons.append(f"JPEG the TurboJPEG API cannot read ({problem})")
     if not reasons:
-        if full_decode or not _ends_with_eoi(data):
-            _decode(img)  # raises RejectedImage for truncated/corrupt data
+        if check == "decode" or not _ends_with_eoi(data):
+            _decode(img)  # raises RejectedImage for truncated/undecodable data
         return data, None
 
     img = _decode(img)

@@ -179,13 +179,16 @@ class Manifest:
     discovered: int
     converted: int
     rejected: list[dict]  # [{"path": ..., "reason": ...}], paths relative to the source
-    classes: list[dict]  # [{"index": i, "wnid": ..., "name": ... or None}], in index order
+    classes: list[dict]  # [{"index": i, "wnid": ..., "name": ... or None, "num_samples": n}], in index order
     label_encoding: dict
     shards: list[ShardRecord]
     seed: int
     options: dict
     tool_version: str
     schema_version: int = SCHEMA_VERSION
+    #: sha256 over the shard plan this manifest was written for; a conversion with another plan removes the
+    #: manifest before it replaces any shard ("" in manifests written before it existed)
+    plan_digest: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -233,7 +236,9 @@ def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
 
 
 def shard_files(shards_dir: str | os.PathLike, manifest: Manifest) -> list[tuple[Path, Path]]:
-    """(tar, idx) paths of every shard in the manifest, checked to exist; the error names the missing file."""
+    """(tar, idx) paths of every shard in the manifest, each checked cheaply against its record: the files
+    exist, the tar has the recorded size and the index's first line the recorded sample count (one stat and
+    one short read per shard). The full sha256 is `saturate shards verify`'s job. Errors name the file."""
     shards_dir = Path(shards_dir)
     pairs = []
     for record in manifest.shards:
@@ -241,8 +246,27 @@ def shard_files(shards_dir: str | os.PathLike, manifest: Manifest) -> list[tuple
         for path in (tar, idx):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} listed in the {manifest.split} manifest is missing")
+        check_shard_record(record, tar_bytes=tar.stat().st_size, index_head=_first_line(idx), where=tar,
+                           split=manifest.split)
         pairs.append((tar, idx))
     return pairs
+
+
+def check_shard_record(record: ShardRecord, *, tar_bytes: int, index_head: str, where: object, split: str) -> None:
+    """The cheap consistency checks of one shard against its manifest record; ShardFormatError names it."""
+    fix = ("the shard changed after the manifest was written (an interrupted re-conversion?); re-convert the "
+           "split, or run `saturate shards verify` on it")
+    if tar_bytes != record.bytes:
+        raise ShardFormatError(f"{where}: {tar_bytes} bytes, the {split} manifest says {record.bytes}: {fix}")
+    head = index_head.split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or head[1] != str(record.num_samples):
+        raise ShardFormatError(f"{where}: its index starts {index_head.strip()[:40]!r}, the {split} manifest "
+                               f"says {record.num_samples} samples: {fix}")
+
+
+def _first_line(path: Path) -> str:
+    with open(path, "rb") as f:
+        return f.readline(64).decode("ascii", errors="replace")
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:

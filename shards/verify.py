@@ -10,14 +10,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from shards.cpus import usable_cpus
+from shards.images import plain_rgb_jpeg_size, strict_decode_problem
 from shards.schema import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -98,22 +101,44 @@ def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode:
         if not 0 <= label < num_classes or meta.get("label") != label:
             check.problems.append(f"{where}: label {label} (json {meta.get('label')}) of {num_classes} classes")
         if decode:
-            try:
-                with Image.open(io.BytesIO(sample[IMAGE_EXT])) as img:
-                    img.load()
-                    if img.format != "JPEG" or img.mode != "RGB":
-                        check.problems.append(f"{where}: {img.format} {img.mode}, expected RGB JPEG")
+            problem = decode_problem(sample[IMAGE_EXT])
+            if problem is None:
                 check.decoded += 1
-            except Exception as err:  # any decoder failure is a finding, not a crash of verify
-                check.problems.append(f"{where}: image does not decode ({err})")
+            else:
+                check.problems.append(f"{where}: {problem}")
     check.cpu_seconds = time.process_time() - start
     check.keys = order
     return check
 
 
+def decode_problem(jpeg: bytes) -> str | None:
+    """None when `jpeg` is what the converter packs: an RGB JPEG that libjpeg-turbo decodes without a warning
+    (the converter's own strict check, shards.images.strict_decode_problem); else what is wrong."""
+    if plain_rgb_jpeg_size(jpeg) is None:
+        try:
+            with Image.open(io.BytesIO(jpeg)) as img:
+                found = f"{img.format} {img.mode}"
+        except Exception as err:  # any decoder failure is a finding, not a crash of verify
+            return f"image does not decode ({err})"
+        return f"{found}, expected an RGB JPEG with its end marker"
+    problem = strict_decode_problem(jpeg)
+    return None if problem is None else f"image does not decode cleanly ({problem[1]})"
+
+
+def unlisted_shards(shards_dir: Path, manifest: Manifest) -> list[str]:
+    """`<split>-NNNNNN.tar/.idx` files in the folder that the manifest does not list (left by an older, larger
+    conversion, or copied in by hand): a loader ignores them, but they are not what the manifest describes."""
+    listed = {name for r in manifest.shards for name in (r.name, r.index)}
+    pattern = re.compile(rf"^{re.escape(manifest.split)}-\d{{6}}\.(tar|idx)$")
+    return sorted(p.name for p in shards_dir.iterdir() if pattern.match(p.name) and p.name not in listed)
+
+
 def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, decode: bool = False,
-           workers: int | None = None) -> tuple[list[str], dict]:
-    """Return (problems, stats). No problems means every manifest found matches its shards exactly."""
+           workers: int | None = None, progress: bool = False) -> tuple[list[str], dict]:
+    """Return (problems, stats). No problems means every manifest found matches its shards exactly.
+
+    stats["samples"] counts the samples actually read and checked (a missing or unreadable shard's are not);
+    stats["listed"] what the manifests promise. `progress` shows a bar in images/s (stderr)."""
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise FileNotFoundError(f"shard directory {shards_dir} does not exist")
@@ -121,13 +146,21 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
     if not splits:
         raise FileNotFoundError(f"no *.manifest.json in {shards_dir}: nothing to verify")
     problems: list[str] = []
-    stats = {"samples": 0, "shards": 0, "decoded": 0, "cpu_seconds": 0.0, "seconds": 0.0}
+    stats = {"samples": 0, "listed": 0, "shards": 0, "decoded": 0, "cpu_seconds": 0.0, "seconds": 0.0}
     start = time.perf_counter()
     for split in splits:
         manifest: Manifest = load_manifest(shards_dir, split)
-        args = [(shards_dir, r, manifest.num_classes, decode) for r in manifest.shards]
+        bar = tqdm(total=manifest.num_samples, unit="img", unit_scale=True, disable=not progress,
+                   desc=f"verify {split}" + (" --decode" if decode else ""))
         with ProcessPoolExecutor(max_workers=workers or usable_cpus()) as pool:
-            checks = list(pool.map(check_shard, *zip(*args, strict=True))) if args else []
+            futures = {pool.submit(check_shard, shards_dir, r, manifest.num_classes, decode): r
+                       for r in manifest.shards}
+            for future in as_completed(futures):
+                bar.update(futures[future].num_samples)
+            checks = [future.result() for future in futures]  # manifest order
+        bar.close()
+        problems += [f"{name}: not listed in {manifest_name(split)} (left by an older conversion?); remove it"
+                     for name in unlisted_shards(shards_dir, manifest)]
         keys: set[str] = set()
         for check in checks:
             problems += check.problems
@@ -143,7 +176,8 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
         if manifest.discovered != manifest.num_samples + len(manifest.rejected):
             problems.append(f"{manifest_name(split)}: discovered {manifest.discovered} != packed "
                             f"{manifest.num_samples} + rejected {len(manifest.rejected)}")
-        stats["samples"] += total
+        stats["samples"] += sum(len(check.keys) for check in checks)
+        stats["listed"] += total
         stats["shards"] += len(manifest.shards)
     stats["seconds"] = time.perf_counter() - start
     return problems, stats

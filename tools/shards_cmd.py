@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shards.images import DEFAULT_MAX_PIXELS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("shards", help="pack ImageNet folders into WebDataset shards, verify them")
@@ -28,8 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--job-index", type=int, default=0, help="this job's index in [0, num-jobs)")
     conv.add_argument("--max-size", type=int, metavar="PX", help="shrink images whose longer side exceeds PX")
     conv.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    conv.add_argument("--check", choices=("header", "decode"), default="header",
-                      help="header: parse headers, decode only suspicious files (fast); decode: decode all")
+    conv.add_argument("--check", choices=("decode", "header"), default="decode",
+                      help="decode (default): strictly decode every JPEG, rejecting corrupt data that decoders "
+                           "would only warn about; header: trust well-formed headers (faster, for trusted sources)")
+    conv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                      help=f"reject images whose width x height exceeds N (decompression bombs; "
+                           f"default {DEFAULT_MAX_PIXELS})")
     conv.add_argument("--strict", action="store_true", help="stop at the first bad file instead of rejecting it")
     conv.add_argument("--no-progress", action="store_true")
     conv.set_defaults(func=run_convert)
@@ -37,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver = sub.add_parser("verify", help="re-check counts, sha256, indexes (and decode with --decode)")
     ver.add_argument("out")
     ver.add_argument("--split", action="append", help="only this split (repeatable; default: all manifests)")
-    ver.add_argument("--decode", action="store_true", help="decode every image")
+    ver.add_argument("--decode", action="store_true",
+                     help="strictly decode every image (libjpeg-turbo; a warning counts as damage)")
+    ver.add_argument("--no-progress", action="store_true")
     ver.add_argument("--workers", type=int, help="processes (default: the cores this process may use)")
     ver.set_defaults(func=run_verify)
 
@@ -54,7 +62,8 @@ def run_convert(args: argparse.Namespace) -> int:
         args.src, args.out, split=args.split, labels_csv=args.labels, classes_file=args.classes,
         names_file=args.names, shard_bytes=parse_size(args.shard_size), samples_per_shard=args.samples_per_shard,
         seed=args.seed, workers=args.workers, num_jobs=args.num_jobs, job_index=args.job_index,
-        max_size=args.max_size, quality=args.quality, check=args.check, strict=args.strict,
+        max_size=args.max_size, quality=args.quality, check=args.check, max_pixels=args.max_pixels,
+        strict=args.strict,
         progress=not args.no_progress,
     )
     return 0
@@ -63,10 +72,12 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from shards.verify import verify
 
-    problems, stats = verify(args.out, splits=args.split, decode=args.decode, workers=args.workers)
+    problems, stats = verify(args.out, splits=args.split, decode=args.decode, workers=args.workers,
+                             progress=not args.no_progress)
     for problem in problems:
         print(f"FAIL {problem}")
-    line = f"{stats['shards']} shards, {stats['samples']} samples checked in {stats['seconds']:.1f} s"
+    line = (f"{stats['shards']} shards, {stats['samples']} of {stats['listed']} listed samples checked in "
+            f"{stats['seconds']:.1f} s")
     if args.decode and stats["cpu_seconds"] > 0:
         line += (f"; decoded {stats['decoded']} images at "
                  f"{stats['decoded'] / stats['cpu_seconds']:.0f} images/s per core")
