@@ -31,6 +31,7 @@ import io
 import math
 import os
 import random
+import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,14 @@ def collate(samples: list[tuple[np.ndarray, int, str]]) -> tuple[torch.Tensor, t
     return images, labels, [s[2] for s in samples]
 
 
+def leave_stop_signals_to_parent(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGUSR1. Schedulers send them to every process of a job (Kubernetes
+    signals the whole pod): a worker that died of one would fail the epoch before the trainer could write its
+    preemption checkpoint. The workers still end with their parent (torch's DataLoader watches it)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class RankShare(IterableDataset):
     """This rank's samples for one epoch; each DataLoader worker reads its own slice (see module doc)."""
 
@@ -342,6 +351,7 @@ class PytorchLoader(Loader):
                 num_workers=self.num_workers,
                 pin_memory=pin,
                 prefetch_factor=self.options["prefetch_factor"] if self.num_workers else None,
+                worker_init_fn=leave_stop_signals_to_parent,
             )
         )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -26,7 +27,6 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from multiprocessing import Manager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -393,13 +393,12 @@ def write_shards(
             bar.update(len(shard.sources))
             bar.set_postfix_str(f"{written / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s")
     else:
-        with Manager() as manager, ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
-                                                       initargs=(os.getpid(),)) as pool:
-            queue = manager.Queue()
-            pending = {
-                pool.submit(write_shard, s, digest=digests[s.index], progress_queue=queue, **kwargs)
-                for s in todo
-            }
+        # The progress queue reaches the workers through the initializer (inherited at fork), not a Manager: a
+        # Manager is one more process, and one that outlived a killed converter.
+        queue = multiprocessing.get_context("fork").Queue()
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=init_worker, initargs=(os.getpid(), queue)) as pool:
+            pending = {pool.submit(write_shard_in_worker, s, digest=digests[s.index], **kwargs) for s in todo}
             try:
                 while pending:
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -418,18 +417,27 @@ def write_shards(
             "seconds": time.perf_counter() - start}
 
 
-def die_with_parent(parent: int) -> None:
-    """Pool worker initializer: be killed when the converter process dies (Linux PR_SET_PDEATHSIG), so a
-    `kill -9` of the converter does not leave workers writing shards nobody will record."""
+_PROGRESS_QUEUE = None  # a pool worker's queue to the converter's progress bar
+
+
+def init_worker(parent: int, progress_queue) -> None:
+    """Pool worker initializer: keep the progress queue, and be killed when the converter process dies (Linux
+    PR_SET_PDEATHSIG), so a `kill -9` of the converter does not leave workers writing shards nobody records."""
     import ctypes
     import signal
 
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = progress_queue
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: workers end with their queue instead
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def write_shard_in_worker(shard: ShardPlan, **kwargs) -> ShardResult:
+    return write_shard(shard, progress_queue=_PROGRESS_QUEUE, **kwargs)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:

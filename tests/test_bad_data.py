@@ -1,0 +1,298 @@
+"""Data that must never reach training silently (each test failed before its fix): re-conversions into a
+folder that holds a split, corrupt JPEG data, decompression bombs, link loops, empty class folders, --strict,
+converter processes and flags, and `verify`'s counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import webdataset as wds
+from conftest import TINY_CLASSES, write_tree
+from PIL import Image
+from torchvision.datasets.folder import find_classes
+
+import shards.convert as convert_module
+from pipeline import ShardReadError, build_loader
+from shards.convert import convert
+from shards.images import RejectedImage, prepare_image, strict_decode_problem
+from shards.schema import load_manifest, manifest_name, shard_files
+from shards.verify import verify
+from tools.cli import main as cli
+
+READERS = ("dali-cpu", "pytorch")
+
+
+def noisy_jpeg(seed: int, size: tuple[int, int] = (160, 128), **save) -> bytes:
+    """A JPEG with enough entropy-coded data (noise) that flipping bytes in the middle corrupts the scan."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90, **save)
+    return out.getvalue()
+
+
+def corrupt_scan(data: bytes) -> bytes:
+    """Flip 8 bytes inside the scan (what a bad disk or a broken download does), headers and end marker kept."""
+    damaged = bytearray(data)
+    start = data.index(b"\xff\xda") + 100
+    for position in np.linspace(start, len(data) - 100, 8).astype(int):
+        damaged[position] ^= 0xFF
+    return bytes(damaged)
+
+
+def bomb(data: bytes, side: int = 60000) -> bytes:
+    """`data` with its frame header claiming side x side pixels."""
+    patched = bytearray(data)
+    sof = data.index(b"\xff\xc0")
+    patched[sof + 5: sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
+    return bytes(patched)
+
+
+def tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def read_keys(out: Path, split: str, backend: str, **kwargs) -> list[str]:
+    loader = build_loader(out, split, train=False, batch_size=4, image_size=32, backend=backend, num_threads=1,
+                          with_keys=True, **kwargs)
+    return [key for _, _, keys in loader for key in keys]
+
+
+# --- 1. a re-conversion never leaves a manifest describing shards it did not write -------------------------
+def test_killed_reconversion_with_another_seed_leaves_no_trusted_manifest(tiny_imagenet, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, seed=0, workers=1, progress=False)
+    real_write_shard = convert_module.write_shard
+    written = []
+
+    def killed_after_two(shard, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt("kill -9")
+        written.append(shard.index)
+        return real_write_shard(shard, **kwargs)
+
+    monkeypatch.setattr(convert_module, "write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, seed=1, workers=1, progress=False)
+    # two shards of the new order replaced two of the old: no manifest may describe this mix
+    assert written == [0, 1] and not (out / manifest_name("train")).exists()
+    for backend in READERS:
+        with pytest.raises(FileNotFoundError, match="train.manifest.json not found"):
+            read_keys(out, "train", backend)
+    monkeypatch.setattr(convert_module, "write_shard", real_write_shard)
+    convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, seed=1, workers=1, progress=False)
+    assert verify(out, workers=1)[0] == []
+
+
+@pytest.mark.parametrize("backend", READERS)
+def test_loaders_refuse_a_shard_that_does_not_match_its_record(tiny_shards, tmp_path, backend):
+    out = Path(tmp_path / "shards")
+    out.mkdir()
+    for path in tiny_shards.iterdir():
+        if path.is_file():
+            (out / path.name).write_bytes(path.read_bytes())
+    # another conversion's shard of the same name, not what the manifest describes
+    (out / "val-000001.tar").write_bytes((out / "val-000000.tar").read_bytes())
+    with pytest.raises(ShardReadError, match=r"val-000001\.tar: \d+ bytes, the val manifest says \d+"):
+        read_keys(out, "val", backend)
+    (out / "val-000001.tar").write_bytes((tiny_shards / "val-000001.tar").read_bytes())
+    (out / "val-000001.idx").write_text("v1.2 3\n")
+    with pytest.raises(ShardReadError, match=r"val-000001\.tar: its index starts 'v1.2 3', the val manifest says 8"):
+        read_keys(out, "val", backend)
+
+
+def test_shards_of_an_older_larger_plan_are_removed_and_unlisted_ones_reported(tiny_imagenet, tmp_path):
+    out = tmp_path / "out"
+    convert(tiny_imagenet / "val", out, split="val", samples_per_shard=4, workers=1, progress=False)
+    assert len(list(out.glob("val-*.tar"))) == 7
+    manifest = convert(tiny_imagenet / "val", out, split="val", samples_per_shard=10, workers=1, progress=False)
+    assert sorted(p.name for p in out.glob("val-*")) == ["val-000000.idx", "val-000000.tar", "val-000001.idx",
+                                                          "val-000001.tar", "val-000002.idx", "val-000002.tar"]
+    assert [r.num_samples for r in manifest.shards] == [10, 10, 5]
+    (out / "val-000007.tar").write_bytes((out / "val-000000.tar").read_bytes())
+    problems, stats = verify(out, workers=1)
+    assert problems == ["val-000007.tar: not listed in val.manifest.json (left by an older conversion?); remove it"]
+
+
+# --- 2. corrupt entropy-coded data ------------------------------------------------------------------------
+def test_corrupt_jpeg_data_is_rejected_by_default_and_flagged_by_verify(tmp_path):
+    good, damaged = noisy_jpeg(0), corrupt_scan(noisy_jpeg(1))
+    Image.open(io.BytesIO(damaged)).load()  # the premise: Pillow decodes it with a warning at most
+    assert strict_decode_problem(good) is None and strict_decode_problem(damaged)[0] == "corrupt"
+    src = tree(tmp_path / "src", {"n01/good.JPEG": good, "n01/damaged.JPEG": damaged, "n02/other.JPEG": good})
+    manifest = convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    assert manifest.num_samples == 2
+    [rejected] = manifest.rejected
+    assert rejected["path"] == "n01/damaged.JPEG" and rejected["reason"].startswith("corrupt JPEG data (")
+    # --check header trusts the header: packed, and `verify --decode` then names the sample
+    fast = convert(src, tmp_path / "fast", split="train", workers=1, check="header", progress=False)
+    assert fast.num_samples == 3 and fast.options["check"] == "header"
+    problems, stats = verify(tmp_path / "fast", decode=True, workers=1)
+    assert len(problems) == 1 and ":damaged: image does not decode cleanly (" in problems[0]
+    assert stats["decoded"] == 2
+
+
+# --- 3. decompression bombs ---------------------------------------------------------------------------------
+def test_decompression_bomb_is_rejected_and_loaders_name_one_that_got_through(tmp_path):
+    header_bomb = bomb(noisy_jpeg(2, (64, 48)))
+    with pytest.raises(RejectedImage, match=r"header claims 60000x60000 = 3600000000 pixels, above --max-pixels"):
+        prepare_image(header_bomb, check="header")
+    with pytest.raises(RejectedImage, match="above --max-pixels 1000"):
+        prepare_image(noisy_jpeg(3), max_pixels=1000)
+    files = {f"n0{c}/{c}_{i}.JPEG": noisy_jpeg(10 * c + i, (64, 48)) for c in (1, 2) for i in range(3)}
+    src = tree(tmp_path / "src", {**files, "n01/bomb.JPEG": header_bomb})
+    manifest = convert(src, tmp_path / "out", split="val", workers=1, progress=False)
+    assert [r["path"] for r in manifest.rejected] == ["n01/bomb.JPEG"]
+    # an operator who raised the limit and skipped the decode check packed it: every loader names it
+    convert(src, tmp_path / "let", split="val", workers=1, check="header", max_pixels=4 * 10**9, progress=False)
+    for backend in READERS:
+        with pytest.raises(ShardReadError, match=r"val-000000\.tar.*bomb"):
+            read_keys(tmp_path / "let", "val", backend)
+
+
+# --- 4. links -----------------------------------------------------------------------------------------------
+def test_links_are_followed_once_and_unusable_ones_rejected(tmp_path):
+    src = tree(tmp_path / "src", {f"n01/{i}.JPEG": noisy_jpeg(i, (32, 32)) for i in range(3)})
+    tree(src, {f"n02/{i}.JPEG": noisy_jpeg(10 + i, (32, 32)) for i in range(2)})
+    outside = tree(tmp_path / "elsewhere", {"n03/x.JPEG": noisy_jpeg(20, (32, 32))})
+    os.symlink("..", src / "n01" / "up")  # a loop: 5 images became 205 samples, 80 wrongly labelled
+    os.symlink("self", src / "n01" / "self")
+    os.symlink("missing.JPEG", src / "n02" / "dangling.JPEG")
+    os.symlink(outside / "n03", src / "n03")  # a class folder on another disk: followed, like ImageFolder
+    os.symlink(src / "n03", src / "n02" / "again")  # the same real folder a second time
+    manifest = convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    assert manifest.num_samples == 6 and manifest.wnids == ["n01", "n02", "n03"]
+    reasons = {r["path"]: r["reason"] for r in manifest.rejected}
+    assert reasons.keys() == {"n01/up", "n01/self", "n02/dangling.JPEG", "n02/again"}
+    assert reasons["n01/up"].startswith("link to a folder already in the tree (..)")
+    assert "Too many levels of symbolic links" in reasons["n01/self"]
+    assert reasons["n02/dangling.JPEG"] == "unusable link to missing.JPEG (No such file or directory)"
+    assert manifest.discovered == manifest.num_samples + len(manifest.rejected)
+
+
+# --- 5. empty class folders ---------------------------------------------------------------------------------
+def test_empty_class_folder_keeps_imagefolder_indices(tmp_path, capsys):
+    src = write_tree(tmp_path / "src", train_per_class=2, val_per_class=0)
+    (src / "train" / "n00000003b").mkdir()  # sorts between n00000003 and n00000004
+    _, class_to_idx = find_classes(str(src / "train"))  # what ImageFolder(allow_empty=True) uses
+    manifest = convert(src / "train", tmp_path / "out", split="train", workers=1, progress=False)
+    assert {c["wnid"]: c["index"] for c in manifest.classes} == class_to_idx
+    assert class_to_idx["n00000004"] == 4 and len(class_to_idx) == len(TINY_CLASSES) + 1
+    assert [c["num_samples"] for c in manifest.classes] == [2, 2, 2, 0, 2, 2]
+    assert "1 of 6 classes have no samples: n00000003b (index 3)" in capsys.readouterr().err
+    shard = wds.WebDataset(str(tmp_path / "out" / "train-000000.tar"), shardshuffle=False).decode()
+    labels = {int(s["cls"]) for s in shard}
+    assert labels == {0, 1, 2, 4, 5}
+
+
+# --- 6. --strict covers discovery ---------------------------------------------------------------------------
+def test_strict_stops_at_a_file_outside_any_class_folder(tmp_path):
+    src = tree(tmp_path / "src", {"n01/a.JPEG": noisy_jpeg(0, (32, 32)), "stray.JPEG": noisy_jpeg(1, (32, 32))})
+    assert cli(["shards", "convert", str(src), str(tmp_path / "out"), "--split", "train", "--strict",
+                "--no-progress"]) == 2
+    assert not list((tmp_path / "out").glob("*.tar"))
+    with pytest.raises(ValueError, match=r"stray\.JPEG: not inside a class folder \(--strict\)"):
+        convert(src, tmp_path / "out", split="train", strict=True, progress=False)
+
+
+# --- 9. converter processes, full disks, permissions ----------------------------------------------------------
+def test_killed_converter_takes_its_workers_with_it(tmp_path):
+    src = tree(tmp_path / "src", {f"n0{c}/{i}.JPEG": noisy_jpeg(100 * c + i, (640, 480))
+                                  for c in range(2) for i in range(60)})
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "shards", "convert", str(src), str(tmp_path / "out"),
+                             "--split", "train", "--samples-per-shard", "4", "--workers", "2", "--no-progress"],
+                            cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "out").glob("*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = parent.children(recursive=True)
+    assert len(children) >= 2  # the shard workers (and the progress manager)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    src = write_tree(tmp_path / "src", train_per_class=2, val_per_class=0)
+
+    def full(fd, chunks):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    assert cli(["shards", "convert", str(src / "train"), str(tmp_path / "out"), "--split", "train", "--workers", "1",
+                "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train-000000.tar.partial failed: [Errno 28] No space left on device" in err[0]
+    assert not list((tmp_path / "out").glob("*.tar*")) and not (tmp_path / "out" / "train.manifest.json").exists()
+
+
+def test_manifest_and_plan_follow_the_umask(tiny_imagenet, tmp_path):
+    old = os.umask(0o022)
+    try:
+        convert(tiny_imagenet / "val", tmp_path / "out", split="val", samples_per_shard=8, workers=1, progress=False)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "out" / "val.manifest.json", tmp_path / "out" / ".parts" / "val.plan.json",
+                 tmp_path / "out" / ".parts" / "val-000000.json", tmp_path / "out" / "val-000000.tar"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+# --- 10. flags that slipped through ---------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--max-size", "0"], "--max-size 0 must be >= 1 pixel"),
+    (["--workers", "0"], "--workers 0 must be >= 1"),
+    (["--workers", "-3"], "--workers -3 must be >= 1"),
+    (["--max-pixels", "0"], "--max-pixels 0 must be >= 1"),
+    (["--split", "../up"], "--split '../up': a split name is letters"),
+])
+def test_bad_converter_flags_are_one_line_and_write_nothing(tmp_path, capsys, flags, message):
+    src = write_tree(tmp_path / "src", train_per_class=1, val_per_class=0)
+    argv = ["shards", "convert", str(src / "train"), str(tmp_path / "out"), "--no-progress"]
+    argv += flags if "--split" in flags else ["--split", "train", *flags]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_any_split_name_converts_and_loaders_take_an_explicit_train_switch(tiny_imagenet, tmp_path):
+    out = tmp_path / "out"
+    convert(tiny_imagenet / "val", out, split="minival", samples_per_shard=8, workers=1, progress=False)
+    assert [tar.name for tar, _ in shard_files(out, load_manifest(out, "minival"))][0] == "minival-000000.tar"
+    as_val = read_keys(out, "minival", "dali-cpu")
+    assert sorted(as_val) == sorted(read_keys(out, "minival", "pytorch")) and len(as_val) == 25
+    trained = build_loader(out, "minival", train=True, batch_size=4, image_size=32, backend="dali-cpu", num_threads=1)
+    assert len(trained) == 25 // 4  # train drops the last partial batch: the switch, not the name, decides
+
+
+# --- 11. verify's counts --------------------------------------------------------------------------------------
+def test_verify_counts_only_samples_it_read(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "shards"
+    out.mkdir()
+    for path in tiny_shards.glob("val*"):
+        (out / path.name).write_bytes(path.read_bytes())
+    (out / "val-000001.tar").unlink()
+    problems, stats = verify(out, decode=True, workers=1)
+    assert stats["listed"] == 25 and stats["samples"] == 17 and stats["decoded"] == 17
+    assert any("val-000001.tar: missing" in p for p in problems)
+    assert cli(["shards", "verify", str(out), "--workers", "1", "--no-progress"]) == 1
+    assert "17 of 25 listed samples checked" in capsys.readouterr().out
+
+
+def test_manifest_lists_per_class_counts(tiny_shards):
+    manifest = json.loads((tiny_shards / "train.manifest.json").read_text())
+    assert [c["num_samples"] for c in manifest["classes"]] == [12] * 5

@@ -1,0 +1,152 @@
+"""What operators do to a run: preempt it (SIGTERM / SIGUSR1), kill it mid-checkpoint, start it under torchrun
+without telling the loader, or start it with flags that cannot work. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pipeline import build_loader
+from shards.atomic import TMP_MARK, _host, atomic_write, remove_stale_temporaries
+from tools.cli import main as cli
+from training import checkpoint
+
+ROOT = Path(__file__).parents[1]
+
+
+def train_argv(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training", "--data", str(shards), "--backend", "pytorch", "--num-threads", "2",
+            "--arch", "resnet18", "--image-size", "32", "--crop-area", "0.35", "1.0", "--precision", "fp32",
+            "--batch-size", "4", "--base-lr", "0.4", "--warmup-epochs", "1", "--epochs", "2", "--log-every", "1",
+            "--throughput-warmup-steps", "0", "--checkpoint-minutes", "0", "--keep-last", "50", "--deterministic",
+            "--no-progress", "--run-dir", str(run_dir), *extra]
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def dead_pid() -> int:
+    pid = 4_000_000
+    while psutil.pid_exists(pid):
+        pid -= 1
+    return pid
+
+
+# --- 7. preemption -----------------------------------------------------------------------------------------
+def test_sigterm_checkpoints_exits_143_and_resume_auto_continues_exactly(tiny_shards, tmp_path):
+    whole = run(train_argv(tiny_shards, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(train_argv(tiny_shards, run_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # like Kubernetes: every process of the pod, loader workers included
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
+    assert f"stopped by SIGTERM at step {stopped['step']} after writing checkpoint" in err
+    assert 2 <= stopped["step"] < 28 and "Traceback" not in err
+    # a checkpoint write killed half-way leaves a temporary; the next start removes it
+    stale = run_dir / "checkpoints" / f".step-99999999.pt{TMP_MARK}{_host()}-{dead_pid()}-0000"
+    stale.write_bytes(b"half a checkpoint")
+
+    resumed = run(train_argv(tiny_shards, run_dir, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not stale.exists() and f"removed {stale}" in resumed.stdout
+    a = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "whole")[-1])
+    b = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
+    assert a["step"] == b["step"] == 28  # 2 epochs of 2 workers x (30 // 4) batches
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_sigusr1_stops_with_status_138(tmp_path):
+    argv = [sys.executable, "-m", "training", "--backend", "synthetic", "--arch", "resnet18", "--precision", "fp32",
+            "--batch-size", "2", "--image-size", "32", "--synthetic-samples", "4000", "--synthetic-val-samples", "4",
+            "--num-classes", "3", "--epochs", "1", "--log-every", "1000", "--no-progress", "--run-dir",
+            str(tmp_path / "run")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "training resnet18" not in proc.stdout.readline():
+        assert proc.poll() is None
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)  # Slurm's --signal=USR1@<seconds>
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, err
+    assert "stopped by SIGUSR1" in err and checkpoint.list_checkpoints(tmp_path / "run")
+
+
+def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
+    mine = tmp_path / f".a.pt{TMP_MARK}{_host()}-{os.getpid()}-0001"
+    dead = tmp_path / f".b.pt{TMP_MARK}{_host()}-{dead_pid()}-0002"
+    foreign = tmp_path / f".c.pt{TMP_MARK}otherhost-12-0003"
+    for path in (mine, dead, foreign):
+        path.write_bytes(b"x")
+    atomic_write(tmp_path / "kept.json", "{}")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert mine.exists() and foreign.exists() and (tmp_path / "kept.json").read_text() == "{}"
+    old = time.time() - 2 * 86400
+    os.utime(foreign, (old, old))
+    assert remove_stale_temporaries(tmp_path) == [foreign]
+
+
+# --- 8. distributed defaults ---------------------------------------------------------------------------------
+def test_loader_defaults_to_torchrun_rank_and_refuses_a_mismatch(tiny_shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = build_loader(tiny_shards, "val", train=False, batch_size=4, image_size=32, backend="dali-cpu",
+                          num_threads=1)
+    assert (loader.rank, loader.world_size, loader.num_samples) == (1, 2, 25 - 25 // 2)
+    with pytest.raises(ValueError, match=r"rank=0, world_size=1 disagree with \$RANK/\$WORLD_SIZE \(rank 1 of 2\)"):
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="pytorch", rank=0, world_size=1)
+
+
+# --- 10. a bad start writes nothing ------------------------------------------------------------------------------
+@pytest.mark.parametrize("make_data, flags, message", [
+    (lambda shards, tmp: tmp, [], "val.manifest.json not found: convert the val split first"),
+    (lambda shards, tmp: shards, ["--batch-size", "100000"], "too few for world_size=1 x batch_size=100000"),
+    (lambda shards, tmp: shards, ["--val-split", "../val"], "--val-split: must be letters, digits and '_'"),
+])
+def test_train_that_cannot_start_prints_one_line_and_writes_nothing(tiny_shards, tmp_path, capsys, make_data,
+                                                                     flags, message):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--data", str(make_data(tiny_shards, tmp_path)), "--backend", "dali-cpu", "--precision", "fp32",
+            "--arch", "resnet18", "--num-threads", "1", "--run-dir", str(run_dir), *flags]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not run_dir.exists()
+
+
+def test_train_evaluates_any_split_name(tiny_imagenet, tiny_shards, tmp_path):
+    from shards.convert import convert
+    from training.config import build_config
+    from training.train import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in tiny_shards.glob("train*"):
+        (data / path.name).write_bytes(path.read_bytes())
+    convert(tiny_imagenet / "val", data, split="minival", samples_per_shard=10, workers=1, progress=False)
+    summary = train(build_config(overrides=dict(
+        data=str(data), val_split="minival", backend="dali-cpu", arch="resnet18", image_size=32, precision="fp32",
+        batch_size=8, epochs=1, max_steps=2, num_threads=1, run_dir=str(tmp_path / "run"), progress=False,
+    )))
+    assert summary["final_eval"]["total"] == 25
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["val_split"] == "minival"
