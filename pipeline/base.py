@@ -113,6 +113,7 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
     """After a read failure whose message does not name the sample (DALI's decoder reports only the sample's
     position in the batch): check the split's shards with `shards.verify.check_shard` (sizes, sha256,
     index, structure, a Pillow decode of every image) until one has a problem or `budget` seconds pass."""
+    from shards.images import DEFAULT_MAX_PIXELS
     from shards.verify import check_shard
 
     started = time.perf_counter()
@@ -122,7 +123,8 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
                 f"no damaged shard among the first {checked} of {len(manifest.shards)} within {budget:.0f} s; "
                 f"run `saturate shards verify {shards_dir} --decode` to check them all"
             )
-        problems = check_shard(Path(shards_dir), record, manifest.num_classes, True).problems
+        max_pixels = manifest.options.get("max_pixels", DEFAULT_MAX_PIXELS)
+        problems = check_shard(Path(shards_dir), record, manifest.num_classes, True, max_pixels=max_pixels).problems
         if problems:
             return "damaged: " + "; ".join(problems[:5])
     return f"all {len(manifest.shards)} shards of the {manifest.split} split pass `shards verify --decode`"

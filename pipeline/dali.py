@@ -161,6 +161,17 @@ def _device_id(gpu: bool, device_id: int | None) -> int | None:
     return local_cuda_device(device_id)
 
 
+def dali_message(err: BaseException) -> str:
+    """DALI's error in one line: the operator and what it encountered, without the pipeline-definition traceback
+    DALI wraps around it (the CLI prints one line per error)."""
+    text = str(err)
+    operator = next((line.strip().rstrip(",") for line in text.splitlines() if line.startswith("Error in ")), "")
+    cause = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    cause = cause.split("Current pipeline object is no longer valid.", 1)[0]
+    cause = " ".join(line.strip() for line in cause.splitlines() if line.strip())
+    return f"{operator}: {cause}" if operator else cause
+
+
 def _sample_key(source_info: np.ndarray) -> str:
     """Sample key from DALI's source info bytes "<tar>:<offset>:<key>.<ext>" (zero padded)."""
     text = bytes(source_info).rstrip(b"\0").decode()
@@ -272,7 +283,7 @@ class DaliLoader(Loader):
             raise ShardReadError(
                 f"{self.backend}: {doing} the {self.split} shards in {self.shards_dir} "
                 f"(rank {self.rank} of {self.world_size}) failed: {diagnosis}. Re-convert the damaged "
-                f"shard; undecodable samples are never skipped. DALI said: {err}"
+                f"shard; undecodable samples are never skipped. DALI said: {dali_message(err)}"
             ) from err
 
     def _next_dali(self) -> dict:

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.cpus import usable_cpus
-from shards.images import plain_rgb_jpeg_size, strict_decode_problem
+from shards.images import DEFAULT_MAX_PIXELS, plain_rgb_jpeg_size, strict_decode_problem
 from shards.schema import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -49,7 +49,8 @@ class ShardCheck:
     cpu_seconds: float = 0.0  # process CPU time spent decoding
 
 
-def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode: bool) -> ShardCheck:
+def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode: bool, *,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardCheck:
     """Everything about one shard that can be checked without looking at the others."""
     check = ShardCheck(record.name)
     tar, idx = shards_dir / record.name, shards_dir / record.index
@@ -101,7 +102,7 @@ def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode:
         if not 0 <= label < num_classes or meta.get("label") != label:
             check.problems.append(f"{where}: label {label} (json {meta.get('label')}) of {num_classes} classes")
         if decode:
-            problem = decode_problem(sample[IMAGE_EXT])
+            problem = decode_problem(sample[IMAGE_EXT], max_pixels=max_pixels)
             if problem is None:
                 check.decoded += 1
             else:
@@ -111,10 +112,13 @@ def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode:
     return check
 
 
-def decode_problem(jpeg: bytes) -> str | None:
-    """None when `jpeg` is what the converter packs: an RGB JPEG that libjpeg-turbo decodes without a warning
-    (the converter's own strict check, shards.images.strict_decode_problem); else what is wrong."""
-    if plain_rgb_jpeg_size(jpeg) is None:
+def decode_problem(jpeg: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """None when `jpeg` is what the converter packs: an RGB JPEG within `max_pixels` that libjpeg-turbo decodes
+    without a warning (the converter's own checks, shards.images); else what is wrong."""
+    size = plain_rgb_jpeg_size(jpeg)
+    if size is not None and size[0] * size[1] > max_pixels:
+        return f"header claims {size[0]}x{size[1]} pixels, above the conversion's --max-pixels {max_pixels}"
+    if size is None:
         try:
             with Image.open(io.BytesIO(jpeg)) as img:
                 found = f"{img.format} {img.mode}"
@@ -153,7 +157,8 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
         bar = tqdm(total=manifest.num_samples, unit="img", unit_scale=True, disable=not progress,
                    desc=f"verify {split}" + (" --decode" if decode else ""))
         with ProcessPoolExecutor(max_workers=workers or usable_cpus()) as pool:
-            futures = {pool.submit(check_shard, shards_dir, r, manifest.num_classes, decode): r
+            max_pixels = manifest.options.get("max_pixels", DEFAULT_MAX_PIXELS)
+            futures = {pool.submit(check_shard, shards_dir, r, manifest.num_classes, decode, max_pixels=max_pixels): r
                        for r in manifest.shards}
             for future in as_completed(futures):
                 bar.update(futures[future].num_samples)
