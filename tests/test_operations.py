@@ -181,3 +181,30 @@ def test_sbatch_script_stops_the_ranks_and_requeues_on_usr1(tmp_path):
     stopped_args = (tmp_path / "ranks-stopped").read_text()
     assert "-m training --resume auto --checkpoint-minutes 20 --data /shards" in stopped_args
     assert (tmp_path / "requeued").read_text().strip() == "42"
+
+
+# --- risks of the GPU path that can be checked here -----------------------------------------------------------
+def test_bf16_checkpoint_continues_in_fp16_with_a_fresh_loss_scale():
+    from training.resume import restore_scaler
+
+    said = []
+    bf16 = torch.amp.GradScaler("cpu", enabled=False)
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    restore_scaler(fp16, bf16.state_dict(), say=said.append)  # used to raise "The source state dict is empty"
+    assert fp16.get_scale() == 65536.0 and "starts at its default" in said[0]
+    restore_scaler(bf16, fp16.state_dict(), say=said.append)  # fp16 -> bf16: the disabled scaler ignores it
+    assert len(said) == 1
+
+
+def test_rng_state_holds_one_cuda_state_per_rank_and_reads_old_lists():
+    from training.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    assert not isinstance(state["cuda"], list)  # this device's state only (None without a GPU)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    old_format = {**rng_state(), "cuda": []}  # written before: every visible GPU's state
+    torch.rand(3)
+    set_rng_state(old_format)
+    assert torch.equal(torch.rand(3), expected)

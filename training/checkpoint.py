@@ -27,13 +27,16 @@ def step_name(step: int) -> str:
 
 
 def rng_state() -> dict:
-    """Python, NumPy, torch CPU and CUDA generator states as tensors/plain types."""
+    """Python, NumPy, torch CPU and this process's CUDA generator states as tensors/plain types.
+
+    Only the current device's CUDA state: a rank drives one GPU, and saving every visible GPU's state made a
+    resume with fewer visible GPUs (same world size, e.g. CUDA_VISIBLE_DEVICES set per rank) fail."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -42,8 +45,11 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints written before one state per rank: every visible GPU's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:

@@ -81,3 +81,13 @@ def resume_point(ckpt: dict | None, cfg: TrainConfig, *, rank: int, world_size: 
             f"{ckpt['image_size']} with --backend {saved.get('backend')} --num-threads "
             f"{saved.get('num_threads')}; the data order of epoch {epoch} restarts")
     return ResumePoint(epoch, ckpt["step"], step_in_epoch, cfg.seed + epoch, None, None)
+
+
+def restore_scaler(scaler, saved: dict, *, say: Callable[[str], None]) -> None:
+    """Load a checkpoint's GradScaler state. A bf16/fp32 run's scaler is disabled and saves nothing: continued in
+    fp16, its enabled scaler starts at the default loss scale instead of failing on the empty state."""
+    if saved or not scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    else:
+        say("--precision fp16: the checkpoint has no loss-scaler state (it was not trained in fp16); the loss "
+            "scale starts at its default")

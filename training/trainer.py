@@ -24,7 +24,7 @@ from training.metrics import MetricsLog, ThroughputMeter, Window, plot_curves, r
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
 from training.preempt import Preempted, StopRequest
-from training.resume import resume_point
+from training.resume import restore_scaler, resume_point
 from training.step import TrainStep
 
 
@@ -97,7 +97,7 @@ class Trainer:
         if ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            self.train_step.scaler.load_state_dict(ckpt["scaler"])
+            restore_scaler(self.train_step.scaler, ckpt["scaler"], say=say)
             if ckpt["world_size"] == info.world_size:
                 checkpoint.set_rng_state(ckpt["rng"][info.rank])
             self.best = ckpt["best"]
