@@ -221,7 +221,7 @@ def resolve_classes(
     present = sorted(set(folders) | {s.wnid for s in sources})
     if classes_file is not None:
         wnids = read_class_list(classes_file)
-        unknown = sorted(set(present) - set(wnids))
+        unknown = sorted({s.wnid for s in sources} - set(wnids))  # an empty folder outside the list holds nothing
         if unknown:
             raise ValueError(f"class {unknown[0]} (of {len(unknown)} unknown) is not in --classes {classes_file}")
     else:

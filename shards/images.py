@@ -106,8 +106,11 @@ def strict_decode_problem(data: bytes) -> tuple[str, str] | None:
     Decoding at 1/8 scale still reads and Huffman-decodes every byte of the scan, so corruption is found, and
     costs about a third of a full decode.
     """
-    import simplejpeg
-
+    try:
+        import simplejpeg
+    except ImportError:  # a dependency, but machines assembled by hand (a GPU node) may lack it
+        raise RuntimeError("the strict JPEG check (--check decode, verify --decode) needs the simplejpeg package: "
+                           "pip install simplejpeg, or convert with --check header") from None
     try:
         simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
         return None
