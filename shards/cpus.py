@@ -45,3 +45,16 @@ def usable_cpus() -> int:
     if slurm.isdigit() and int(slurm) > 0:
         count = min(count, int(slurm))
     return count
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo), for telling machines apart in profiles and tune results."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None

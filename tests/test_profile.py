@@ -1,5 +1,7 @@
-"""`saturate profile`: the sweep plan, the corpus description, a full CPU profile on tiny shards (loader,
-model and e2e; dali-cpu and pytorch; a thread sweep), broken backends as error rows, and the CLI."""
+"""`saturate profile` end to end: the corpus description, a full CPU profile on tiny shards (loader, model and
+e2e; dali-cpu and pytorch; a thread sweep), broken backends as error rows, and the CLI. The parts alone:
+tests/test_profile_parts.py (plan, measure, stability, report), test_profile_gpu.py, test_profile_tune.py,
+test_profile_node.py."""
 
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ from PIL import Image
 
 from tools import profiler
 from tools.cli import main as cli_main
-from tools.profiler import ProfileConfig, plan_configs
+from tools.profiler.corpus import describe_corpus
 
 # tiny_imagenet's train split (tests/conftest.py): 5 classes x 12 images, 8 samples per shard
 TRAIN_IMAGES, TRAIN_CLASSES, TRAIN_SHARDS = 60, 5, 8
 #: The smallest training setup that still runs the real TrainStep: a few seconds per configuration on 2 cores.
 TINY = dict(arch="resnet18", batch_sizes=(8,), image_sizes=(32,), precisions=("bf16",), compile_modes=(False,),
-            steps=2, warmup=1, windows=2, progress=False)
+            steps=2, warmup=1, windows=2, max_warmup=0.0, progress=False)
 #: Bounded by time instead: each window lasts at least 0.15 s (at least one step), long enough for process
 #: CPU time, which the kernel counts in 10 ms ticks, to give a figure for the fast loader-only rows.
 TINY_TIMED = {**TINY, "steps": None, "duration": 0.3}
@@ -40,91 +42,9 @@ def positive(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-# --- the plan ----------------------------------------------------------------------------------------------
-def test_plan_multiplies_only_the_axes_that_apply():
-    configs = plan_configs(
-        modes=("loader", "model", "e2e"), backends=("dali-gpu", "pytorch"), batch_sizes=(256,),
-        image_sizes=(224,), threads=(4, 8), hw_decoder_loads=(0.0, 0.65, 1.0), precisions=("bf16", "fp16"),
-        compile_modes=(False, True),
-    )
-    # model: precision x compile (no threads, no hw load); loader: dali-gpu threads x loads + pytorch threads;
-    # e2e: the loader's configurations x precision x compile
-    assert sum(c.mode == "model" for c in configs) == 4
-    assert sum(c.mode == "loader" for c in configs) == 2 * 3 + 2
-    assert sum(c.mode == "e2e" for c in configs) == (2 * 3 + 2) * 4
-    assert len(configs) == len(set(configs)) == 4 + 8 + 32
-    assert {c.hw_decoder_load for c in configs if c.backend == "pytorch"} == {None}
-    assert {c.threads for c in configs if c.mode == "model"} == {None}
-    assert {(c.precision, c.compile) for c in configs if c.mode == "loader"} == {(None, None)}
-    assert configs[0] == ProfileConfig("model", "synthetic", 256, 224, precision="bf16", compile=False)
-    assert ProfileConfig("e2e", "dali-gpu", 256, 224, 8, 0.65, "fp16", True).label() == \
-        "dali-gpu t8 hw0.65 bs256 224px fp16 compile"
-
-
-@pytest.mark.parametrize("change, flag", [
-    ({"modes": ["train"]}, "--modes"),
-    ({"backends": ["synthetic"]}, "--backends"),
-    ({"batch_sizes": [0]}, "--batch-size"),
-    ({"image_sizes": []}, "--image-size"),
-    ({"threads": [0]}, "--threads"),
-    ({"hw_decoder_loads": [1.5]}, "--hw-decoder-load"),
-    ({"precisions": ["int8"]}, "--precision"),
-    ({"steps": 3, "duration": 1.0}, "--steps or --duration"),
-    ({"steps": 0}, "--steps"),
-    ({"duration": -1.0}, "--duration"),
-    ({"warmup": -1}, "--warmup"),
-    ({"windows": 0}, "--windows"),
-])
-def test_bad_sweep_names_the_flag(change, flag):
-    sweep = dict(modes=["loader"], backends=["pytorch"], batch_sizes=[8], image_sizes=[32], threads=[1],
-                 hw_decoder_loads=[0.65], precisions=["bf16"], steps=None, duration=None, warmup=0, windows=1)
-    profiler.check_sweep(**sweep)  # the unchanged sweep is valid
-    with pytest.raises(ValueError, match=flag):
-        profiler.check_sweep(**{**sweep, **change})
-
-
-def test_window_plan_and_cpu_delta():
-    assert profiler._window_plan(steps=7, windows=3) == [3, 2, 2]
-    assert profiler._window_plan(steps=2, windows=5) == [1, 1]
-    assert profiler._window_plan(steps=None, windows=5) is None
-    # During the window: this process +0.5 s, worker 101 +0.5 s, worker 102 ran 0.25 s more and ended (the
-    # kernel then adds its whole 3.25 s lifetime to "reaped"), worker 103 was born and ran 0.25 s.
-    before = {"self": 1.0, "reaped": 0.5, 101: 2.0, 102: 3.0}
-    after = {"self": 1.5, "reaped": 0.5 + 3.25, 101: 2.5, 103: 0.25}
-    assert profiler.cpu_seconds_delta(before, after) == 0.5 + 0.5 + 0.25 + 0.25
-
-
-def test_ratios_against_the_ceiling_and_pytorch():
-    from tools.profiler import ProfileRow, Report
-
-    def row(mode, backend, rate, threads=None, precision=None, error=None):
-        compile_mode = False if precision else None
-        config = ProfileConfig(mode, backend, 256, 224, threads, None, precision, compile_mode)
-        return ProfileRow(config, error=error, images_per_sec_per_gpu=None if error else rate)
-
-    rows = [
-        row("model", "synthetic", 2000.0, precision="bf16"), row("model", "synthetic", 1000.0, precision="fp32"),
-        row("loader", "dali-cpu", 500.0, threads=4), row("loader", "pytorch", 250.0, threads=4),
-        row("loader", "dali-cpu", 900.0, threads=8), row("loader", "pytorch", None, threads=8, error="OSError: x"),
-        row("e2e", "dali-cpu", 900.0, threads=4, precision="fp32"),
-        row("e2e", "pytorch", 450.0, threads=4, precision="fp32"),
-    ]
-    report = Report(corpus={}, machine={}, settings={}, rows=rows)
-    profiler.add_ratios(report)
-    figures = [(r.vs_ceiling, r.vs_pytorch, r.threads_needed) for r in report.rows]
-    assert figures == [
-        (1.0, None, None), (0.5, None, None),  # model rows: against the fastest model configuration
-        (0.25, 2.0, 16.0), (0.125, 1.0, 32.0),  # 2000 img/s ceiling / (500/4 img/s per thread) = 16 threads
-        (0.45, None, 2000.0 / (900.0 / 8)), (None, None, None),  # no pytorch baseline at 8 threads: failed
-        (0.9, 2.0, None), (0.45, 1.0, None),  # e2e: against the model at its own precision (fp32)
-    ]
-    assert report.ceiling(batch_size=256, image_size=224) == 2000.0
-    assert report.ceiling(batch_size=128, image_size=224) is None
-
-
 # --- the corpus ---------------------------------------------------------------------------------------------
 def test_describe_corpus_reads_indexes_and_jpeg_headers(tiny_shards, tiny_imagenet):
-    corpus = profiler.describe_corpus(tiny_shards, "train")
+    corpus = describe_corpus(tiny_shards, "train")
     sources = sorted((tiny_imagenet / "train").glob("*/*.JPEG"))
     sizes = [Image.open(path).size for path in sources]
     assert corpus["images"] == TRAIN_IMAGES and corpus["num_classes"] == TRAIN_CLASSES
@@ -133,7 +53,7 @@ def test_describe_corpus_reads_indexes_and_jpeg_headers(tiny_shards, tiny_imagen
     assert corpus["mean_jpeg_kb"] == pytest.approx(statistics.fmean(p.stat().st_size for p in sources) / 1e3)
     assert corpus["mean_width_px"] == pytest.approx(statistics.fmean(w for w, _ in sizes))
     assert corpus["mean_height_px"] == pytest.approx(statistics.fmean(h for _, h in sizes))
-    sampled = profiler.describe_corpus(tiny_shards, "train", sample=7)
+    sampled = describe_corpus(tiny_shards, "train", sample=7)
     assert sampled["resolution_sample"] == 7 and sampled["mean_jpeg_kb"] == corpus["mean_jpeg_kb"]
 
 
@@ -184,7 +104,11 @@ def test_profile_figures_are_numbers_where_measurable_and_null_where_not(cpu_pro
         if row["mode"] == "e2e":
             assert 0.0 < row["data_wait_share"] < 1.0
         if row["mode"] == "loader":
-            assert positive(row["threads_needed"])
+            assert isinstance(row["threads_needed"], int) and row["threads_needed"] >= 1  # a count of threads
+        # the ceiling is measured before and after the data rows; the steady check is off (max_warmup 0)
+        assert len(row["passes"]) == (2 if row["mode"] == "model" else 1)
+        assert row["settled"] is None and row["warmup_steps"] == len(row["passes"])
+        assert row["is_unstable"] == bool(row["unstable"]) and isinstance(row["notes"], list)
         if row["mode"] != "model":
             assert positive(row["vs_pytorch"])
     assert [row["vs_ceiling"] for row in ok if row["mode"] == "model"] == [1.0]
@@ -286,7 +210,8 @@ def test_cli_rejects_bad_flags(tiny_shards, tmp_path, capsys, argv, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "resnet-9000"], "--arch: 'resnet-9000' is not a torchvision classification model"),
-    (["--split", "test"], "--split: choose one of train, val"),
+    (["--split", "test"], "test.manifest.json not found: convert the test split first"),  # any split name
+    (["--split", "../val"], "--split '../val': a split name is letters, digits and '_'"),
     (["--backends", "synthetic"], "--backends: choose from dali-gpu, dali-cpu, pytorch"),
 ])
 def test_cli_bad_values_are_one_line_errors(tiny_shards, tmp_path, capsys, argv, message):

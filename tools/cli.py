@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, dispatch, and turn the errors a user can fix into one line and exit status 2."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a sub-command re-launches (profile --nproc)
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError) as err:

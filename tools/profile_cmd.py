@@ -1,17 +1,22 @@
 """`saturate profile SHARDS --out DIR`: the command-line layer over tools.profiler (only this file knows argparse).
 
     saturate profile shards/ --out prof/ --threads 4,8,16 --hw-decoder-load 0,0.65,1 --batch-size 256
+    saturate profile shards/ --out prof/ --nproc 8                  # every GPU of the node at once
+    saturate profile shards/ --out prof/ --tune --arch resnet50 --batch-size 256 --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.constants import HW_DECODER_LOAD
-from tools.profiler import DEFAULT_DURATION, DEFAULT_WARMUP, DEFAULT_WINDOWS, MODES
+from tools.profiler.measure import DEFAULT_DURATION, DEFAULT_MAX_WARMUP, DEFAULT_WARMUP, DEFAULT_WINDOWS
+from tools.profiler.plan import MODES
+from tools.profiler.tune import DEFAULT_MAX_TRIALS, DEFAULT_TIME_BUDGET, TARGET
 
 
 def comma_list(convert: Callable[[str], Any], flag: str) -> Callable[[str], list]:
@@ -46,10 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="is the GPU starved? loader alone, model ceiling and end-to-end throughput side by side",
         description="Measure each data backend alone, the training step on synthetic data (the ceiling) and "
                     "the training step fed by each backend; every list flag is a sweep (comma list). "
-                    "Writes report.json, report.md, report.png into --out and prints the table.",
+                    "Writes report.json, report.md, report.png into --out and prints the table. With --tune, "
+                    "finds the cheapest loader setting that feeds the ceiling and writes tune.json instead.",
     )
     parser.add_argument("shards", help="shard folder holding <split>.manifest.json and its shards")
-    parser.add_argument("--out", required=True, help="folder for report.json, report.md and report.png")
+    parser.add_argument("--out", required=True, help="folder for report.json/.md/.png (or tune.json with --tune)")
     parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str, "--modes"), default=list(MODES),
                         help="any of loader,model,e2e (default: all three)")
     parser.add_argument("--backends", metavar="BACKEND[,...]", type=comma_list(str, "--backends"),
@@ -64,32 +70,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hw-decoder-load", metavar="X[,X...]", type=comma_list(float, "--hw-decoder-load"),
                         default=[HW_DECODER_LOAD],
                         help=f"dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default {HW_DECODER_LOAD})")
+    parser.add_argument("--prefetch", metavar="N[,N...]", type=comma_list(int, "--prefetch"), default=[None],
+                        help="batches prefetched: DALI queue depth, per worker for pytorch (default: the backend's)")
     parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str, "--precision"), default=["bf16"],
                         help="bf16,fp16,fp32 (default bf16)")
     parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off, "--compile"), default=[False],
                         help="torch.compile off,on (default off)")
     parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
-    parser.add_argument("--split", default="train", help="split to read: train (default) or val")
+    parser.add_argument("--split", default="train", help="split to read (default train)")
     bound = parser.add_mutually_exclusive_group()
     bound.add_argument("--duration", type=float, help=f"timed seconds per configuration (default {DEFAULT_DURATION:g})")
     bound.add_argument("--steps", type=int, help="timed steps per configuration instead of --duration")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                        help=f"untimed steps before timing (default {DEFAULT_WARMUP})")
+                        help=f"untimed steps before the steady check (default {DEFAULT_WARMUP})")
+    parser.add_argument("--max-warmup", type=float, default=DEFAULT_MAX_WARMUP, metavar="SECONDS",
+                        help="warm up until two windows agree on the step time, for at most this long; a row that "
+                             f"never settles is marked unstable; 0: no check (default {DEFAULT_MAX_WARMUP:g})")
     parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                         help=f"timed windows per configuration; img/s is their median (default {DEFAULT_WINDOWS})")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="run N processes on this node under torchrun (one per GPU), all measuring at once")
+    tune = parser.add_argument_group("--tune: the cheapest loader setting that feeds the ceiling")
+    tune.add_argument("--tune", action="store_true", help="search instead of sweeping; writes OUT/tune.json and "
+                      "SHARDS/tune.json (read by saturate train --num-threads auto)")
+    tune.add_argument("--target", type=float, default=TARGET, help=f"e2e / ceiling to reach (default {TARGET})")
+    tune.add_argument("--max-trials", type=int, default=DEFAULT_MAX_TRIALS,
+                      help=f"loader settings measured at most (default {DEFAULT_MAX_TRIALS})")
+    tune.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET, metavar="SECONDS",
+                      help=f"search time at most (default {DEFAULT_TIME_BUDGET:g})")
+    tune.add_argument("--max-threads", type=int, help="most loader threads per GPU to try (default: cores per GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc: an integer >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from tools.profiler.node import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))
+    main = int(os.environ.get("RANK", 0)) == 0
+    if args.tune:
+        return run_tune(args, main=main)
     from tools.profiler import profile
 
     report = profile(
         args.shards, out_dir=args.out, modes=args.modes, backends=args.backends, batch_sizes=args.batch_size,
         image_sizes=args.image_size, threads=args.threads, hw_decoder_loads=args.hw_decoder_load,
-        precisions=args.precision, compile_modes=args.compile, arch=args.arch, split=args.split, steps=args.steps,
-        duration=args.duration, warmup=args.warmup, windows=args.windows, progress=not args.no_progress,
+        prefetch_depths=args.prefetch, precisions=args.precision, compile_modes=args.compile, arch=args.arch,
+        split=args.split, steps=args.steps, duration=args.duration, warmup=args.warmup, max_warmup=args.max_warmup,
+        windows=args.windows, progress=not args.no_progress,
     )
+    if not main:
+        return 0
     corpus, machine = report.corpus, report.machine
     print(f"corpus: {corpus['images']} images, {corpus['num_classes']} classes, mean {corpus['mean_jpeg_kb']:.0f} KB, "
           f"mean {corpus['mean_width_px']:.0f}x{corpus['mean_height_px']:.0f} px")
@@ -99,8 +133,78 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print()
     print(report.table_markdown())
+    if report.ranks > 1:
+        print(report.rank_table_markdown())
     failed = [row for row in report.rows if not row.ok]
+    unstable = [row for row in report.rows if row.ok and row.unstable]
     print(f"report: {args.out}/report.md, report.json, report.png"
-          + (f" ({len(failed)} configuration(s) failed, see the ERROR rows)" if failed else ""))
+          + (f" ({len(failed)} configuration(s) failed, see the ERROR rows)" if failed else "")
+          + (f" ({len(unstable)} unstable row(s) in parentheses: not results, see their notes)" if unstable else ""))
     sys.stdout.flush()
     return 0
+
+
+def run_tune(args: argparse.Namespace, *, main: bool) -> int:
+    """--tune: one configuration (each list flag one value), the search, tune.json, the flags to train with."""
+    from tools.profiler.autotune import tune, write_entry
+    from tools.profiler.measure import Timing
+    from tools.profiler.sweep import default_backends
+
+    def one(flag: str, values: list) -> Any:
+        if len(values) != 1:
+            raise ValueError(f"{flag}: --tune tunes one configuration, got {values}")
+        return values[0]
+
+    backend = one("--backends", args.backends or [default_backends()[0][0]])
+    settings = dict(arch=args.arch, batch_size=one("--batch-size", args.batch_size),
+                    image_size=one("--image-size", args.image_size), precision=one("--precision", args.precision),
+                    compile=one("--compile", args.compile))
+    if not 0 < args.target <= 1:
+        raise ValueError(f"--target: a fraction of the ceiling in (0, 1], got {args.target}")
+    timing = Timing(args.steps, args.duration if args.steps is None else None, args.windows, args.warmup,
+                    args.max_warmup)
+    if timing.steps is None and timing.duration is None:
+        timing = Timing(None, DEFAULT_DURATION, args.windows, args.warmup, args.max_warmup)
+    entry = tune(args.shards, backend=backend, split=args.split, timing=timing, max_threads=args.max_threads,
+                 max_trials=args.max_trials, time_budget=args.time_budget, target=args.target,
+                 progress=not args.no_progress, **settings)
+    if not main:
+        return 0
+    print()
+    print("| threads | prefetch | hw_load | img/s/GPU | of ceiling | s | note |\n|---|---|---|---|---|---|---|")
+    for t in entry["trials"]:
+        figure = f"{t['images_per_sec_per_gpu']:.0f}" if t["images_per_sec_per_gpu"] else "n/a"
+        share = f"{t['fraction']:.2f}" if t["fraction"] else "n/a"
+        note = t["error"] or ("UNSTABLE: " + "; ".join(t["unstable"]) if t["unstable"] else "")
+        load = "-" if t["hw_decoder_load"] is None else f"{t['hw_decoder_load']:g}"
+        print(f"| {t['threads']} | {t['prefetch']} | {load} | {figure} | {share} | {t['seconds']:.0f} | {note} |")
+    print()
+    verdict = ("the cheapest setting reaching" if entry["reached_target"] else "no setting tried reached")
+    print(f"tune: {verdict} {entry['target']:.2f} of the ceiling ({entry['ceiling_images_per_sec_per_gpu']:.0f} "
+          f"img/s/GPU): {entry['flags']} gives {entry['fraction_of_ceiling']:.2f}"
+          + ("" if entry["reached_target"] else " (the best reachable)")
+          + (f"; search stopped: {entry['stopped']}" if entry["stopped"] else ""))
+    for note in entry["notes"]:
+        print(f"note: {note}")
+    for line in write_entry(entry, out_dir=args.out, shards_dir=args.shards):
+        print(line)
+    model = f"--arch {args.arch} --batch-size {settings['batch_size']} --image-size {settings['image_size']} " \
+            f"--precision {settings['precision']}" + (" --compile" if settings["compile"] else "")
+    print(f"train with: saturate train --data {args.shards} {model} {entry['flags']}")
+    print(f"        or: saturate train --data {args.shards} {model} --backend {backend} --num-threads auto"
+          + (" --hw-decoder-load auto" if backend == "dali-gpu" else ""))
+    sys.stdout.flush()
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line a launched rank runs: the same, less `--nproc N` (it would launch again)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out

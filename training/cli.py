@@ -1,7 +1,8 @@
 """The trainer's command line: flags -> TrainConfig -> training.train.train.
 
 One parser serves `saturate train` (registered by tools/train_cmd.py), `python -m training` and
-`python -m training.train` (what torchrun launches), so the library never imports the `tools` package.
+`python -m training.train` (what torchrun launches), so the library never imports the `tools` package
+(only this layer does, for `--num-threads auto`'s short tune).
 
 Every field of training.config.TrainConfig is a flag of the same name (`base_lr` -> `--base-lr`); a
 `--config FILE` (YAML/TOML/JSON) sets fields first and flags given on the command line override it.
@@ -63,9 +64,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from training.preempt import Preempted
     from training.train import train
+    from training.tuning import needs_tune
 
+    run_tune = None
+    if needs_tune(config):
+        # 'auto' with no matching tune.json entry runs the profiler's short tune first; wired here, in the
+        # command-line layer, so the library itself never imports the tools package
+        from tools.profiler.autotune import short_tune as run_tune
     try:
-        train(config)
+        train(config, run_tune=run_tune)
     except Preempted as stop:
         print(f"train: {stop}", file=sys.stderr)
         return stop.exit_status

@@ -21,6 +21,8 @@ from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
 from shards.schema import SPLIT_PATTERN
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+#: The value of a loader option (--num-threads, --hw-decoder-load) that a tune result decides.
+AUTO = "auto"
 LR_SCHEDULES = ("cosine", "step")
 
 
@@ -42,8 +44,14 @@ class TrainConfig:
     image_size: int = _opt(224, "training crop side in pixels (the final size when progressive resizing)")
     val_image_size: int | None = _opt(None, "validation crop side in pixels (default: --image-size)")
     crop_area: tuple[float, float] = _opt(CROP_AREA, "random-resized-crop area range, fraction of the image")
-    num_threads: int = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers)")
-    hw_decoder_load: float = _opt(HW_DECODER_LOAD, "dali-gpu: share of JPEG decoding on the hardware decoder (0-1)")
+    num_threads: int | str = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers), or 'auto': "
+                                  "from a matching tune.json (`saturate profile --tune`), else a short tune first",
+                                  auto=True)
+    hw_decoder_load: float | str = _opt(HW_DECODER_LOAD, "dali-gpu: share of JPEG decoding on the hardware decoder "
+                                        "(0-1), or 'auto' (as --num-threads)", auto=True)
+    prefetch_depth: int | None = _opt(None, "batches the loader prefetches (DALI queue depth; per worker for "
+                                      "pytorch); default: the backend's, or the tuned one with --num-threads auto")
+    tune_file: str | None = _opt(None, "tune.json that 'auto' reads (default: DATA/tune.json)")
     synthetic_samples: int = _opt(1_281_167, "training samples per epoch with --backend synthetic")
     synthetic_val_samples: int = _opt(50_000, "validation samples with --backend synthetic")
     num_classes: int | None = _opt(None, "classes (default: from the train manifest; synthetic: 1000)")
@@ -136,12 +144,15 @@ def _coerce(name: str, value: object, source: str) -> object:
     """Turn a file/CLI value into the field's type; errors name the flag and where the value came from."""
     hint = FIELD_TYPES[name]
     args = typing.get_args(hint)
+    if FIELDS[name].metadata.get("auto") and value == AUTO:
+        return AUTO  # resolved at start from a tune result (training/tuning.py)
     optional = type(None) in args
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{flag(name)}: may not be empty ({source})")
-    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    union = optional or FIELDS[name].metadata.get("auto", False)  # `int | None`, `int | str`: the first type
+    base = next((a for a in args if a is not type(None)), hint) if union else hint
     try:
         if typing.get_origin(base) is tuple:
             inner = typing.get_args(base)[0]
@@ -229,8 +240,9 @@ def validate(config: TrainConfig) -> None:
     need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
     need(0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     need(c.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
-    need(c.num_threads > 0, "num_threads", "must be > 0")
-    need(0.0 <= c.hw_decoder_load <= 1.0, "hw_decoder_load", "must be in [0, 1]")
+    need(c.num_threads == AUTO or c.num_threads > 0, "num_threads", "must be > 0 or 'auto'")
+    need(c.hw_decoder_load == AUTO or 0.0 <= c.hw_decoder_load <= 1.0, "hw_decoder_load", "must be in [0, 1] or 'auto'")
+    need(c.prefetch_depth is None or c.prefetch_depth > 0, "prefetch_depth", "must be > 0")
     need(c.log_every > 0, "log_every", "must be > 0")
     need(c.eval_every > 0, "eval_every", "must be > 0")
     need(c.keep_last > 0, "keep_last", "must be > 0")

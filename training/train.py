@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,14 @@ from training.evaluate import evaluate
 from training.metrics import MetricsLog, write_json
 from training.resume import load_checkpoint
 from training.trainer import Trainer, eval_line, model_for_run, say_on_main
+from training.tuning import resolve_auto
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, *, run_tune: Callable[[TrainConfig], dict] | None = None) -> dict:
     """Train (or, with `evaluate_only`, evaluate) as `config` says; returns the summary (same on every rank).
 
+    run_tune: what `--num-threads auto` runs when no tune result matches (the command line passes the
+    profiler's short tune; without it, a missing match is a ConfigError saying what to run).
     Raises training.preempt.Preempted after checkpointing when SIGTERM/SIGUSR1 asked the run to stop.
     """
     info = dist.init()
@@ -43,9 +47,11 @@ def train(config: TrainConfig) -> dict:
     # what it had
     torch_threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
+        config = resolve_auto(config, world_size=info.world_size, is_main=info.is_main, say=say_on_main(info),
+                              run_tune=run_tune)
         validate_environment(config, world_size=info.world_size, cuda=info.device.type == "cuda")
         if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(cpu_model_threads(config.num_threads, info))
+            torch.set_num_threads(cpu_model_threads(config.num_threads))
         return _run(config, info)
     finally:
         torch.set_num_threads(torch_threads)
@@ -53,9 +59,10 @@ def train(config: TrainConfig) -> dict:
         dist.shutdown()
 
 
-def cpu_model_threads(loader_threads: int, info: dist.DistInfo) -> int:
+def cpu_model_threads(loader_threads: int) -> int:
     """Intra-op threads for the model when training on the CPU: this process's share of the cores minus the
-    loader's threads. Oversubscribed OpenMP threads spin against the loader's and can make a step 5-10x slower."""
+    loader's threads. Oversubscribed OpenMP threads spin against the loader's and can make a step 5-10x slower.
+    The profiler uses it too, so its CPU ceiling and e2e rows split the cores as training does."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, usable_cpus() // local_processes - loader_threads)
 

@@ -1,0 +1,157 @@
+"""The tuner on real loaders: `tune()` behind `saturate profile --tune`, `short_tune()` behind
+`saturate train --num-threads auto` when no tune.json entry matches. The search itself is tools/profiler/tune.py.
+
+Every trial is an e2e configuration measured like a profile row (steady warm-up, timed windows; at node
+scale all ranks at once, the figure their mean per GPU). The ceiling is measured before the search and
+again after it; when the two differ by more than stability.DRIFT_LIMIT, the entry says the result is
+uncertain.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tools.profiler.gpu import GpuMonitor
+from tools.profiler.measure import Timing
+from tools.profiler.plan import ProfileConfig
+from tools.profiler.run import Workload
+from tools.profiler.stability import CEILING_MARGIN, DRIFT_LIMIT, MEASUREMENT_RULES
+from tools.profiler.sweep import Session, default_threads
+from tools.profiler.tune import (
+    DEFAULT_MAX_TRIALS,
+    DEFAULT_TIME_BUDGET,
+    TARGET,
+    Setting,
+    entry_for,
+    rescore,
+    search,
+)
+
+#: What `saturate train --num-threads auto` spends when it has to tune first.
+SHORT_TUNE = dict(timing=Timing(steps=None, duration=4.0, windows=2, warmup=5, max_warmup=10.0), max_trials=6,
+                  time_budget=120.0)
+
+
+def tune(shards_dir: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """`run_tune` in this process's process group (started here under torchrun, and ended if started here)."""
+    import torch.distributed as tdist
+
+    from training import dist
+
+    owns = not (tdist.is_available() and tdist.is_initialized())
+    info = dist.init()
+    try:
+        return run_tune(shards_dir, info=info, **options)
+    finally:
+        if owns:
+            dist.shutdown()
+
+
+def run_tune(
+    shards_dir: str | os.PathLike,
+    *,
+    info: Any,
+    backend: str,
+    arch: str,
+    batch_size: int,
+    image_size: int,
+    precision: str,
+    compile: bool = False,
+    split: str = "train",
+    timing: Timing,
+    max_threads: int | None = None,
+    max_trials: int = DEFAULT_MAX_TRIALS,
+    time_budget: float = DEFAULT_TIME_BUDGET,
+    target: float = TARGET,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure the ceiling, search the loader knobs, measure the ceiling again; returns the tune.json entry.
+    max_threads: the most loader threads per GPU to try (default: CPU cores per GPU)."""
+    from tools.profiler.corpus import describe_corpus, describe_machine
+    from tools.profiler.node import ranks_of
+    from training.tuning import machine_key, match_key, processes_per_node
+
+    ranks = ranks_of(info)
+    say = print if progress and ranks.rank == 0 else (lambda *_, **__: None)
+    corpus = describe_corpus(shards_dir, split)
+    session = Session(ranks, Workload(shards_dir, split, arch, corpus["num_classes"]), info.device, timing,
+                      GpuMonitor(info.device))
+    model = ProfileConfig("model", "synthetic", batch_size, image_size, precision=precision, compile=compile)
+
+    def ceiling() -> float:
+        row = session.row(model, [session.measure(model)])
+        if not row.ok:
+            raise RuntimeError(f"tune: the model ceiling could not be measured: {row.error}")
+        say(f"tune: ceiling {row.images_per_sec_per_gpu:.0f} img/s/GPU ({arch}, batch {batch_size}, "
+            f"{image_size}px, {precision})", file=sys.stderr)
+        return row.images_per_sec_per_gpu
+
+    def measure(setting: Setting) -> tuple[float | None, str | None, list[str]]:
+        config = ProfileConfig("e2e", backend, batch_size, image_size, setting.threads, setting.hw_decoder_load,
+                               precision, compile, setting.prefetch)
+        row = session.row(config, [session.measure(config)])
+        figure = f"{row.images_per_sec_per_gpu:.0f} img/s/GPU" if row.ok else row.error
+        say(f"tune: {config.label()}: {figure}", file=sys.stderr)
+        unstable = row.unstable if row.ranks > 1 else [
+            why for rule in MEASUREMENT_RULES if row.ok and (why := rule(row))]  # node rows were judged per rank
+        return row.images_per_sec_per_gpu, row.error, unstable
+
+    max_threads = max_threads or default_threads(ranks)
+    before = ceiling()
+    result = search(backend=backend, ceiling=before, measure=measure, max_threads=max_threads,
+                    max_trials=max_trials, time_budget=time_budget, target=target,
+                    agree=lambda go: ranks.all_true(go)[0])
+    after = ceiling()
+    session.monitor.close()
+    # A disturbance only ever slows a measurement down, so the ceiling is the fastest the step was seen to go:
+    # the higher of the two ceilings, or an e2e trial if one went faster still (the ceiling was disturbed).
+    fastest = max([before, after, *(t.images_per_sec_per_gpu or 0.0 for t in result.trials)])
+    result = rescore(result, ceiling=fastest, target=target)
+    notes = []
+    if abs(after - before) > DRIFT_LIMIT * min(after, before):
+        notes.append(f"the ceiling moved from {before:.0f} to {after:.0f} img/s/GPU during the tune: the machine "
+                     "was not steady, so the result is uncertain; tune again on a quiet machine")
+    if fastest > max(before, after) * (1 + CEILING_MARGIN):
+        notes.append(f"an e2e trial ran at {fastest:.0f} img/s/GPU, above the ceiling measured "
+                     f"({max(before, after):.0f}): the ceiling measurement was disturbed, so fractions are against "
+                     "that trial")
+    match = match_key(arch=arch, batch_size=batch_size, image_size=image_size, precision=precision,
+                      compile=compile, backend=backend, processes_per_node=processes_per_node(),
+                      machine=machine_key())
+    budget = {"max_trials": max_trials, "time_budget_s": time_budget, "max_threads": max_threads,
+              "trial_duration_s": timing.duration, "trial_steps": timing.steps,
+              "search_seconds": sum(t.seconds for t in result.trials)}
+    return entry_for(result, match=match, ceiling=(before, after, fastest), target=target, backend=backend,
+                     corpus=corpus, machine=describe_machine(), budget=budget, notes=notes)
+
+
+def write_entry(entry: dict[str, Any], *, out_dir: str | os.PathLike, shards_dir: str | os.PathLike) -> list[str]:
+    """Write the entry to OUT/tune.json and into SHARDS/tune.json (where `--num-threads auto` looks);
+    returns what was written or why not, one line each."""
+    from training.tuning import TUNE_FILE, add_entry
+
+    lines = []
+    for folder in (Path(out_dir), Path(shards_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lines.append(f"wrote {add_entry(folder / TUNE_FILE, entry)}")
+        except OSError as err:
+            lines.append(f"could not write {folder / TUNE_FILE} ({err}); pass --tune-file {Path(out_dir) / TUNE_FILE}"
+                         " to saturate train")
+    return lines
+
+
+def short_tune(cfg: Any) -> dict[str, Any]:
+    """The tune `saturate train --num-threads auto` runs when no entry matches (its match is the run's own)."""
+    from training import dist
+    from training.tuning import run_key
+
+    info = dist.init()  # train() started it: the tune runs on every rank of the job
+    entry = run_tune(cfg.data, info=info, backend=cfg.backend, arch=cfg.arch,
+                 batch_size=cfg.per_process_batch(info.world_size), image_size=cfg.image_size,
+                 precision=cfg.precision, compile=cfg.compile, split=cfg.train_split, **SHORT_TUNE)
+    entry["match"] = run_key(cfg, world_size=info.world_size)
+    return entry

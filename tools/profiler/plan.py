@@ -1,0 +1,134 @@
+"""What a profile measures: one `ProfileConfig` per point of the sweep, and the sweep itself.
+
+Each axis multiplies only the configurations it changes (`AXES`): threads and prefetch depth the data
+backends, `hw_decoder_load` dali-gpu only, precision and compile the training step (model and e2e modes).
+The number of configurations is the product of the axes that matter, not of all of them.
+
+A new loader axis (an augmentation policy, say) is one field in `ProfileConfig` and `Sweep`, one line in
+`AXES`, one in `label()` and one keyword where `tools/profiler/run.py` builds the loader.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+from training.config import PRECISIONS  # light: pulls in neither torch nor DALI
+
+MODES: tuple[str, ...] = ("loader", "model", "e2e")
+TRAINING_MODES: tuple[str, ...] = ("model", "e2e")
+#: Backends that read the corpus; `synthetic` is the model mode's source, never profiled as a loader.
+DATA_BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """One point of the sweep. Axes that do not apply to the mode/backend are None (printed `-`)."""
+
+    mode: str  # loader | model | e2e
+    backend: str  # dali-gpu | dali-cpu | pytorch | synthetic (model mode)
+    batch_size: int  # images per step per GPU
+    image_size: int  # pixels, side of the square the model sees
+    threads: int | None = None  # DALI CPU threads or DataLoader worker processes; None for synthetic
+    hw_decoder_load: float | None = None  # dali-gpu only: share of JPEGs sent to the hardware decoder
+    precision: str | None = None  # training modes only
+    compile: bool | None = None  # training modes only
+    prefetch: int | None = None  # batches prefetched (DALI queue depth, per-worker for pytorch); None: default
+
+    def label(self) -> str:
+        """Short human label of the swept axes, e.g. `dali-gpu t8 hw0.65 bs256 224px bf16 compile`."""
+        parts = [self.backend]
+        if self.threads is not None:
+            parts.append(f"t{self.threads}")
+        if self.hw_decoder_load is not None:
+            parts.append(f"hw{self.hw_decoder_load:g}")
+        if self.prefetch is not None:
+            parts.append(f"pf{self.prefetch}")
+        parts += [f"bs{self.batch_size}", f"{self.image_size}px"]
+        if self.precision is not None:
+            parts.append(self.precision)
+        if self.compile:
+            parts.append("compile")
+        return " ".join(parts)
+
+    def ceiling_key(self) -> tuple:
+        """What the model ceiling of this row depends on: batch, image size and, for training rows, the step."""
+        return self.batch_size, self.image_size, self.precision, self.compile
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Every axis of a profile, as the lists to sweep (the command line's comma lists)."""
+
+    modes: tuple[str, ...]
+    backends: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    image_sizes: tuple[int, ...]
+    threads: tuple[int, ...]
+    hw_decoder_loads: tuple[float, ...]
+    precisions: tuple[str, ...]
+    compile_modes: tuple[bool, ...]
+    prefetch_depths: tuple[int | None, ...] = (None,)
+
+
+#: Sweep field -> (ProfileConfig field, does this axis change the (mode, backend) configuration?)
+AXES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
+    "threads": ("threads", lambda mode, backend: backend in DATA_BACKENDS),
+    "hw_decoder_loads": ("hw_decoder_load", lambda mode, backend: backend == "dali-gpu"),
+    "prefetch_depths": ("prefetch", lambda mode, backend: backend in DATA_BACKENDS),
+    "precisions": ("precision", lambda mode, backend: mode in TRAINING_MODES),
+    "compile_modes": ("compile", lambda mode, backend: mode in TRAINING_MODES),
+}
+
+
+def plan_configs(sweep: Sweep) -> list[ProfileConfig]:
+    """Every configuration to run, in report order: model rows first (the ceiling), then loader, then e2e."""
+    configs: list[ProfileConfig] = []
+    for batch_size, image_size in itertools.product(sweep.batch_sizes, sweep.image_sizes):
+        for mode in ("model", "loader", "e2e"):
+            if mode not in sweep.modes:
+                continue
+            for backend in ("synthetic",) if mode == "model" else sweep.backends:
+                base = ProfileConfig(mode, backend, batch_size, image_size)
+                applied = [(field, getattr(sweep, name)) for name, (field, applies) in AXES.items()
+                           if applies(mode, backend)]
+                for values in itertools.product(*(v for _, v in applied)):
+                    configs.append(replace(base, **{field: value for (field, _), value in
+                                                    zip(applied, values, strict=True)}))
+    return configs
+
+
+def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warmup: int, windows: int) -> None:
+    """Reject a bad sweep before anything is built; each message names the flag to fix."""
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+
+    s = sweep
+    need(bool(s.modes) and set(s.modes) <= set(MODES), f"--modes: choose from {', '.join(MODES)}, got {list(s.modes)}")
+    need(set(s.backends) <= set(DATA_BACKENDS),
+         f"--backends: choose from {', '.join(DATA_BACKENDS)} (synthetic is the model mode), got {list(s.backends)}")
+    need(bool(s.backends) or set(s.modes) == {"model"}, "--backends: none given")
+    need(bool(s.batch_sizes) and all(isinstance(b, int) and b >= 1 for b in s.batch_sizes),
+         f"--batch-size: integers >= 1, got {list(s.batch_sizes)}")
+    need(bool(s.image_sizes) and all(isinstance(p, int) and p >= 1 for p in s.image_sizes),
+         f"--image-size: integers >= 1 (pixels), got {list(s.image_sizes)}")
+    need(bool(s.threads) and all(isinstance(n, int) and n >= 1 for n in s.threads),
+         f"--threads: integers >= 1, got {list(s.threads)}")
+    need(bool(s.hw_decoder_loads) and all(0.0 <= x <= 1.0 for x in s.hw_decoder_loads),
+         f"--hw-decoder-load: fractions in [0, 1], got {list(s.hw_decoder_loads)}")
+    need(bool(s.prefetch_depths) and all(p is None or (isinstance(p, int) and p >= 1) for p in s.prefetch_depths),
+         f"--prefetch: integers >= 1 (batches), got {list(s.prefetch_depths)}")
+    need(bool(s.precisions) and set(s.precisions) <= set(PRECISIONS),
+         f"--precision: choose from {', '.join(PRECISIONS)}, got {list(s.precisions)}")
+    need(steps is None or duration is None, "give --steps or --duration, not both")
+    need(steps is None or steps >= 1, f"--steps: an integer >= 1, got {steps}")
+    need(duration is None or duration > 0, f"--duration: seconds > 0, got {duration}")
+    need(warmup >= 0, f"--warmup: steps >= 0, got {warmup}")
+    need(windows >= 1, f"--windows: an integer >= 1, got {windows}")
+
+
+def sweep_dict(sweep: Sweep) -> dict[str, list]:
+    """The sweep as plain lists, for report.json's settings."""
+    return {f.name: list(getattr(sweep, f.name)) for f in fields(sweep)}

@@ -1,0 +1,68 @@
+"""The figures that compare rows: vs ceiling, vs pytorch, threads needed; then the stability flags.
+
+Only ratios compare across machines; absolute images/s depend on the GPU, the CPU and the corpus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from tools.profiler.row import ProfileRow
+from tools.profiler.stability import flag_unstable
+
+#: The baseline every other backend is compared with (its ratio column).
+BASELINE_BACKEND = "pytorch"
+
+
+def ceiling_rows(rows: Sequence[ProfileRow]) -> dict[tuple, ProfileRow]:
+    """Ceiling key (batch, image size, precision, compile) -> the model row measured for it."""
+    return {r.config.ceiling_key(): r for r in rows if r.ok and r.config.mode == "model"}
+
+
+def fastest_ceiling(rows: Sequence[ProfileRow], *, batch_size: int, image_size: int) -> float | None:
+    """The model ceiling (images/s per GPU) for a loader at this batch and image size: the fastest step."""
+    rates = [r.images_per_sec_per_gpu for r in rows if r.ok and r.config.mode == "model"
+             and (r.config.batch_size, r.config.image_size) == (batch_size, image_size)]
+    return max(rates) if rates else None
+
+
+def threads_needed(ceiling: float, images_per_sec: float, threads: int) -> tuple[int, str | None]:
+    """Whole CPU threads this loader needs to feed `ceiling`, assuming linear scaling in threads, and a note
+    when the answer is not a plain extrapolation."""
+    per_thread = images_per_sec / threads  # images/s per CPU thread
+    if per_thread >= ceiling:
+        return 1, f"one thread ({per_thread:.0f} img/s) already outpaces the ceiling ({ceiling:.0f} img/s)"
+    return math.ceil(ceiling / per_thread - 1e-9), None
+
+
+def add_ratios(rows: Sequence[ProfileRow]) -> None:
+    """Fill vs_ceiling, vs_pytorch and threads_needed (in place), then flag the unstable rows."""
+    def same_axes(a: ProfileRow, b: ProfileRow) -> bool:
+        ca, cb = a.config, b.config
+        return (ca.mode, ca.batch_size, ca.image_size, ca.threads, ca.prefetch, ca.precision, ca.compile) == (
+            cb.mode, cb.batch_size, cb.image_size, cb.threads, cb.prefetch, cb.precision, cb.compile)
+
+    ceilings = ceiling_rows(rows)
+    baselines = [r for r in rows if r.ok and r.config.backend == BASELINE_BACKEND]
+    for row in rows:
+        if not row.ok or not row.images_per_sec_per_gpu:
+            continue
+        c = row.config
+        fastest = fastest_ceiling(rows, batch_size=c.batch_size, image_size=c.image_size)
+        if c.mode == "model":
+            # against the fastest precision/compile at this batch and image size: 1.0 for it, the cost of others
+            row.vs_ceiling = row.images_per_sec_per_gpu / fastest
+            continue
+        own = ceilings.get(c.ceiling_key())
+        ceiling = (own.images_per_sec_per_gpu if own else None) if c.mode == "e2e" else fastest
+        if ceiling:
+            row.vs_ceiling = row.images_per_sec_per_gpu / ceiling
+            if c.mode == "loader" and c.threads:
+                row.threads_needed, note = threads_needed(ceiling, row.images_per_sec_per_gpu, c.threads)
+                if note:
+                    row.notes.append(note)
+        base = next((b for b in baselines if same_axes(b, row)), None)
+        if base is not None and base.images_per_sec_per_gpu:
+            row.vs_pytorch = row.images_per_sec_per_gpu / base.images_per_sec_per_gpu
+    flag_unstable(rows, ceilings)

@@ -1,0 +1,217 @@
+"""`profile(...)`: run the sweep (in one process, or on every rank of a node under torchrun) and return the Report.
+
+Order (`schedule`): for each batch and image size, the model rows (the ceiling), the data rows (loader,
+e2e), then the model rows again. The ceiling brackets in time the rows compared with it, so a machine that
+got faster or slower during the profile cannot make one row look better than its ceiling: the two passes
+are pooled, and when they disagree the ceiling and every e2e row compared with it are marked unstable.
+
+A configuration that fails (no GPU for dali-gpu, a loader that raises, out of memory) becomes an error row
+holding the message; the profile goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.constants import HW_DECODER_LOAD
+from tools.profiler.gpu import GpuMonitor
+from tools.profiler.measure import (
+    DEFAULT_DURATION,
+    DEFAULT_MAX_WARMUP,
+    DEFAULT_WARMUP,
+    DEFAULT_WINDOWS,
+    Measurement,
+    SingleProcess,
+    Timing,
+)
+from tools.profiler.node import combine, ranks_of
+from tools.profiler.plan import MODES, ProfileConfig, Sweep, check_sweep, plan_configs, sweep_dict
+from tools.profiler.ratios import add_ratios
+from tools.profiler.report import Report
+from tools.profiler.row import ProfileRow, summarise
+from tools.profiler.run import Workload, run_config
+
+Outcome = Measurement | str  # a measured pass, or "<ExceptionType>: message"
+
+
+def schedule(configs: Sequence[ProfileConfig]) -> list[tuple[ProfileConfig, int]]:
+    """(configuration, pass) in the order they are measured: see the module docstring."""
+    order: list[tuple[ProfileConfig, int]] = []
+    groups = list(dict.fromkeys((c.batch_size, c.image_size) for c in configs))
+    for group in groups:
+        model = [c for c in configs if c.mode == "model" and (c.batch_size, c.image_size) == group]
+        data = [c for c in configs if c.mode != "model" and (c.batch_size, c.image_size) == group]
+        order += [(c, 0) for c in model] + [(c, 0) for c in data]
+        if data:
+            order += [(c, 1) for c in model]
+    return order
+
+
+@dataclass
+class Session:
+    """What every configuration of one profile (or tune) shares: ranks, corpus and model, device, timing."""
+
+    ranks: Any  # node.Ranks or measure.SingleProcess
+    workload: Workload
+    device: Any
+    timing: Timing
+    monitor: GpuMonitor
+    clock: Callable[[], float] = time.perf_counter
+
+    def measure(self, config: ProfileConfig) -> list[tuple[Outcome, Outcome | None]]:
+        """One pass of `config`: per rank, (outcome measured with every rank, rank 0's outcome alone)."""
+        def attempt(ranks: Any) -> Outcome:
+            try:
+                return run_config(config, workload=self.workload, device=self.device, timing=self.timing,
+                                  gpu_monitor=self.monitor, ranks=ranks, clock=self.clock)
+            except Exception as err:  # a broken backend is a row of the report, not the end of the profile
+                return f"{type(err).__name__}: {err}"
+
+        if self.ranks.world_size == 1:
+            return [(attempt(self.ranks), None)]
+        solo = attempt(SingleProcess()) if self.ranks.rank == 0 else None
+        self.ranks.all_true(True)  # the other ranks wait here while rank 0 measures alone
+        return self.ranks.gather((attempt(self.ranks), solo))
+
+    def row(self, config: ProfileConfig, passes: list[list[tuple[Outcome, Outcome | None]]]) -> ProfileRow:
+        """The row of `config` from its passes (node scale: each rank's row combined, with rank 0 alone)."""
+        def rank_row(outcomes: list[Outcome]) -> ProfileRow:
+            error = next((o for o in outcomes if isinstance(o, str)), None)
+            return ProfileRow(config, error=error) if error else summarise(config, outcomes)
+
+        if self.ranks.world_size == 1:
+            return rank_row([p[0][0] for p in passes])
+        rank_rows = [rank_row([p[r][0] for p in passes]) for r in range(self.ranks.world_size)]
+        return combine(config, rank_rows, rank_row([p[0][1] for p in passes]))
+
+
+def default_backends() -> tuple[tuple[str, ...], str | None]:
+    """dali-gpu and pytorch on a GPU box; dali-cpu and pytorch without one, with a note saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return ("dali-gpu", "pytorch"), None
+    return ("dali-cpu", "pytorch"), "no CUDA GPU visible: profiling dali-cpu and pytorch instead of dali-gpu"
+
+
+def default_threads(ranks: Any) -> int:
+    """CPU cores per GPU: what one training process of this node can give its loader."""
+    import torch
+
+    from shards.cpus import usable_cpus
+
+    sharing = getattr(ranks, "local_world_size", 1)
+    return max(1, usable_cpus() // max(1, sharing if sharing > 1 else torch.cuda.device_count()))
+
+
+def profile(shards_dir: str | os.PathLike, **options: Any) -> Report:
+    """Run the sweep over `<shards_dir>/<split>-*.tar` (see `run_profile` for the options); under torchrun,
+    every rank calls this and rank 0 writes the report. Starts and ends the process group if it starts it."""
+    import torch.distributed as tdist
+
+    from training import dist
+
+    owns = not (tdist.is_available() and tdist.is_initialized())
+    info = dist.init()
+    try:
+        return run_profile(shards_dir, info=info, **options)
+    finally:
+        if owns:
+            dist.shutdown()
+
+
+def run_profile(
+    shards_dir: str | os.PathLike,
+    *,
+    info: Any,
+    out_dir: str | os.PathLike | None = None,
+    modes: Sequence[str] = MODES,
+    backends: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] = (256,),
+    image_sizes: Sequence[int] = (224,),
+    threads: Sequence[int] | None = None,
+    hw_decoder_loads: Sequence[float] = (HW_DECODER_LOAD,),
+    prefetch_depths: Sequence[int | None] = (None,),
+    precisions: Sequence[str] = ("bf16",),
+    compile_modes: Sequence[bool] = (False,),
+    arch: str = "resnet50",
+    split: str = "train",
+    steps: int | None = None,
+    duration: float | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    windows: int = DEFAULT_WINDOWS,
+    max_warmup: float = DEFAULT_MAX_WARMUP,
+    progress: bool = True,
+) -> Report:
+    """backends: data backends for the loader and e2e modes; None picks `default_backends()`.
+    threads: CPU threads (DALI) / worker processes (pytorch) to sweep; None is `default_threads()`.
+    steps / duration: timed work per configuration, in steps or seconds (split over `windows` windows);
+    neither means DEFAULT_DURATION seconds. warmup: untimed steps at least; max_warmup: seconds the
+    steady-step-time check may add (0: off)."""
+    ranks = ranks_of(info)
+    main = ranks.rank == 0
+    notes: list[str] = []
+    if backends is None:
+        backends, note = default_backends()
+        if note:
+            notes.append(note)
+            if progress and main:  # said before the long run starts; the CLI's summary repeats report.notes
+                print(f"saturate profile: note: {note}", file=sys.stderr)
+    threads = (default_threads(ranks),) if threads is None else tuple(threads)
+    if steps is None and duration is None:
+        duration = DEFAULT_DURATION
+    sweep = Sweep(tuple(modes), tuple(backends), tuple(batch_sizes), tuple(image_sizes), tuple(threads),
+                  tuple(hw_decoder_loads), tuple(precisions), tuple(compile_modes), tuple(prefetch_depths))
+    check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows)
+    if max_warmup < 0:
+        raise ValueError(f"--max-warmup: seconds >= 0, got {max_warmup}")
+    from tqdm import tqdm
+
+    from shards.schema import check_split_name
+    from tools.profiler.corpus import describe_corpus, describe_machine
+    from training.model import is_classifier
+
+    check_split_name(split, "--split")
+    if {"model", "e2e"} & set(modes) and not is_classifier(arch):
+        # checked once here rather than as one error row per training configuration
+        raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
+    corpus = describe_corpus(shards_dir, split)
+    machine = describe_machine()
+    configs = plan_configs(sweep)
+    session = Session(ranks, Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000), info.device,
+                      Timing(steps, duration, windows, warmup, max_warmup), GpuMonitor(info.device))
+    passes: dict[ProfileConfig, list] = {}
+    units = schedule(configs)
+    bar = tqdm(units, desc="saturate profile", unit="config", disable=not (progress and main), file=sys.stderr)
+    for config, again in bar:
+        bar.set_postfix_str(config.label() + (" (ceiling again)" if again else ""))
+        passes.setdefault(config, []).append(session.measure(config))
+    session.monitor.close()
+    rows = [session.row(config, passes[config]) for config in configs]
+    add_ratios(rows)
+    notes += run_notes(info.device, ranks, session.monitor)
+    settings = {"shards_dir": str(shards_dir), "split": split, "arch": arch, "device": str(info.device),
+                **sweep_dict(sweep), "steps": steps, "duration": duration, "warmup": warmup, "windows": windows,
+                "max_warmup": max_warmup, "ranks": ranks.world_size, "configurations": len(configs)}
+    report = Report(corpus=corpus, machine=machine, settings=settings, rows=rows, notes=notes)
+    if out_dir is not None and main:
+        report.write(out_dir)
+    return report
+
+
+def run_notes(device: Any, ranks: Any, monitor: GpuMonitor) -> list[str]:
+    notes = []
+    if device.type != "cuda":
+        notes.append("no CUDA GPU: GPU utilisation and memory are n/a; the model runs on the CPU with the cores "
+                     "the loader leaves, as `saturate train` would")
+    if monitor.unavailable:
+        notes.append(monitor.unavailable)
+    if ranks.world_size > 1:
+        notes.append(f"{ranks.world_size} ranks ({ranks.local_world_size} per node) measured each configuration "
+                     "together; rank 0 also measured it alone")
+    return notes

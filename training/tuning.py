@@ -1,0 +1,146 @@
+"""What a loader tune result is, and how `--num-threads auto` / `--hw-decoder-load auto` use one.
+
+`saturate profile SHARDS --tune` (tools/profiler/tune.py) measures which loader setting feeds a training
+configuration and writes an entry to tune.json; the trainer looks for an entry that matches its own run
+and takes the setting from it. One file holds several entries (one per model/batch/machine), so a shard
+folder can carry the tunes of every machine it is trained on.
+
+An entry matches when what the setting depends on is the same: architecture, batch per GPU, image size,
+precision, compile, backend, processes per node (8 loaders share a node's cores, one does not) and the
+machine (GPU model and count, CPU model, usable cores). The corpus is the folder the file sits in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.constants import HW_DECODER_LOAD
+from shards.cpus import cpu_model, usable_cpus
+from training.config import AUTO, ConfigError, TrainConfig
+
+TUNE_FILE = "tune.json"
+FORMAT = "saturate-tune/1"
+#: TrainConfig fields a tune entry's "setting" may set.
+TUNED_FIELDS = ("num_threads", "prefetch_depth", "hw_decoder_load")
+
+
+def machine_key() -> dict[str, Any]:
+    """What makes a loader setting from one machine wrong on another."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cpu": cpu_model(),
+        "cpu_usable": usable_cpus(),
+    }
+
+
+def match_key(*, arch: str, batch_size: int, image_size: int, precision: str, compile: bool, backend: str,
+              processes_per_node: int, machine: dict[str, Any]) -> dict[str, Any]:
+    """The fields an entry must share with a run to apply to it (batch_size: per process)."""
+    return {"arch": arch, "batch_size": batch_size, "image_size": image_size, "precision": precision,
+            "compile": bool(compile), "backend": backend, "processes_per_node": processes_per_node,
+            "machine": machine}
+
+
+def processes_per_node() -> int:
+    """Training processes sharing this node's cores and GPUs: torchrun's $LOCAL_WORLD_SIZE, else 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def run_key(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
+    return match_key(arch=cfg.arch, batch_size=cfg.per_process_batch(world_size), image_size=cfg.image_size,
+                     precision=cfg.precision, compile=cfg.compile, backend=cfg.backend,
+                     processes_per_node=processes_per_node(), machine=machine_key())
+
+
+def tune_path(cfg: TrainConfig) -> Path:
+    """Where 'auto' looks: --tune-file, else tune.json next to the shards."""
+    return Path(cfg.tune_file) if cfg.tune_file else Path(cfg.data or ".") / TUNE_FILE
+
+
+def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of a tune file; [] when it does not exist; a damaged file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        body = json.loads(path.read_text())
+        if body.get("format") != FORMAT or not isinstance(body.get("entries"), list):
+            raise ValueError(f"not a {FORMAT} file")
+    except (ValueError, AttributeError) as err:
+        raise ConfigError(f"--tune-file: {path} is not a tune result ({err}); delete it or pass another") from err
+    return body["entries"]
+
+
+def find_entry(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any] | None:
+    return next((e for e in reversed(read_entries(path)) if e.get("match") == key), None)
+
+
+def add_entry(path: str | os.PathLike, entry: dict[str, Any]) -> Path:
+    """Write `entry` into the tune file at `path` (atomically), replacing an entry with the same match."""
+    from shards.atomic import atomic_write
+
+    entries = [e for e in read_entries(path) if e.get("match") != entry["match"]] + [entry]
+    return atomic_write(path, json.dumps({"format": FORMAT, "entries": entries}, indent=1) + "\n")
+
+
+def needs_tune(cfg: TrainConfig) -> bool:
+    return AUTO in (cfg.num_threads, cfg.hw_decoder_load)
+
+
+def apply_entry(cfg: TrainConfig, entry: dict[str, Any]) -> tuple[TrainConfig, str]:
+    """The config with its 'auto' loader options set from `entry`, and what was chosen, in words."""
+    setting = entry["setting"]
+    changes: dict[str, Any] = {}
+    if cfg.num_threads == AUTO:
+        changes["num_threads"] = setting["num_threads"]
+        if cfg.prefetch_depth is None and setting.get("prefetch_depth") is not None:
+            changes["prefetch_depth"] = setting["prefetch_depth"]
+    if cfg.hw_decoder_load == AUTO:
+        load = setting.get("hw_decoder_load")
+        changes["hw_decoder_load"] = load if load is not None else HW_DECODER_LOAD
+    chosen = ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                       for k, v in changes.items())
+    reached = entry.get("fraction_of_ceiling")
+    why = (f"e2e {reached:.2f} of the ceiling {entry['ceiling_images_per_sec_per_gpu']:.0f} img/s/GPU, "
+           + ("the cheapest setting measured to reach " if entry.get("reached_target") else
+              "the best reachable: no setting tried reached ") + f"{entry.get('target', 0):.2f}")
+    return dataclasses.replace(cfg, **changes), f"{chosen} ({why})"
+
+
+def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Callable[[str], None],
+                 run_tune: Callable[[TrainConfig], dict[str, Any]] | None = None) -> TrainConfig:
+    """`cfg` with 'auto' loader options replaced by a matching tune entry, or by a short tune (`run_tune`,
+    supplied by the command line) when none matches; without either, a ConfigError that says what to run."""
+    if not needs_tune(cfg):
+        return cfg
+    path, key = tune_path(cfg), run_key(cfg, world_size=world_size)
+    entry = find_entry(path, key)
+    if entry is not None:
+        cfg, chosen = apply_entry(cfg, entry)
+        say(f"loader 'auto': {chosen}; from {path}, tuned {entry.get('tuned_at', '?')}")
+        return cfg
+    wanted = (f"{cfg.arch} batch {key['batch_size']} {cfg.image_size}px {cfg.precision} {cfg.backend}, "
+              f"{key['processes_per_node']} process(es) per node on this machine")
+    if run_tune is None:
+        raise ConfigError(f"--num-threads/--hw-decoder-load auto: no entry of {path} matches {wanted}; run "
+                          f"`saturate profile {cfg.data} --tune ...` with the same settings, or give numbers")
+    say(f"loader 'auto': no entry of {path} matches {wanted}; running a short tune first")
+    entry = run_tune(cfg)
+    cfg, chosen = apply_entry(cfg, entry)
+    saved = ""
+    if is_main:
+        try:
+            saved = f"; saved to {add_entry(path, entry)}"
+        except OSError as err:
+            saved = f"; not saved ({err}): pass --tune-file to keep it"
+    say(f"loader 'auto': {chosen}; from a short tune ({len(entry.get('trials', []))} trials){saved}")
+    return cfg
