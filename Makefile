@@ -40,7 +40,7 @@ DEMO_TRAIN_CPU ?= --backend dali-cpu --arch resnet18 --precision fp32 --image-si
 DEMO_PROFILE_GPU ?= --backends dali-gpu,dali-cpu,pytorch --arch resnet50 --precision bf16 --image-size 224 \
 	--batch-size 128 --threads 4 --duration 10
 DEMO_PROFILE_CPU ?= --backends dali-cpu,pytorch --arch resnet18 --precision fp32 --image-size 112 \
-	--batch-size 32 --threads 2 --duration 4 --warmup 3 --windows 3
+	--batch-size 32 --threads 1 --duration 6 --warmup 3 --windows 3
 
 demo: install
 	rm -rf $(DEMO)

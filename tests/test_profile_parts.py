@@ -12,7 +12,7 @@ from tools.profiler.counters import cpu_seconds_delta
 from tools.profiler.gpu import GpuMonitor
 from tools.profiler.measure import Measurement, SingleProcess, Timing, Window, measure
 from tools.profiler.node import combine
-from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs
+from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, with_cpu_model_threads
 from tools.profiler.ratios import add_ratios, threads_needed
 from tools.profiler.report import Report
 from tools.profiler.row import ProfileRow, summarise
@@ -60,6 +60,18 @@ def test_schedule_measures_the_ceiling_before_and_after_its_data_rows():
                      ("model", 16, 1)]
     model_only = plan_configs(sweep(modes=("model",), precisions=("bf16",), compile_modes=(False,)))
     assert [again for _, again in schedule(model_only)] == [0]  # nothing to bracket
+
+
+def test_on_the_cpu_the_model_is_measured_at_each_thread_count_training_would_give_it():
+    configs = plan_configs(sweep(modes=("model", "loader", "e2e"), backends=("pytorch",), threads=(1, 2, 6),
+                                 precisions=("fp32",), compile_modes=(False,)))
+    split = lambda loader_threads: max(1, 4 - loader_threads)  # noqa: E731 - 4 cores, the trainer's rule
+    planned = with_cpu_model_threads(configs, split)
+    assert [(c.mode, c.threads, c.model_threads) for c in planned] == [
+        ("model", None, 4), ("model", None, 3), ("model", None, 2), ("model", None, 1),
+        ("loader", 1, None), ("loader", 2, None), ("loader", 6, None),
+        ("e2e", 1, 3), ("e2e", 2, 2), ("e2e", 6, 1)]
+    assert planned[7].label() == "pytorch t1 bs256 224px fp32 mt3"
 
 
 @pytest.mark.parametrize("change, flag", [

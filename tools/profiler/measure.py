@@ -99,7 +99,6 @@ class Measurement:
     gpu_memory_used_gib: float | None = None
     started: float = field(default=0.0)  # clock time the first timed window began (seconds)
     discarded: list[list[float]] = field(default_factory=list)  # images/s of windows measured again (spread)
-    model_threads: int | None = None  # CPU intra-op threads the model had (model on the CPU only)
 
 
 class SingleProcess:

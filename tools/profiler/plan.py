@@ -35,6 +35,7 @@ class ProfileConfig:
     precision: str | None = None  # training modes only
     compile: bool | None = None  # training modes only
     prefetch: int | None = None  # batches prefetched (DALI queue depth, per-worker for pytorch); None: default
+    model_threads: int | None = None  # model on the CPU only: its intra-op threads (`with_cpu_model_threads`)
 
     def label(self) -> str:
         """Short human label of the swept axes, e.g. `dali-gpu t8 hw0.65 bs256 224px bf16 compile`."""
@@ -50,6 +51,8 @@ class ProfileConfig:
             parts.append(self.precision)
         if self.compile:
             parts.append("compile")
+        if self.model_threads is not None:
+            parts.append(f"mt{self.model_threads}")
         return " ".join(parts)
 
     def ceiling_key(self) -> tuple:
@@ -97,6 +100,24 @@ def plan_configs(sweep: Sweep) -> list[ProfileConfig]:
                     configs.append(replace(base, **{field: value for (field, _), value in
                                                     zip(applied, values, strict=True)}))
     return configs
+
+
+def with_cpu_model_threads(configs: list[ProfileConfig], split: Callable[[int], int]) -> list[ProfileConfig]:
+    """A model on the CPU shares the cores with the loader: `split(loader_threads)` gives the model's threads
+    (the trainer's rule). Each e2e row gets its count, and each model row is measured at every count its e2e
+    rows use and at the whole share (`split(0)`), the most threads first; the ceiling is the fastest of them
+    (more threads are not faster when other processes hold the cores)."""
+    out: list[ProfileConfig] = []
+    for c in configs:
+        if c.mode == "e2e":
+            out.append(replace(c, model_threads=split(c.threads or 0)))
+        elif c.mode == "model":
+            counts = {split(0)} | {split(e.threads or 0) for e in configs
+                                   if e.mode == "e2e" and e.ceiling_key() == c.ceiling_key()}
+            out += [replace(c, model_threads=n) for n in sorted(counts, reverse=True)]
+        else:
+            out.append(c)
+    return out
 
 
 def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warmup: int, windows: int) -> None:

@@ -49,9 +49,11 @@ class Report:
     def table_markdown(self) -> str:
         """The side-by-side table: one line per configuration, `n/a` where a figure cannot be measured."""
         prefetch = any(row.config.prefetch is not None for row in self.rows)
+        cpu_model = any(row.config.model_threads is not None for row in self.rows)
         node = self.ranks > 1
         head = ["mode", "backend", "threads", "hw_load", *(["prefetch"] if prefetch else []), "batch", "px",
-                "precision", "compile", "img/s/GPU", "min-max", *(["total", "alone", "scaling"] if node else []),
+                "precision", "compile", *(["model threads"] if cpu_model else []), "img/s/GPU", "min-max",
+                *(["total", "alone", "scaling"] if node else []),
                 "step ms", "data wait", "CPU cores", "GPU util", "GPU mem GiB", "vs ceiling", "vs pytorch",
                 "threads needed", "note"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -59,7 +61,8 @@ class Report:
             c = row.config
             cells = [c.mode, c.backend, _axis(c.threads), _axis(c.hw_decoder_load),
                      *([_axis(c.prefetch)] if prefetch else []), str(c.batch_size), str(c.image_size),
-                     _axis(c.precision), _axis(None if c.compile is None else ("on" if c.compile else "off"))]
+                     _axis(c.precision), _axis(None if c.compile is None else ("on" if c.compile else "off")),
+                     *([_axis(c.model_threads)] if cpu_model else [])]
             if not row.ok:
                 cells += [""] * (len(head) - len(cells) - 1) + ["ERROR: " + _cell(row.error)]
                 lines.append("| " + " | ".join(cells) + " |")

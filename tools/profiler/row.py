@@ -76,9 +76,6 @@ def summarise(config: ProfileConfig, passes: list[Measurement]) -> ProfileRow:
     settled = [p.settled for p in passes if p.settled is not None]
     notes = [f"measured again: a pass's windows spread {min(r):.0f}-{max(r):.0f} img/s"
              for p in passes for r in p.discarded]
-    threads = sorted({p.model_threads for p in passes if p.model_threads is not None})
-    if threads:
-        notes.append(f"model on {'/'.join(map(str, threads))} CPU thread(s): the cores the loader leaves")
     return ProfileRow(
         config,
         timed_steps=sum(w.steps for w in windows),

@@ -1,8 +1,8 @@
 """Run one configuration in this process: build the loader (and the trainer's own training step), measure,
 tear down. What failed is raised for the caller to turn into an error row.
 
-On the CPU the model's intra-op threads are the cores the loader leaves (training.train.cpu_model_threads,
-the trainer's own rule), so the ceiling and the e2e rows split the cores as `saturate train` would.
+On the CPU a configuration's `model_threads` sets the model's intra-op threads: the cores the loader leaves
+(`cpu_split`, the trainer's own rule), so the ceiling and the e2e rows split the cores as `saturate train`.
 """
 
 from __future__ import annotations
@@ -58,17 +58,12 @@ def run_config(
             raise error
         if not ok:
             raise OtherRankFailed("another rank failed to build this configuration (see its row)")
-        if step is not None and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            from training.train import cpu_model_threads
-
-            torch.set_num_threads(cpu_model_threads(config.threads or 0))
+        if config.model_threads is not None:
+            torch.set_num_threads(config.model_threads)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        measured = measure(endless(loader), step, device=device, timing=timing, gpu_monitor=gpu_monitor,
-                           ranks=ranks, clock=clock)
-        if step is not None and device.type == "cpu":
-            measured.model_threads = torch.get_num_threads()
-        return measured
+        return measure(endless(loader), step, device=device, timing=timing, gpu_monitor=gpu_monitor, ranks=ranks,
+                       clock=clock)
     finally:
         torch.set_num_threads(model_threads)
         if loader is not None:
@@ -79,6 +74,16 @@ def run_config(
         step = loader = None  # drop the model, its optimizer state and the loader's buffers ...
         if device.type == "cuda":
             torch.cuda.empty_cache()  # ... so the next configuration's memory figures start from empty
+
+
+def cpu_split(device: Any) -> Callable[[int], int] | None:
+    """loader threads -> the model's CPU threads, as `saturate train` splits the cores; None on a GPU, or
+    when $OMP_NUM_THREADS decides (the trainer leaves it alone then, too)."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    from training.train import cpu_model_threads
+
+    return cpu_model_threads
 
 
 def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:

@@ -30,11 +30,19 @@ from tools.profiler.measure import (
     Timing,
 )
 from tools.profiler.node import combine, ranks_of
-from tools.profiler.plan import MODES, ProfileConfig, Sweep, check_sweep, plan_configs, sweep_dict
+from tools.profiler.plan import (
+    MODES,
+    ProfileConfig,
+    Sweep,
+    check_sweep,
+    plan_configs,
+    sweep_dict,
+    with_cpu_model_threads,
+)
 from tools.profiler.ratios import add_ratios
 from tools.profiler.report import Report
 from tools.profiler.row import ProfileRow, summarise
-from tools.profiler.run import Workload, run_config
+from tools.profiler.run import Workload, cpu_split, run_config
 
 Outcome = Measurement | str  # a measured pass, or "<ExceptionType>: message"
 
@@ -183,6 +191,9 @@ def run_profile(
     corpus = describe_corpus(shards_dir, split)
     machine = describe_machine()
     configs = plan_configs(sweep)
+    model_threads = cpu_split(info.device)
+    if model_threads is not None:
+        configs = with_cpu_model_threads(configs, model_threads)
     session = Session(ranks, Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000), info.device,
                       Timing(steps, duration, windows, warmup, max_warmup), GpuMonitor(info.device))
     passes: dict[ProfileConfig, list] = {}
@@ -208,7 +219,9 @@ def run_notes(device: Any, ranks: Any, monitor: GpuMonitor) -> list[str]:
     notes = []
     if device.type != "cuda":
         notes.append("no CUDA GPU: GPU utilisation and memory are n/a; the model runs on the CPU with the cores "
-                     "the loader leaves, as `saturate train` would")
+                     "the loader leaves (model threads), as `saturate train` would" if cpu_split(device) else
+                     "no CUDA GPU: GPU utilisation and memory are n/a; the model runs on the CPU with "
+                     f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} threads")
     if monitor.unavailable:
         notes.append(monitor.unavailable)
     if ranks.world_size > 1:
