@@ -196,6 +196,23 @@ def test_auto_without_a_match_tunes_first_or_says_what_to_run(tiny_shards, tmp_p
     assert tuning.find_entry(tmp_path / "tune.json", tuning.run_key(cfg, world_size=1))["setting"]["num_threads"] == 2
 
 
+def test_a_missing_split_is_found_before_tuning(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (shards / "val.manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="val.manifest.json not found"):
+        tuning.resolve_auto(auto_config(shards), world_size=1, is_main=True, say=print,
+                            run_tune=lambda cfg: pytest.fail("tuned before the data was checked"))
+
+
+def test_auto_with_synthetic_data_needs_no_tune():
+    said = []
+    cfg = build_config(overrides=dict(backend="synthetic", num_threads="auto", hw_decoder_load="auto"))
+    resolved = tuning.resolve_auto(cfg, world_size=1, is_main=True, say=said.append)
+    assert (resolved.num_threads, resolved.hw_decoder_load) == (1, 0.65)
+    assert said == ["loader 'auto': --backend synthetic reads no data; --num-threads 1"]
+
+
 def test_a_damaged_tune_file_names_itself(tiny_shards, tmp_path):
     (tmp_path / "tune.json").write_text("{not json")
     with pytest.raises(ConfigError, match="--tune-file: .*tune.json is not a tune result"):

@@ -190,8 +190,10 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
         print(line)
     model = f"--arch {args.arch} --batch-size {settings['batch_size']} --image-size {settings['image_size']} " \
             f"--precision {settings['precision']}" + (" --compile" if settings["compile"] else "")
-    print(f"train with: saturate train --data {args.shards} {model} {entry['flags']}")
-    print(f"        or: saturate train --data {args.shards} {model} --backend {backend} --num-threads auto"
+    per_node = entry["match"]["processes_per_node"]  # the setting is for this many processes per node
+    train = "saturate train" if per_node == 1 else f"torchrun --nproc-per-node {per_node} -m training.train"
+    print(f"train with: {train} --data {args.shards} {model} {entry['flags']}")
+    print(f"        or: {train} --data {args.shards} {model} --backend {backend} --num-threads auto"
           + (" --hw-decoder-load auto" if backend == "dali-gpu" else ""))
     sys.stdout.flush()
     return 0

@@ -47,9 +47,9 @@ def train(config: TrainConfig, *, run_tune: Callable[[TrainConfig], dict] | None
     # what it had
     torch_threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
+        validate_environment(config, world_size=info.world_size, cuda=info.device.type == "cuda")
         config = resolve_auto(config, world_size=info.world_size, is_main=info.is_main, say=say_on_main(info),
                               run_tune=run_tune)
-        validate_environment(config, world_size=info.world_size, cuda=info.device.type == "cuda")
         if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(cpu_model_threads(config.num_threads))
         return _run(config, info)

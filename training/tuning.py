@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.constants import HW_DECODER_LOAD
 from shards.cpus import cpu_model, usable_cpus
+from shards.schema import load_manifest
 from training.config import AUTO, ConfigError, TrainConfig
 
 TUNE_FILE = "tune.json"
@@ -122,6 +123,11 @@ def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Calla
     supplied by the command line) when none matches; without either, a ConfigError that says what to run."""
     if not needs_tune(cfg):
         return cfg
+    if cfg.backend == "synthetic":  # reads no data: nothing to tune
+        auto = {"num_threads": 1, "hw_decoder_load": HW_DECODER_LOAD}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == AUTO})
+        say(f"loader 'auto': --backend synthetic reads no data; --num-threads {cfg.num_threads}")
+        return cfg
     path, key = tune_path(cfg), run_key(cfg, world_size=world_size)
     entry = find_entry(path, key)
     if entry is not None:
@@ -133,6 +139,9 @@ def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Calla
     if run_tune is None:
         raise ConfigError(f"--num-threads/--hw-decoder-load auto: no entry of {path} matches {wanted}; run "
                           f"`saturate profile {cfg.data} --tune ...` with the same settings, or give numbers")
+    if cfg.backend != "synthetic":  # a missing split is found now, not after minutes of tuning
+        for split in (cfg.train_split, cfg.val_split):
+            load_manifest(cfg.data, split)
     say(f"loader 'auto': no entry of {path} matches {wanted}; running a short tune first")
     entry = run_tune(cfg)
     cfg, chosen = apply_entry(cfg, entry)
