@@ -42,7 +42,8 @@ def plot_report(report: Any, path: str | os.PathLike) -> None:
             elif r.unstable:
                 bar.set_alpha(0.35)
                 bar.set_hatch("//")
-                ax.text(x, 0, "unstable", rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
+                ax.text(x, bar.get_height() / 2, "unstable", rotation=90, ha="center", va="center", fontsize=8,
+                        color="tab:red", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
         if mode != "model":
             for (batch_size, image_size), ceiling in ceilings.items():
                 style = "--" if not ceiling.unstable else ":"
