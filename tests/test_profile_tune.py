@@ -66,6 +66,13 @@ def test_search_stops_at_the_time_budget_and_says_the_best_reachable():
                                                                      "(20 of 25 s)")
 
 
+def test_when_nothing_feeds_it_a_tie_within_noise_goes_to_the_cheaper_setting():
+    measure, seen = fake_measure(lambda s: {2: 130.0, 4: 131.0}[s.prefetch])  # prefetch 4: +0.4 %, noise
+    result = search(backend="pytorch", ceiling=CEILING, measure=measure, max_threads=4)
+    assert seen == [(1, 2, None), (2, 2, None), (4, 2, None), (4, 4, None)]
+    assert (result.reached, result.best.setting, result.best.fraction) == (False, Setting(4, 2), 0.52)
+
+
 def test_search_when_no_setting_feeds_the_ceiling():
     measure, seen = fake_measure(lambda s: {2: 100.0, 4: 110.0}[s.prefetch])
     result = search(backend="pytorch", ceiling=CEILING, measure=measure, max_threads=4)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TARGET = 0.98  # e2e / ceiling that counts as "the GPU is fed"
+NOISE = 0.02  # fractions of the ceiling closer than this are a tie when nothing reaches the target
 DEFAULT_MAX_TRIALS = 12
 DEFAULT_TIME_BUDGET = 600.0  # seconds for the search (the two ceiling measurements come on top)
 #: Prefetch depths tried per backend, the default first (pytorch: batches per worker).
@@ -149,9 +150,11 @@ def choose(trials: list[Trial], *, target: float, stopped: str | None = None) ->
     fed = [t for t in trials if t.fraction is not None and t.fraction >= target]
     if fed:
         best = min(fed, key=lambda t: (t.setting.cost, -t.fraction))
-    else:
-        best = max((t for t in trials if t.fraction), key=lambda t: (t.fraction, [-c for c in t.setting.cost]),
-                   default=None)
+    else:  # the cheapest of those within measurement noise of the best fraction
+        measured = [t for t in trials if t.fraction]
+        top = max((t.fraction for t in measured), default=None)
+        near = [t for t in measured if t.fraction >= top - NOISE]
+        best = min(near, key=lambda t: (t.setting.cost, -t.fraction)) if near else None
     return SearchResult(best, bool(fed), trials, stopped)
 
 
