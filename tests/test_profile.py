@@ -229,6 +229,15 @@ def test_cli_bad_values_are_one_line_errors(tiny_shards, tmp_path, capsys, argv,
     assert not (tmp_path / "report.json").exists()
 
 
+def test_nproc_relaunches_the_same_command_without_itself(tmp_path, capsys):
+    from tools.profile_cmd import _without_nproc
+
+    assert _without_nproc(["profile", "s", "--nproc", "8", "--out", "o"]) == ["profile", "s", "--out", "o"]
+    assert _without_nproc(["profile", "s", "--nproc=8", "--tune"]) == ["profile", "s", "--tune"]
+    status = cli_main(["profile", str(tmp_path), "--out", str(tmp_path / "out"), "--nproc", "0"])
+    assert status == 2 and "--nproc: an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_cli_missing_shards_is_one_line_error(tmp_path, capsys):
     status = cli_main(["profile", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--modes", "loader",
                        "--backends", "pytorch", "--steps", "1", "--no-progress"])

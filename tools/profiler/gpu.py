@@ -103,8 +103,9 @@ class GpuMonitor:
     the device cannot be found (`unavailable` then says why)."""
 
     def __init__(self, device: Any, *, nvml: Any = None) -> None:
-        self._handle = None
-        self.unavailable: str | None = None
+        self._handle: Any = None  # NVML device handle; None: every reading is n/a
+        self._nvml: Any = None  # the pynvml module (or a stand-in)
+        self.unavailable: str | None = None  # why readings are n/a on a CUDA device, for the report's notes
         if getattr(device, "type", "cpu") != "cuda":
             return
         index = device.index if device.index is not None else 0

@@ -5,7 +5,8 @@ backends, `hw_decoder_load` dali-gpu only, precision and compile the training st
 The number of configurations is the product of the axes that matter, not of all of them.
 
 A new loader axis (an augmentation policy, say) is one field in `ProfileConfig` and `Sweep`, one line in
-`AXES`, one in `label()` and one keyword where `tools/profiler/run.py` builds the loader.
+`AXES` (`"augments": ("augment", lambda mode, backend: backend in DATA_BACKENDS)`), one in `label()`, one
+keyword where `tools/profiler/run.py` builds the loader, and one comma-list flag in tools/profile_cmd.py.
 """
 
 from __future__ import annotations
