@@ -97,7 +97,6 @@ class Measurement:
     settled: bool | None  # None: the steady check was off
     gpu_memory_peak_gib: float | None = None
     gpu_memory_used_gib: float | None = None
-    started: float = field(default=0.0)  # clock time the first timed window began (seconds)
     discarded: list[list[float]] = field(default_factory=list)  # images/s of windows measured again (spread)
 
 
@@ -196,7 +195,6 @@ def measure(
             settled = steady
             break
     warmup_seconds = clock() - warm_start
-    started = clock()
     discarded: list[list[float]] = []
     while True:
         windows = []
@@ -213,5 +211,4 @@ def measure(
         import torch
 
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-    return Measurement(windows, warm_steps, warmup_seconds, settled, peak, gpu_monitor.memory_used_gib(), started,
-                       discarded)
+    return Measurement(windows, warm_steps, warmup_seconds, settled, peak, gpu_monitor.memory_used_gib(), discarded)
