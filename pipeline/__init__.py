@@ -8,8 +8,9 @@
 
 Backends: `dali-gpu` and `dali-cpu` (pipeline.dali), `pytorch` (pipeline.pytorch_loader: torch DataLoader +
 webdataset + Pillow, the strong baseline), `synthetic` (pipeline.synthetic: the model's ceiling).
-Augmentation and normalisation constants live in pipeline.constants; the rank's share of a split, the epoch
-length and the resume-state checks in pipeline.base.
+Augmentation and normalisation constants live in pipeline.constants; the augmentation policies
+(`augment=`: rrc-flip, autoaugment, randaugment, trivialaugment, plus random erasing) in pipeline.augment;
+the rank's share of a split, the epoch length and the resume-state checks in pipeline.base.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipeline import augment as _augment
 from pipeline import constants
+from pipeline.augment import POLICIES, PolicyError
 from pipeline.base import BACKENDS, Loader, ShardReadError, check_arguments, resolve_rank
 
-__all__ = ["BACKENDS", "Loader", "ShardReadError", "build_loader", "constants"]
+__all__ = ["BACKENDS", "POLICIES", "Loader", "PolicyError", "ShardReadError", "build_loader", "constants"]
 
 
 def build_loader(
@@ -38,6 +41,10 @@ def build_loader(
     device_id: int | None = None,
     state: dict[str, Any] | None = None,
     crop_area: tuple[float, float] = constants.CROP_AREA,
+    augment: str = _augment.DEFAULT_POLICY,
+    randaugment_n: int = _augment.RANDAUGMENT_N,
+    randaugment_m: int = _augment.RANDAUGMENT_M,
+    random_erasing: float = 0.0,
     **backend_options: Any,
 ) -> Loader:
     """A loader over `<shards_dir>/<split>-*.tar` for rank `rank` of `world_size`.
@@ -54,6 +61,11 @@ def build_loader(
     state: a `loader.state_dict()` to continue from (same backend/split/batch_size/image_size/rank/
     world_size/seed); None starts at epoch 0.
     crop_area: train random-resized-crop area range, fractions of the source image.
+    augment: train augmentation policy after the crop and flip, one of POLICIES: "rrc-flip" (nothing more),
+    "autoaugment" (ImageNet policy), "randaugment" (`randaugment_n` ops at magnitude `randaugment_m` of 31),
+    "trivialaugment" (wide). random_erasing: probability of erasing one box per image (0: off). The same
+    semantics on every real backend (pipeline.augment says where DALI and torchvision differ); only for
+    train=True, never for `synthetic`. A bad value raises PolicyError (a ValueError) naming the keyword.
     backend_options: per backend, see DALI_OPTIONS (pipeline.dali), PYTORCH_OPTIONS
     (pipeline.pytorch_loader), SYNTHETIC_OPTIONS (pipeline.synthetic).
     """
@@ -62,9 +74,13 @@ def build_loader(
         split=split, train=train, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
         world_size=world_size, crop_area=crop_area,
     )
+    policy = _augment.make_policy(augment=augment, randaugment_n=randaugment_n, randaugment_m=randaugment_m,
+                                  random_erasing=random_erasing)
+    _augment.check_policy_use(policy, train=train, backend=backend)
     common = dict(
         train=train, batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
         num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area),
+        policy=policy,
     )
     if backend in ("dali-gpu", "dali-cpu"):
         from pipeline.dali import DaliLoader

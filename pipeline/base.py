@@ -20,7 +20,10 @@ from shards.schema import Manifest, ShardFormatError, check_split_name, load_man
 
 BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 #: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
-STATE_IDENTITY = ("backend", "split", "train", "batch_size", "image_size", "rank", "world_size", "seed")
+#: `augment` is the policy's spec (pipeline.augment.AugmentPolicy.spec).
+STATE_IDENTITY = ("backend", "split", "train", "batch_size", "image_size", "rank", "world_size", "seed", "augment")
+#: Identity values of states saved before the key existed.
+STATE_DEFAULTS = {"augment": "rrc-flip"}
 
 
 def check_arguments(
@@ -159,9 +162,10 @@ def check_state(state: dict[str, Any] | None, expected: dict[str, Any]) -> dict[
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict from loader.state_dict(), got {type(state).__name__}")
     for key in expected:
-        if state.get(key) != expected[key]:
+        saved = state.get(key, STATE_DEFAULTS.get(key))
+        if saved != expected[key]:
             raise ValueError(
-                f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader has "
+                f"cannot resume: the saved loader state has {key}={saved!r}, this loader has "
                 f"{key}={expected[key]!r}; rebuild with the same {key} or pass state=None"
             )
     return state
@@ -178,6 +182,7 @@ class Loader:
     backend: str
     split: str
     train: bool  # augment, shuffle and drop each rank's last partial batch; else centre crop, every sample once
+    augment: str  # the augmentation policy's spec (pipeline.augment); "rrc-flip" for val and synthetic
     batch_size: int
     num_samples: int  # samples this rank yields per full epoch
     num_classes: int

@@ -9,7 +9,10 @@ One graph (`imagenet_graph`) serves train and val; `train` is fixed when the pip
     label  the `.cls` member read as LABEL_WIDTH uint8 ASCII digits, turned into int64 by arithmetic in the
            graph (digit - '0', dot product with powers of ten): no Python callback, labels exact.
     train  decode a random-resized crop (area `crop_area`, aspect CROP_ASPECT) -> resize to
-           image_size x image_size -> flip with p = FLIP_PROBABILITY
+           image_size x image_size -> the augmentation policy (pipeline.augment.dali_policy: AutoAugment,
+           RandAugment or TrivialAugmentWide from nvidia.dali.auto_aug, on uint8) -> flip with
+           p = FLIP_PROBABILITY (in crop_mirror_normalize) -> random erasing (pipeline.augment.
+           dali_random_erasing, on the normalised image)
     val    decode -> resize the shorter side to image_size / VAL_RESIZE_RATIO -> centre crop, no flip
     out    fn.crop_mirror_normalize to float16 NHWC, ImageNet mean/std; the loader returns the
            (N, 3, H, W) channels_last view of that NHWC buffer (a permute, no copy).
@@ -20,7 +23,9 @@ sample is seen exactly once across ranks; train yields only its full batches and
 
 Resume: pipelines are built with `enable_checkpointing=True`; `state_dict()` holds the iterator's DALI
 checkpoint (base64 text) and `build_loader(..., state=...)` rebuilds the pipeline from it, so a resumed
-epoch continues with the next sample and the same random state.
+epoch continues with the next sample and the same random state. The policies' conditional execution
+(`enable_conditionals=True`, needed by nvidia.dali.auto_aug) checkpoints like the rest (tests check it
+on dali-cpu); the state names the policy, and a state from another policy is refused.
 
 Undecodable samples: fail, never skip. The converter already rejects files Pillow cannot decode, so a
 JPEG that fails here means the shard was damaged after conversion; the loader raises ShardReadError
@@ -43,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import constants as C
+from pipeline.augment import AugmentPolicy, dali_policy, dali_random_erasing
 from pipeline.base import (
     Loader,
     ShardReadError,
@@ -79,8 +85,9 @@ def imagenet_graph(
     crop_area: tuple[float, float],
     shard_id: int,
     num_shards: int,
-    seed: int,
+    shuffle_seed: int,
     gpu: bool,
+    policy: AugmentPolicy,
     shuffle_buffer: int,
     with_keys: bool,
     hw_decoder_load: float,
@@ -89,7 +96,8 @@ def imagenet_graph(
     preallocate_width_hint: int,
     preallocate_height_hint: int,
 ) -> tuple:
-    """The one DALI graph for train and val; call inside a `Pipeline` context. Returns its outputs."""
+    """The one DALI graph for train and val; `pipeline_def` builds a Pipeline from it (with
+    `enable_conditionals=policy.needs_conditionals`). Returns its outputs."""
     from nvidia.dali import fn, types
 
     jpegs, digits = fn.readers.webdataset(
@@ -106,7 +114,7 @@ def imagenet_graph(
         shuffle_after_epoch=train,  # new shard order each epoch, reads inside a shard stay sequential
         stick_to_shard=not train,  # val: each rank re-reads exactly its share every epoch
         # identical on every rank: one global shard order per epoch
-        **({"shuffle_after_epoch_seed": seed} if train else {}),
+        **({"shuffle_after_epoch_seed": shuffle_seed} if train else {}),
     )
     # '0'..'9' -> 0..9, then sum(digit * 10**place): exact int64 labels without a Python callback.
     place_values = types.Constant(np.array([10**p for p in range(LABEL_WIDTH - 1, -1, -1)], dtype=np.int64))
@@ -127,6 +135,7 @@ def imagenet_graph(
             num_attempts=C.CROP_ATTEMPTS, **decoder,
         )
         images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        images = dali_policy(images, policy, image_size=image_size)  # uint8 HWC in and out
         mirror = fn.random.coin_flip(probability=C.FLIP_PROBABILITY)
     else:
         images = fn.decoders.image(jpegs, **decoder)
@@ -141,6 +150,8 @@ def imagenet_graph(
         std=[s * C.PIXEL_MAX for s in C.IMAGENET_STD],
         mirror=mirror,
     )
+    if train:
+        images = dali_random_erasing(images, policy, image_size=image_size)  # erased pixels are 0 (the mean)
     outputs = [images, labels.gpu() if gpu else labels]
     if with_keys:
         # "<tar>:<offset>:<key>.jpg" as uint8, zero-padded to the batch's longest.
@@ -197,12 +208,13 @@ class DaliLoader(Loader):
         device_id: int | None,
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
+        policy: AugmentPolicy,
         **backend_options: Any,
     ) -> None:
         super().__init__()
         options = resolve_options(backend, backend_options, DALI_OPTIONS)
         import torch
-        from nvidia.dali import Pipeline
+        from nvidia.dali import pipeline_def
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         gpu = backend == "dali-gpu"
@@ -216,6 +228,7 @@ class DaliLoader(Loader):
         self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
         self.with_keys = bool(options["with_keys"])
         self.train = train
+        self.augment = policy.spec
         start, end = rank_range(manifest.num_samples, rank, world_size)
         if end == start or (train and manifest.num_samples // world_size < batch_size):
             raise ValueError(
@@ -229,32 +242,30 @@ class DaliLoader(Loader):
         state = self._restore(state)
         checkpoint = base64.b64decode(state["dali_checkpoint"]) if state is not None else None
 
-        pipe = Pipeline(
+        build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
+        pipe = build(
+            tars=[str(t) for t, _ in pairs],
+            indexes=[str(i) for _, i in pairs],
+            train=train,
+            image_size=image_size,
+            crop_area=tuple(crop_area),
+            shard_id=rank,
+            num_shards=world_size,
+            shuffle_seed=seed,  # the shard order: the same on every rank
+            gpu=gpu,
+            policy=policy,
+            shuffle_buffer=options["shuffle_buffer"],
+            with_keys=self.with_keys,
+            **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_load", "_padding", "_hint"))},
+            # the Pipeline's own arguments
             batch_size=batch_size,
             num_threads=num_threads,
             device_id=dali_device,
-            # distinct augmentation streams per rank; the shard order uses `seed` itself (same on all ranks)
-            seed=rank_seed(seed, rank),
+            seed=rank_seed(seed, rank),  # distinct augmentation streams per rank
             prefetch_queue_depth=options["prefetch_queue_depth"],
             enable_checkpointing=True,
             checkpoint=checkpoint,
         )
-        with pipe:
-            outputs = imagenet_graph(
-                tars=[str(t) for t, _ in pairs],
-                indexes=[str(i) for _, i in pairs],
-                train=train,
-                image_size=image_size,
-                crop_area=tuple(crop_area),
-                shard_id=rank,
-                num_shards=world_size,
-                seed=seed,
-                gpu=gpu,
-                shuffle_buffer=options["shuffle_buffer"],
-                with_keys=self.with_keys,
-                **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_load", "_padding", "_hint"))},
-            )
-            pipe.set_outputs(*outputs)
         output_map = ["images", "labels"] + (["source_info"] if self.with_keys else [])
         with self._dali_errors("building the pipeline"):
             self._dali = DALIGenericIterator(

@@ -4,20 +4,22 @@ torchvision's functional augmentations -- the strong baseline people use when th
 Per worker process, as webdataset stages (each a short function over an iterable of samples):
 
     shard list -> tarfile_to_samples -> keep this worker's sample range -> shuffle buffer (train)
-    -> skip samples already consumed (resume) -> decode + augment (Pillow) -> batches of uint8 NHWC
+    -> skip samples already consumed (resume) -> decode + augment (Pillow; the `augment=` policy through
+    torchvision.transforms.v2, pipeline.augment.TorchvisionPolicy) -> batches of uint8 NHWC
 
 Batches cross the process boundary as uint8 (4x less than float32), are pinned, copied with
 `non_blocking=True` and normalised on the device into float16 channels_last, like the DALI backends.
+Random erasing travels as one box per sample and is applied on the device after normalisation.
 
 Sharding: rank `r` reads the same contiguous global sample range as DALI (pipeline.base); inside a rank,
 DataLoader worker `w` of `K` reads the w-th contiguous slice of that range. Train reshuffles the shard order
 every epoch (one global order from `seed` and the epoch, the same on every rank) and drops each worker's
 last partial batch; val keeps the manifest order and yields every sample once.
 
-Randomness is per sample: the crop and the flip of a sample come from an RNG seeded by (seed, epoch, rank,
-worker, position in that worker's stream), so results do not depend on process timing, and a resume
-reproduces the uninterrupted run exactly. Resume works because torch's DataLoader takes batches from its
-workers strictly round-robin (skipping exhausted ones): after `k` batches we know how many batches each
+Randomness is per sample: the crop, the flip and the seed of the policy's torchvision ops come from an RNG
+seeded by (seed, epoch, rank, worker, position in that worker's stream), so results do not depend on process
+timing, and a resume reproduces the uninterrupted run exactly. Resume works because torch's DataLoader takes
+batches from its workers strictly round-robin (skipping exhausted ones): after `k` batches we know how many batches each
 worker produced and which worker produces batch `k`; the restored loader skips those samples in each worker
 before decoding and rotates the worker ids so that worker produces first.
 
@@ -41,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import constants as C
+from pipeline.augment import NO_BOX, AugmentPolicy, TorchvisionPolicy, erase_boxes_
 from pipeline.base import (
     Loader,
     ShardReadError,
@@ -155,12 +158,15 @@ def random_resized_crop_box(
 
 
 class Augment:
-    """Decode + augment one sample into (uint8 HWC array, label, key); train/val fixed at construction."""
+    """Decode + augment one sample into (uint8 HWC array, label, key, erase box); train/val fixed at
+    construction. The box is (top, left, height, width) in pixels, NO_BOX unless random erasing drew one."""
 
-    def __init__(self, *, train: bool, image_size: int, crop_area: tuple[float, float], seed_prefix: str):
+    def __init__(self, *, train: bool, image_size: int, crop_area: tuple[float, float], seed_prefix: str,
+                 policy: AugmentPolicy):
         self.train, self.image_size, self.crop_area, self.seed_prefix = train, image_size, crop_area, seed_prefix
+        self.policy = TorchvisionPolicy(policy) if train and not policy.is_default else None
 
-    def __call__(self, sample: dict) -> tuple[np.ndarray, int, str]:
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int, str, tuple[int, int, int, int]]:
         import torchvision.transforms.functional as F
         from PIL import Image
         from torchvision.transforms import InterpolationMode
@@ -174,25 +180,28 @@ class Augment:
             raise ShardReadError(f"{where}: member .{err.args[0]} is missing") from None
         except Exception as err:  # OSError, DecompressionBombError, a bad label: all name the shard and sample
             raise ShardReadError(f"{where}: cannot decode ({type(err).__name__}: {err})") from err
-        size = self.image_size
+        size, box = self.image_size, NO_BOX
         if self.train:
             rng = random.Random(f"{self.seed_prefix}:{sample['__position__']}")
             top, left, h, w = random_resized_crop_box(image.width, image.height, rng, self.crop_area, C.CROP_ASPECT)
             image = F.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
             if rng.random() < C.FLIP_PROBABILITY:
                 image = F.hflip(image)
+            if self.policy is not None:
+                image, box = self.policy(image, seed=rng.getrandbits(63))
         else:
             width, height = C.val_resized_shape(image.width, image.height, size)
             image = F.resize(image, [height, width], InterpolationMode.BILINEAR, antialias=True)
             top, left = C.centre_crop_offset(height, size), C.centre_crop_offset(width, size)
             image = F.crop(image, top, left, size, size)
-        return np.asarray(image, dtype=np.uint8), label, sample["__key__"]
+        return np.asarray(image, dtype=np.uint8), label, sample["__key__"], box
 
 
-def collate(samples: list[tuple[np.ndarray, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
     images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3) uint8
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images, labels, [s[2] for s in samples]
+    boxes = torch.tensor([s[3] for s in samples], dtype=torch.int64)  # (N, 4) erase boxes, pixels
+    return images, labels, [s[2] for s in samples], boxes
 
 
 def leave_stop_signals_to_parent(worker_id: int) -> None:
@@ -229,7 +238,8 @@ class RankShare(IterableDataset):
             buffer = max(1, p["shuffle_buffer"] // p["num_workers"])
             stages.append(wds.shuffle(buffer, initial=buffer, rng=random.Random(f"shuffle:{prefix}")))
         augment = Augment(
-            train=p["train"], image_size=p["image_size"], crop_area=p["crop_area"], seed_prefix=f"aug:{prefix}"
+            train=p["train"], image_size=p["image_size"], crop_area=p["crop_area"], seed_prefix=f"aug:{prefix}",
+            policy=p["policy"],
         )
         stages += [
             lambda samples: skip(samples, p["skip"][worker] * p["batch_size"]),
@@ -258,11 +268,13 @@ class PytorchLoader(Loader):
         device_id: int | None,
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
+        policy: AugmentPolicy,
         **backend_options: Any,
     ) -> None:
         super().__init__()
         import PIL.Image  # noqa: F401  imported here so forked workers inherit them instead of
         import torchvision.transforms.functional  # noqa: F401  importing them again every epoch (seconds)
+        import torchvision.transforms.v2  # noqa: F401
         import webdataset  # noqa: F401
 
         self.options = resolve_options(backend, backend_options, PYTORCH_OPTIONS)
@@ -275,6 +287,7 @@ class PytorchLoader(Loader):
         self.counts = [record.num_samples for record in manifest.shards]
         self.total = manifest.num_samples
         self.train = train
+        self.policy, self.augment = policy, policy.spec
         self.num_workers = max(int(num_threads), 0)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_cuda_device(device_id))
@@ -330,6 +343,7 @@ class PytorchLoader(Loader):
             "train": self.train,
             "image_size": self.image_size,
             "crop_area": tuple(self.crop_area),
+            "policy": self.policy,
             "batch_size": self.batch_size,
             "shuffle_buffer": self.options["shuffle_buffer"],
             "seed": self.seed,
@@ -356,10 +370,12 @@ class PytorchLoader(Loader):
         )
 
     def _next_batch(self) -> tuple:
-        images, labels, keys = self._from_workers()
+        images, labels, keys, boxes = self._from_workers()
         # uint8 NHWC over the wire; normalise on the device into a float16 channels_last view.
         images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         images = images.float().sub_(self._mean).mul_(self._inv_std).half()
+        if self.policy.random_erasing > 0:
+            erase_boxes_(images, boxes)  # after normalisation: erased pixels are 0, the mean
         labels = labels.to(self.device, non_blocking=True)
         return (images, labels, keys) if self.options["with_keys"] else (images, labels)
 

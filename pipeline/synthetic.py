@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipeline.augment import AugmentPolicy
 from pipeline.base import Loader, batches_per_epoch, local_cuda_device, rank_range, rank_seed, resolve_options
 
 #: Backend options the `synthetic` backend accepts, with their defaults.
@@ -35,6 +36,7 @@ class SyntheticLoader(Loader):
         device_id: int | None,
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
+        policy: AugmentPolicy,
         **backend_options: Any,
     ) -> None:
         super().__init__()
@@ -50,6 +52,7 @@ class SyntheticLoader(Loader):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_classes = num_classes
         self.train = train
+        self.augment = policy.spec  # always rrc-flip: build_loader refuses a policy for synthetic
         self.batches_per_epoch = batches_per_epoch(
             train=train, num_samples=total, batch_size=batch_size, world_size=world_size, rank=rank
         )
