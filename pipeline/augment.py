@@ -207,7 +207,7 @@ class TorchvisionPolicy:
 
         box = NO_BOX
         with torch.random.fork_rng(devices=[]):  # torchvision uses the global RNG; restore the caller's after
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only; torch.manual_seed would reseed CUDA too
             if self.op is not None:
                 image = self.op(image)
             # RandomErasing's own coin (its forward: skip when torch.rand(1) >= p), then its own box sampler

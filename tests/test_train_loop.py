@@ -78,6 +78,41 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tiny_shards, tmp_path):
     assert b["config"]["resume"] == "auto" and stopped["config"]["max_steps"] == 4
 
 
+def test_resume_with_policy_mixup_and_ema_is_exact(tiny_shards, tmp_path):
+    """Everything that draws random numbers or keeps state beside the weights, on at once: TrivialAugment and
+    random erasing in the DALI graph (conditionals in the DALI checkpoint), mixup/cutmix seeded per micro-batch,
+    the EMA and its update counter, AdamW with clipping, two micro-batches per step. Stopped mid-epoch and
+    resumed, the run ends bit-identical to an uninterrupted one, across the epoch boundary."""
+    regularised = dict(augment="trivialaugment", random_erasing=0.5, mixup=0.2, cutmix=1.0, ema_decay=0.8,
+                       ema_every=2, optimizer="adamw", base_lr=0.01, clip_grad_norm=1.0, batch_size=4,
+                       grad_accum_steps=2)
+    whole = train(tiny_config(tiny_shards, tmp_path / "whole", max_steps=9, **regularised))
+    train(tiny_config(tiny_shards, tmp_path / "split", max_steps=3, **regularised))
+    stopped = final_checkpoint(tmp_path / "split")
+    assert (stopped["step"], stopped["step_in_epoch"], stopped["loader_states"][0]["batch_in_epoch"]) == (3, 3, 6)
+    assert stopped["loader_states"][0]["augment"] == "trivialaugment+random_erasing(0.5)"
+    second = train(tiny_config(tiny_shards, tmp_path / "split", max_steps=9, resume="auto", **regularised))
+
+    a, b = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "split")
+    assert (a["step"], a["epoch"], a["step_in_epoch"]) == (b["step"], b["epoch"], b["step_in_epoch"]) == (9, 1, 2)
+    assert a["steps_per_epoch"] == 7  # 15 micro-batches of 4 in pairs; the 15th is read and not trained on
+    assert a["ema"]["optimizer_steps"] == b["ema"]["optimizer_steps"] == 9
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]["averaged"]:
+        assert torch.equal(a["ema"]["averaged"][name], b["ema"]["averaged"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], b["optimizer"]["state"][key][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert not torch.equal(a["ema"]["averaged"]["module.fc.weight"], a["model"]["fc.weight"])
+    final = whole["final_eval"]
+    for key in ("correct1", "correct5", "ema_correct1", "ema_correct5"):
+        assert final[key] == second["final_eval"][key], key
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["final_ema_top1"] == final["ema_top1"] and summary["best_ema_top1"] is not None
+    evals = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval" and "ema_top1" in r] == [3, 7, 9]
+
+
 def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

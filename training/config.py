@@ -16,14 +16,25 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.base import BACKENDS  # light: the pipeline imports DALI only when a loader is built
+from pipeline.augment import (  # light: the pipeline imports DALI only when a loader is built
+    DEFAULT_POLICY,
+    POLICIES,
+    RANDAUGMENT_M,
+    RANDAUGMENT_N,
+    AugmentPolicy,
+    PolicyError,
+    check_policy_use,
+    make_policy,
+)
+from pipeline.base import BACKENDS
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
 from shards.schema import SPLIT_PATTERN
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 #: The value of a loader option (--num-threads, --hw-decoder-load) that a tune result decides.
 AUTO = "auto"
-LR_SCHEDULES = ("cosine", "step")
+LR_SCHEDULES = ("cosine", "linear", "step")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 class ConfigError(ValueError):
@@ -59,6 +70,17 @@ class TrainConfig:
     min_res: int | None = _opt(None, "progressive resizing: crop side at the start (off when unset)")
     start_ramp: int = _opt(0, "progressive resizing: last epoch at --min-res")
     end_ramp: int = _opt(0, "progressive resizing: first epoch at --image-size")
+    # --- augmentation and regularisation (training only; evaluation never sees them) --------------------
+    augment: str = _opt(DEFAULT_POLICY, f"train augmentation policy after crop+flip, one of {', '.join(POLICIES)}")
+    randaugment_n: int = _opt(RANDAUGMENT_N, "--augment randaugment: ops per image")
+    randaugment_m: int = _opt(RANDAUGMENT_M, "--augment randaugment: magnitude bin, 0-30")
+    random_erasing: float = _opt(0.0, "probability of erasing one random box per training image (0: off)")
+    mixup: float = _opt(0.0, "mixup alpha: batches mixed with a Beta(alpha, alpha) weight (0: off)")
+    cutmix: float = _opt(0.0, "cutmix alpha: a box pasted from the paired image, Beta(alpha, alpha) area (0: off)")
+    mixup_switch_prob: float = _opt(0.5, "with --mixup and --cutmix: probability that a batch gets cutmix")
+    ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay per update, e.g. 0.9999 "
+                                   "(evaluated next to the model; off when unset)")
+    ema_every: int = _opt(1, "optimizer steps between EMA updates")
     # --- model ------------------------------------------------------------------------------------------
     arch: str = _opt("resnet50", "any torchvision classification model by name")
     pretrained: str | None = _opt(None, "local torchvision state dict to start from (fine-tuning)")
@@ -67,12 +89,19 @@ class TrainConfig:
     precision: str = _opt("bf16", f"autocast precision, one of {', '.join(PRECISIONS)}")
     zero_init_residual: bool = _opt(True, "ResNets: start each residual branch's last BN at zero (DLE)")
     # --- optimisation (per-256 values; scaled with the global batch) --------------------------------------
-    batch_size: int = _opt(256, "batch per process (per GPU)")
-    global_batch_size: int | None = _opt(None, "total batch over all processes; overrides --batch-size")
+    batch_size: int = _opt(256, "batch per process (per GPU) and micro-batch")
+    global_batch_size: int | None = _opt(None, "images per optimizer step over all processes and accumulation "
+                                         "steps; overrides --batch-size")
+    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step (DDP all-reduces on the last one only)")
     base_lr: float = _opt(0.256, "learning rate per 256 images; lr = base_lr * global_batch / 256")
+    optimizer: str = _opt("sgd", f"optimizer, one of {', '.join(OPTIMIZERS)}")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
-    weight_decay: float = _opt(5e-5, "L2 weight decay (not applied to BN parameters and biases)")
+    adam_betas: tuple[float, ...] = _opt((0.9, 0.999), "AdamW betas")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    weight_decay: float = _opt(5e-5, "weight decay (L2 for SGD, decoupled for AdamW; not on BN/LN parameters "
+                               "and biases)")
+    clip_grad_norm: float | None = _opt(None, "clip the global L2 norm of the gradients to this (off when unset)")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     epochs: int = _opt(90, "epochs; the LR schedule spans this many epochs")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (the schedule still spans --epochs)")
@@ -95,14 +124,15 @@ class TrainConfig:
 
     # --- derived values ---------------------------------------------------------------------------------
     def per_process_batch(self, world_size: int) -> int:
-        """Images per process per step: --global-batch-size split evenly, else --batch-size."""
+        """Images per process per micro-batch (the loader's batch): --global-batch-size split evenly over the
+        processes and the accumulation steps, else --batch-size."""
         if self.global_batch_size is not None:
-            return self.global_batch_size // world_size
+            return self.global_batch_size // (world_size * self.grad_accum_steps)
         return self.batch_size
 
     def global_batch(self, world_size: int) -> int:
-        """Images per optimizer step over all processes."""
-        return self.per_process_batch(world_size) * world_size
+        """Images per optimizer step over all processes and accumulation steps."""
+        return self.per_process_batch(world_size) * world_size * self.grad_accum_steps
 
     def peak_lr(self, world_size: int) -> float:
         """Linear scaling rule (Goyal et al. 2017): lr = base_lr * global_batch / 256."""
@@ -118,6 +148,11 @@ class TrainConfig:
         frac = (epoch - self.start_ramp) / (self.end_ramp - self.start_ramp)
         size = self.min_res + frac * (self.image_size - self.min_res)
         return max(32, round(size / 32) * 32)
+
+    def augment_policy(self) -> AugmentPolicy:
+        """The train loader's augmentation policy (pipeline.augment), from --augment and its knobs."""
+        return make_policy(augment=self.augment, randaugment_n=self.randaugment_n, randaugment_m=self.randaugment_m,
+                           random_erasing=self.random_erasing)
 
     @property
     def eval_image_size(self) -> int:
@@ -227,6 +262,20 @@ def validate(config: TrainConfig) -> None:
         need(SPLIT_PATTERN.match(getattr(c, name)) is not None, name, "must be letters, digits and '_'")
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
     need(c.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+    need(c.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    need(len(c.adam_betas) == 2 and all(0 <= b < 1 for b in c.adam_betas), "adam_betas", "must be two values in [0, 1)")
+    need(c.adam_eps > 0, "adam_eps", "must be > 0")
+    need(c.clip_grad_norm is None or c.clip_grad_norm > 0, "clip_grad_norm", "must be > 0")
+    need(c.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    try:  # the loader's own checks (pipeline.augment), reported with the flag
+        check_policy_use(c.augment_policy(), train=True, backend=c.backend)
+    except PolicyError as err:
+        raise ConfigError(f"{flag(err.keyword)}: {err.reason}, got {err.value!r}") from None
+    need(c.mixup >= 0, "mixup", "must be >= 0 (0: off)")
+    need(c.cutmix >= 0, "cutmix", "must be >= 0 (0: off)")
+    need(0 <= c.mixup_switch_prob <= 1, "mixup_switch_prob", "must be a probability in [0, 1]")
+    need(c.ema_decay is None or 0 < c.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+    need(c.ema_every >= 1, "ema_every", "must be >= 1")
     need(c.base_lr > 0, "base_lr", "must be > 0")
     need(c.batch_size > 0, "batch_size", "must be > 0")
     need(c.global_batch_size is None or c.global_batch_size > 0, "global_batch_size", "must be > 0")
@@ -278,9 +327,10 @@ def validate_environment(config: TrainConfig, *, world_size: int, cuda: bool) ->
             f"--arch: {c.arch!r} is not a torchvision classification model "
             f"(e.g. resnet50, resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"
         )
-    if c.global_batch_size is not None and c.global_batch_size % world_size:
+    if c.global_batch_size is not None and c.global_batch_size % (world_size * c.grad_accum_steps):
         raise ConfigError(
             f"--global-batch-size: {c.global_batch_size} is not divisible by the world size {world_size}"
+            + (f" x --grad-accum-steps {c.grad_accum_steps}" if c.grad_accum_steps > 1 else "")
         )
     if c.precision == "fp16" and not cuda:
         raise ConfigError("--precision: fp16 needs a CUDA GPU (fp16 autocast on CPU is not supported); "

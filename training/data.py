@@ -24,14 +24,18 @@ def loader_options(backend: str, *, hw_decoder_load: float | None = None, prefet
 
 def make_loader(cfg: TrainConfig, info: DistInfo, *, train: bool, image_size: int, seed: int,
                 state: dict | None = None) -> Any:
-    """The train loader (`train=True`: --train-split, augmented, shuffled) or the val loader (--val-split,
-    centre crop, every sample once) for this rank; `state` continues a saved position."""
+    """The train loader (`train=True`: --train-split, augmented with --augment/--random-erasing, shuffled) or
+    the val loader (--val-split, centre crop, every sample once) for this rank; `state` continues a saved
+    position. Batches are micro-batches: --grad-accum-steps of them make one optimizer step."""
     from pipeline import build_loader  # imports DALI; kept out of module import time
 
     options = loader_options(cfg.backend, hw_decoder_load=cfg.hw_decoder_load, prefetch_depth=cfg.prefetch_depth)
     if cfg.backend == "synthetic":
         options["num_classes"] = cfg.num_classes or 1000
         options["num_samples"] = cfg.synthetic_samples if train else cfg.synthetic_val_samples
+    if train:  # the augmentation policy; val is never augmented
+        options.update(augment=cfg.augment, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
+                       random_erasing=cfg.random_erasing)
     return build_loader(
         cfg.data if cfg.backend != "synthetic" else None,
         cfg.train_split if train else cfg.val_split,

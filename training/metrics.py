@@ -113,7 +113,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
-    """curves.png: training loss, val top-1/top-5 and images/s per GPU against the optimizer step."""
+    """curves.png: training loss, val top-1/top-5 (and the EMA's, dashed) and images/s per GPU against the
+    optimizer step."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training nodes
@@ -126,6 +127,10 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
     axes[0].set(title="training loss", xlabel="step")
     axes[1].plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
     axes[1].plot([r["step"] for r in evals], [r["top5"] for r in evals], "o-", label="top-5")
+    ema = [r for r in evals if "ema_top1" in r]
+    if ema:  # --ema-decay: the averaged weights, dashed in the same colours
+        axes[1].plot([r["step"] for r in ema], [r["ema_top1"] for r in ema], "o--", color="C0", label="EMA top-1")
+        axes[1].plot([r["step"] for r in ema], [r["ema_top5"] for r in ema], "o--", color="C1", label="EMA top-5")
     axes[1].set(title="validation accuracy (%)", xlabel="step")
     axes[1].legend()
     axes[2].plot([r["step"] for r in train], [r["images_per_sec_per_gpu"] for r in train])

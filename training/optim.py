@@ -1,4 +1,11 @@
-"""SGD with the ImageNet recipe's parameter groups, and the per-step LR schedule (warm-up, then cosine or step)."""
+"""SGD or AdamW with the ImageNet recipes' parameter groups, and the per-step LR schedule (warm-up, then cosine,
+linear or step decay).
+
+No LAMB: torch has none, and the well-kept implementations are timm's (a dependency of its own with
+huggingface_hub and safetensors, for one optimizer) and apex's FusedLAMB (a CUDA extension built from source).
+LAMB pays off at global batches of 16k and more; up to there SGD and AdamW with warm-up are what DLE, FFCV,
+torchvision and ConvNeXt train ImageNet with.
+"""
 
 from __future__ import annotations
 
@@ -25,23 +32,24 @@ def build_optimizer(
     model: nn.Module,
     *,
     lr: float,
+    name: str = "sgd",
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 5e-5,
-) -> torch.optim.SGD:
-    """SGD with momentum; fused on CUDA (one kernel for all parameters), foreach on CPU.
-
-    `lr` is the peak LR already scaled with the global batch (see TrainConfig.peak_lr).
-    """
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """`name` "sgd" (momentum, optionally Nesterov; L2 decay) or "adamw" (`betas`, `eps`; decoupled decay).
+    Fused on CUDA (one kernel for all parameters; the GradScaler's overflow check stays on the device),
+    foreach on CPU. `lr` is the peak LR already scaled with the global batch (see TrainConfig.peak_lr)."""
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.SGD(
-        parameter_groups(model, weight_decay=weight_decay),
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov and momentum > 0,
-        fused=on_cuda or None,
-        foreach=None if on_cuda else True,
-    )
+    groups = parameter_groups(model, weight_decay=weight_decay)
+    fast = dict(fused=on_cuda or None, foreach=None if on_cuda else True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fast)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **fast)
+    raise ValueError(f"--optimizer: unknown optimizer {name!r}; choose sgd or adamw")
 
 
 def lr_factor(
@@ -57,15 +65,17 @@ def lr_factor(
     """Multiplier of the peak LR for optimizer step `step` (0-based).
 
     Linear warm-up from 1/warmup_steps to 1 over `warmup_epochs` (Goyal et al. 2017), then cosine to 0 at
-    the end of `epochs`, or a step decay by `gamma` at each milestone epoch.
+    the end of `epochs`, linear to 0 there (FFCV's schedule), or a step decay by `gamma` at each milestone epoch.
     """
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
     epoch = step // steps_per_epoch
     return gamma ** sum(epoch >= m for m in milestones)
 

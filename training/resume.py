@@ -3,8 +3,8 @@
 A checkpoint is refused (one line naming the flag) when continuing it would silently change the run: another
 architecture or class count, or another global batch (the peak LR and the schedule's length follow it).
 The loader position is restored only when the loader that wrote it is the loader this epoch needs (same
-process count, crop size, backend and loader threads); otherwise the epoch's data order restarts, and the
-run says so.
+process count, crop size, backend, loader threads, micro-batch and augmentation policy); otherwise the
+epoch's data order restarts, and the run says so.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def load_checkpoint(cfg: TrainConfig, run_dir: Path, *, world_size: int, say: Ca
     if not cfg.evaluate_only and "batch_size" in saved:
         # The peak LR and the steps per epoch follow the global batch; the scheduler's state holds both,
         # so continuing with another global batch would silently keep the old LR on a misplaced curve.
-        old = saved.get("global_batch_size") or saved["batch_size"] * ckpt["world_size"]
+        old = saved.get("global_batch_size") or saved["batch_size"] * ckpt["world_size"] * saved.get(
+            "grad_accum_steps", 1)
         new = cfg.global_batch(world_size)
         if old != new:
             raise ConfigError(
@@ -71,15 +72,17 @@ def resume_point(ckpt: dict | None, cfg: TrainConfig, *, rank: int, world_size: 
         return ResumePoint(0, 0, 0, cfg.seed, None, None)
     epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
     saved = ckpt.get("config", {})
-    same_loader = (ckpt["world_size"], ckpt["image_size"], saved.get("backend"), saved.get("num_threads")) == (
-        world_size, cfg.image_size_at(epoch), cfg.backend, cfg.num_threads)
-    if same_loader:
-        return ResumePoint(epoch, ckpt["step"], step_in_epoch, ckpt["loader_seed"], ckpt["loader_states"][rank],
-                           ckpt["steps_per_epoch"])
+    state = ckpt["loader_states"][rank] if ckpt["world_size"] == world_size else {}
+    written = (ckpt["world_size"], ckpt["image_size"], saved.get("backend"), saved.get("num_threads"),
+               state.get("batch_size"), state.get("augment", "rrc-flip"))
+    wanted = (world_size, cfg.image_size_at(epoch), cfg.backend, cfg.num_threads, cfg.per_process_batch(world_size),
+              cfg.augment_policy().spec)
+    if written == wanted:
+        return ResumePoint(epoch, ckpt["step"], step_in_epoch, ckpt["loader_seed"], state, ckpt["steps_per_epoch"])
     if step_in_epoch:
-        say(f"warning: {ckpt['path']} was written by {ckpt['world_size']} process(es) at crop size "
-            f"{ckpt['image_size']} with --backend {saved.get('backend')} --num-threads "
-            f"{saved.get('num_threads')}; the data order of epoch {epoch} restarts")
+        names = ("processes", "crop size", "--backend", "--num-threads", "micro-batch", "--augment")
+        changed = ", ".join(f"{n} {w} -> {x}" for n, w, x in zip(names, written, wanted, strict=True) if w != x)
+        say(f"warning: {ckpt['path']}: {changed} since the checkpoint; the data order of epoch {epoch} restarts")
     return ResumePoint(epoch, ckpt["step"], step_in_epoch, cfg.seed + epoch, None, None)
 
 

@@ -28,6 +28,7 @@ from shards.cpus import usable_cpus
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig, validate_environment
 from training.data import make_loader
+from training.ema import ema_weights
 from training.evaluate import evaluate
 from training.metrics import MetricsLog, write_json
 from training.resume import load_checkpoint
@@ -105,10 +106,15 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
 
 def evaluate_only(cfg: TrainConfig, info: dist.DistInfo, *, ckpt: dict | None, val_loader, log: MetricsLog,
                   run_dir: Path, say) -> dict:
-    """Top-1/top-5 of the --resume or --pretrained weights on the val split; writes RUN_DIR/eval.json."""
+    """Top-1/top-5 of the --resume or --pretrained weights on the val split (and of the checkpoint's EMA
+    weights, `ema_*`, when it holds them); writes RUN_DIR/eval.json."""
     model = model_for_run(cfg, cfg.num_classes or val_loader.num_classes, ckpt, info.device)
     start = time.perf_counter()
     result = evaluate(model, val_loader, device=info.device, precision=cfg.precision)
+    if ckpt is not None and ckpt.get("ema") is not None:  # the checkpoint's EMA weights too
+        model.load_state_dict(ema_weights(ckpt["ema"]))
+        ema = evaluate(model, val_loader, device=info.device, precision=cfg.precision)
+        result.update({f"ema_{key}": value for key, value in ema.items() if key != "total"})
     result = {
         "kind": "eval",
         "checkpoint": ckpt["path"] if ckpt else None,

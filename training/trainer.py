@@ -19,8 +19,10 @@ from tqdm import tqdm
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig
 from training.data import make_loader
+from training.ema import WeightEMA
 from training.evaluate import evaluate
 from training.metrics import MetricsLog, ThroughputMeter, Window, plot_curves, read_metrics, write_json
+from training.mix import BatchMix
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
 from training.preempt import Preempted, StopRequest
@@ -38,8 +40,11 @@ def model_for_run(cfg: TrainConfig, num_classes: int, ckpt: dict | None, device:
 
 
 def eval_line(r: dict) -> str:
-    return (f"val step {r['step']}: top-1 {r['top1']:.2f}% ({r['correct1']}/{r['total']}) "
+    line = (f"val step {r['step']}: top-1 {r['top1']:.2f}% ({r['correct1']}/{r['total']}) "
             f"top-5 {r['top5']:.2f}% ({r['correct5']}/{r['total']}) loss {r['loss']:.4f}")
+    if "ema_top1" in r:
+        line += f" | EMA top-1 {r['ema_top1']:.2f}% top-5 {r['ema_top5']:.2f}% loss {r['ema_loss']:.4f}"
+    return line
 
 
 class Trainer:
@@ -49,7 +54,8 @@ class Trainer:
                  run_dir: Path, say: Callable[[str], None]) -> None:
         self.cfg, self.info, self.device, self.is_main = cfg, info, info.device, info.is_main
         self.val_loader, self.log, self.run_dir, self.say = val_loader, log, run_dir, say
-        self.batch = cfg.per_process_batch(info.world_size)  # images per process per step
+        self.batch = cfg.per_process_batch(info.world_size)  # images per process per micro-batch
+        self.accum = cfg.grad_accum_steps  # micro-batches per optimizer step
         point = resume_point(ckpt, cfg, rank=info.rank, world_size=info.world_size, say=say)
         self.epoch, self.step, self.step_in_epoch = point.epoch, point.step, point.step_in_epoch
         self.train_image_size = cfg.image_size_at(point.epoch)
@@ -63,10 +69,13 @@ class Trainer:
                                   f"{val_loader.num_classes}; convert both splits with the same class list")
             # len() of a loader resumed mid-epoch counts only the batches left in that epoch; the checkpoint
             # remembers the full length (it sets the LR schedule, so it must not change on resume).
-            self.steps_per_epoch = point.steps_per_epoch if point.loader_state else len(self.train_loader)
+            # Optimizer steps: the loader's micro-batches in groups of --grad-accum-steps (a remainder is read
+            # and not trained on, like the partial batch a train loader drops).
+            self.steps_per_epoch = (point.steps_per_epoch if point.loader_state
+                                    else len(self.train_loader) // self.accum)
             if self.steps_per_epoch == 0:
-                raise ConfigError(f"--batch-size: {self.batch} per process is larger than this rank's "
-                                  f"{self.train_loader.num_samples} training samples")
+                raise ConfigError(f"--batch-size: {self.batch} per process x --grad-accum-steps {self.accum} is "
+                                  f"larger than this rank's {self.train_loader.num_samples} training samples")
             self.max_steps = min(cfg.max_steps or cfg.epochs * self.steps_per_epoch, cfg.epochs * self.steps_per_epoch)
             self.raw_model = model_for_run(cfg, num_classes, ckpt, self.device)
             model = self.raw_model
@@ -77,19 +86,28 @@ class Trainer:
                     gradient_as_bucket_view=True,  # grads alias the all-reduce buckets: one copy less
                 )
             self.peak_lr = cfg.peak_lr(info.world_size)
-            optimizer = build_optimizer(self.raw_model, lr=self.peak_lr, momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+            optimizer = build_optimizer(self.raw_model, lr=self.peak_lr, name=cfg.optimizer, momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                        betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
             self.schedule = dict(steps_per_epoch=self.steps_per_epoch, epochs=cfg.epochs,
                                  warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule,
                                  milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma)
             scheduler = build_scheduler(optimizer, **self.schedule)
+            self.ema = (WeightEMA(self.raw_model, decay=cfg.ema_decay, every=cfg.ema_every)
+                        if cfg.ema_decay is not None else None)
+            mix = (BatchMix(num_classes=num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                            switch_prob=cfg.mixup_switch_prob, seed=cfg.seed, rank=info.rank)
+                   if cfg.mixup > 0 or cfg.cutmix > 0 else None)
             self.train_step = TrainStep(model, optimizer, precision=cfg.precision, compile=cfg.compile,
-                                        label_smoothing=cfg.label_smoothing, scheduler=scheduler)
+                                        label_smoothing=cfg.label_smoothing, scheduler=scheduler,
+                                        grad_accum_steps=self.accum, clip_grad_norm=cfg.clip_grad_norm, mix=mix,
+                                        ema=self.ema, micro_steps=point.step * self.accum)
         except BaseException:
             self.train_loader.close()
             raise
         self.meter = ThroughputMeter(world_size=info.world_size, warmup_steps=cfg.throughput_warmup_steps)
         self.best = {"top1": -1.0, "top5": -1.0}
+        self.best_ema = {"top1": -1.0, "top5": -1.0}
         self.last_eval: dict | None = None
         self.is_best = False  # the last evaluation beat every earlier one: the next checkpoint is best.pt
         self.stop = StopRequest()
@@ -101,7 +119,13 @@ class Trainer:
             if ckpt["world_size"] == info.world_size:
                 checkpoint.set_rng_state(ckpt["rng"][info.rank])
             self.best = ckpt["best"]
+            self.best_ema = ckpt.get("best_ema", self.best_ema)
             self.last_eval = ckpt["last_eval"]
+            if self.ema is not None:
+                if ckpt.get("ema") is not None:
+                    self.ema.load_state_dict(ckpt["ema"])
+                else:
+                    say(f"--ema-decay: {ckpt['path']} holds no EMA; the average starts from its weights")
         self.last_checkpoint_time = time.monotonic()
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -109,9 +133,14 @@ class Trainer:
         """Train to --epochs / --max-steps; on a stop signal, checkpoint and raise Preempted."""
         cfg, world = self.cfg, self.info.world_size
         start_time = time.perf_counter()
-        self.say(f"training {cfg.arch} on {world} process(es): global batch {cfg.global_batch(world)}, peak lr "
-                 f"{self.peak_lr:.4g}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, stopping at step "
-                 f"{self.max_steps}")
+        self.say(f"training {cfg.arch} on {world} process(es): global batch {cfg.global_batch(world)}"
+                 + (f" ({self.accum} micro-batches of {self.batch} per process)" if self.accum > 1 else "")
+                 + f", peak lr {self.peak_lr:.4g}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, "
+                 f"stopping at step {self.max_steps}; augment {cfg.augment_policy().spec}")
+        unused = self.train_loader.batches_per_epoch % self.accum
+        if unused:
+            self.say(f"note: {unused} micro-batch(es) per epoch are left over after groups of --grad-accum-steps "
+                     f"{self.accum} and are not trained on")
         with self.stop:
             try:
                 while self.step < self.max_steps and self.epoch < cfg.epochs:
@@ -145,22 +174,25 @@ class Trainer:
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         loss_sum = torch.zeros((), device=self.device)
         while self.step_in_epoch < self.steps_per_epoch and self.step < self.max_steps:
-            # Data wait = host time blocked in next(): no batch was ready. On a GPU the host runs ahead of
-            # the device, so while the loader keeps up this is ~0 even though kernels are still queued;
-            # when it does not, the GPU drains its queue and idles for about this long. Summed over the
-            # window and divided by the window's wall time (which ends at the sync below) it is the share
-            # of training time lost to input.
-            t = time.perf_counter()
-            batch = next(batches, None)
-            data_wait += time.perf_counter() - t
+            for _ in range(self.accum):  # micro-batches; the last one also steps the optimizer
+                # Data wait = host time blocked in next(): no batch was ready. On a GPU the host runs ahead of
+                # the device, so while the loader keeps up this is ~0 even though kernels are still queued;
+                # when it does not, the GPU drains its queue and idles for about this long. Summed over the
+                # window and divided by the window's wall time (which ends at the sync below) it is the share
+                # of training time lost to input.
+                t = time.perf_counter()
+                batch = next(batches, None)
+                data_wait += time.perf_counter() - t
+                if batch is None:
+                    break
+                images = batch[0].to(self.device, non_blocking=True)  # no-op when the loader is on-device
+                labels = batch[1].to(self.device, non_blocking=True)
+                loss_sum += self.train_step(images, labels)  # stays on the device: no sync
             if batch is None:  # the loader ended its epoch early (not expected: train drops only the tail)
                 self.say(f"warning: the train loader ended epoch {epoch} after {self.step_in_epoch} of "
-                         f"{self.steps_per_epoch} batches")
+                         f"{self.steps_per_epoch} steps")
                 self.step_in_epoch = self.steps_per_epoch
                 break
-            images = batch[0].to(self.device, non_blocking=True)  # no-op when the loader is on-device
-            labels = batch[1].to(self.device, non_blocking=True)
-            loss_sum += self.train_step(images, labels)  # stays on the device: no sync
             self.step += 1
             self.step_in_epoch += 1
             window_steps += 1
@@ -185,7 +217,8 @@ class Trainer:
         bar.close()
         finished = self.step_in_epoch >= self.steps_per_epoch
         if finished:
-            next(batches, None)  # let the loader see the end of its epoch so its state points at the next
+            for _ in batches:  # micro-batches left over by --grad-accum-steps, then the loader's end of epoch,
+                pass  # so its state points at the next epoch
         return finished
 
     def log_window(self, steps: int, loss_sum: torch.Tensor, data_wait: float, wall: float,
@@ -199,16 +232,17 @@ class Trainer:
                                                    for x in flags)])
         dist.all_reduce_sum(stats)  # every rank: loss, wait and wall summed; rank 0's checkpoint flag; stops
         loss, data_wait, wall, save_flag, stop_flag = stats.tolist()  # .tolist() is a sync point
-        loss, data_wait, wall = loss / (world * steps), data_wait / world, wall / world
-        self.meter.add(Window(steps=steps, images=steps * self.batch, wall_s=wall, data_wait_s=data_wait))
+        loss, data_wait, wall = loss / (world * steps * self.accum), data_wait / world, wall / world
+        images = steps * self.batch * self.accum  # per process
+        self.meter.add(Window(steps=steps, images=images, wall_s=wall, data_wait_s=data_wait))
         record = {
             "kind": "train",
             "epoch": self.epoch,
             "step": self.step,
             "loss": loss,
             "lr": self.peak_lr * lr_factor(self.step - 1, **self.schedule),  # LR of the last step taken
-            "images_per_sec_per_gpu": steps * self.batch / wall,  # images/s per GPU (per process)
-            "images_per_sec": steps * self.batch * world / wall,  # images/s over all processes
+            "images_per_sec_per_gpu": images / wall,  # images/s per GPU (per process)
+            "images_per_sec": images * world / wall,  # images/s over all processes
             "step_time_ms": 1000 * wall / steps,
             "data_wait_share": data_wait / wall,
             "image_size": self.train_image_size,
@@ -225,7 +259,14 @@ class Trainer:
         return save_flag > 0, stop_flag > 0
 
     def run_eval(self, epoch: float) -> dict:
+        """The model on the whole val split, and its EMA when there is one (keys prefixed `ema_`); best.pt
+        follows the model's top-1."""
         result = evaluate(self.raw_model, self.val_loader, device=self.device, precision=self.cfg.precision)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, device=self.device, precision=self.cfg.precision)
+            result.update({f"ema_{key}": value for key, value in ema.items() if key != "total"})
+            if ema["top1"] > self.best_ema["top1"]:
+                self.best_ema = {"top1": ema["top1"], "top5": ema["top5"], "step": self.step}
         result = {"kind": "eval", "epoch": epoch, "step": self.step, **result}
         self.log.write(result)
         self.say(eval_line(result))
@@ -247,6 +288,7 @@ class Trainer:
                 "optimizer": self.train_step.optimizer.state_dict(),
                 "scheduler": self.train_step.scheduler.state_dict(),
                 "scaler": self.train_step.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch,  # the epoch in progress (== completed epochs when step_in_epoch is 0)
                 "step": self.step,  # optimizer steps taken
                 "step_in_epoch": self.step_in_epoch,
@@ -257,6 +299,7 @@ class Trainer:
                 "loader_states": loader_states,  # per rank, plain types
                 "rng": rng_states,  # per rank
                 "best": self.best,
+                "best_ema": self.best_ema,
                 "last_eval": self.last_eval,
                 "config": self.cfg.to_dict(),
             }
@@ -274,6 +317,10 @@ class Trainer:
             "final_top5": self.last_eval["top5"] if self.last_eval else None,
             "best_top1": self.best["top1"] if self.best["top1"] >= 0 else None,
             "best_top5": self.best["top5"] if self.best["top1"] >= 0 else None,
+            "final_ema_top1": self.last_eval.get("ema_top1") if self.last_eval else None,
+            "final_ema_top5": self.last_eval.get("ema_top5") if self.last_eval else None,
+            "best_ema_top1": self.best_ema["top1"] if self.best_ema["top1"] >= 0 else None,
+            "best_ema_top5": self.best_ema["top5"] if self.best_ema["top1"] >= 0 else None,
             "final_eval": self.last_eval,
             "images_per_sec_per_gpu": self.meter.images_per_sec_per_gpu,
             "images_per_sec": self.meter.images_per_sec,
@@ -297,6 +344,8 @@ class Trainer:
                           "no throughput average: every log window fell in --throughput-warmup-steps")
             final = f"{summary['final_top1']:.2f}%" if summary["final_top1"] is not None else "n/a"
             best = f"{summary['best_top1']:.2f}%" if summary["best_top1"] is not None else "n/a"
+            if summary["final_ema_top1"] is not None:
+                best += f" (EMA final {summary['final_ema_top1']:.2f}%, best {summary['best_ema_top1']:.2f}%)"
             self.say(f"done: {self.step} steps in {wall_time:.0f} s; val top-1 final {final}, best {best}; "
                      f"{throughput}; summary in {self.run_dir / 'summary.json'}")
         return summary
