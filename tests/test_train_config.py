@@ -39,13 +39,46 @@ def test_file_then_cli_layering_and_round_trip(tmp_path):
     assert from_dict(c.to_dict()) == c  # what checkpoints and config.json hold rebuilds the same config
 
 
-def test_bundled_configs_load():
-    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
-    dle = build_config(file=configs / "rn50_dle_90ep.yaml", overrides=SYNTH)
-    assert dle == build_config(overrides=SYNTH)  # the file spells out the defaults
-    ffcv = build_config(file=configs / "rn50_ffcv_style.yaml", overrides=SYNTH)
-    assert [ffcv.image_size_at(e) for e in (0, 65, 70, 76, 87)] == [160, 160, 160, 192, 192]
-    assert ffcv.eval_image_size == 256
+RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
+
+
+def test_every_recipe_loads_through_the_cli_and_names_its_source(tmp_path, capsys):
+    """`saturate train --config training/recipes/<name>.yaml --print-config` for each recipe; each file starts
+    with a comment giving its source and what the source reports."""
+    import json
+
+    from tools.cli import main
+
+    loaded = {}
+    for recipe in sorted(RECIPES.glob("*.yaml")):
+        header = recipe.read_text().split("\n")
+        assert header[0].startswith("# ") and any(line.startswith("# Source: ") for line in header), recipe
+        assert any(line.startswith("# Reported") for line in header), recipe
+        assert main(["train", "--config", str(recipe), "--data", str(tmp_path), "--print-config"]) == 0
+        loaded[recipe.stem] = json.loads(capsys.readouterr().out)
+    assert sorted(loaded) == ["convnext_tiny_timm_style", "rn50_dle_250ep", "rn50_dle_250ep_autoaugment",
+                              "rn50_dle_90ep", "rn50_ffcv_16ep", "rn50_ffcv_88ep"]
+    dle = loaded["rn50_dle_90ep"]
+    assert (dle["momentum"], dle["nesterov"], dle["weight_decay"], dle["warmup_epochs"], dle["base_lr"] * 8) == (
+        0.875, False, 1 / 32768, 8, 2.048)  # DLE's DGX A100 recipe: lr 2.048 at 8 x 256
+    assert (loaded["rn50_dle_250ep"]["mixup"], loaded["rn50_dle_250ep"]["augment"]) == (0.2, "rrc-flip")
+    assert loaded["rn50_dle_250ep_autoaugment"]["augment"] == "autoaugment"
+    for epochs, ramp in ((16, (11, 13)), (88, (65, 76))):
+        ffcv = build_config(file=RECIPES / f"rn50_ffcv_{epochs}ep.yaml", overrides={"data": str(tmp_path)})
+        assert ffcv.epochs == epochs and (ffcv.start_ramp, ffcv.end_ramp) == ramp and ffcv.eval_image_size == 256
+        assert ffcv.peak_lr(world_size=8) == pytest.approx(1.7) and ffcv.lr_schedule == "linear"
+        assert [ffcv.image_size_at(e) for e in (0, ramp[0], ramp[1], epochs - 1)] == [160, 160, 192, 192]
+    convnext = build_config(file=RECIPES / "convnext_tiny_timm_style.yaml", overrides={"data": str(tmp_path)})
+    assert (convnext.global_batch(8), convnext.per_process_batch(8), convnext.peak_lr(8)) == (4096, 128, 4e-3)
+    assert (convnext.augment_policy().spec, convnext.mixup, convnext.cutmix, convnext.ema_decay) == (
+        "randaugment(n=2,m=9)+random_erasing(0.25)", 0.8, 1.0, 0.9999)
+
+
+def test_gradient_accumulation_keeps_the_global_batch():
+    c = build_config(overrides=dict(SYNTH, global_batch_size=4096, grad_accum_steps=4))
+    assert (c.per_process_batch(8), c.global_batch(8), c.peak_lr(8)) == (128, 4096, 0.256 * 16)
+    c = build_config(overrides=dict(SYNTH, batch_size=64, grad_accum_steps=2))
+    assert (c.per_process_batch(2), c.global_batch(2)) == (64, 256)
 
 
 def test_progressive_resizing_follows_ffcv_ramp():
@@ -73,6 +106,19 @@ def test_progressive_resizing_follows_ffcv_ramp():
         ({"resume": "/no/such.pt"}, "--resume: must be 'auto' or an existing checkpoint file"),
         ({"pretrained": "/no/such.pt"}, "--pretrained: file does not exist"),
         ({"batchsize": 3}, "unknown option 'batchsize'"),
+        ({"augment": "autoaug"}, "--augment: unknown policy; choose one of rrc-flip, autoaugment, randaugment, "),
+        ({"randaugment_m": 31}, "--randaugment-m: must be an integer magnitude bin in [0, 31), got 31"),
+        ({"random_erasing": 1.5}, "--random-erasing: must be a probability in [0, 1], got 1.5"),
+        ({"augment": "randaugment"}, "--augment: backend 'synthetic' yields random tensors"),
+        ({"mixup": -0.2}, "--mixup: must be >= 0 (0: off), got -0.2"),
+        ({"mixup_switch_prob": 2}, "--mixup-switch-prob: must be a probability in [0, 1], got 2.0"),
+        ({"ema_decay": 1.0}, "--ema-decay: must be in (0, 1), got 1.0"),
+        ({"ema_every": 0}, "--ema-every: must be >= 1, got 0"),
+        ({"optimizer": "lamb"}, "--optimizer: must be one of sgd, adamw, got 'lamb'"),
+        ({"adam_betas": (0.9,)}, "--adam-betas: must be two values in [0, 1)"),
+        ({"clip_grad_norm": 0}, "--clip-grad-norm: must be > 0, got 0.0"),
+        ({"grad_accum_steps": 0}, "--grad-accum-steps: must be >= 1, got 0"),
+        ({"lr_schedule": "poly"}, "--lr-schedule: must be one of cosine, linear, step"),
     ],
 )
 def test_bad_values_name_their_flag(overrides, message):
@@ -85,6 +131,8 @@ def test_bad_values_name_their_flag(overrides, message):
     ("overrides", "world_size", "cuda", "message"),
     [
         ({"global_batch_size": 1000}, 3, False, "--global-batch-size: 1000 is not divisible by the world size 3"),
+        ({"global_batch_size": 999, "grad_accum_steps": 2}, 3, False,
+         "--global-batch-size: 999 is not divisible by the world size 3 x --grad-accum-steps 2"),
         ({"arch": "resnet5000"}, 1, False, "--arch: 'resnet5000' is not a torchvision classification model"),
         ({"precision": "fp16"}, 1, False, "--precision: fp16 needs a CUDA GPU"),
         ({"backend": "dali-gpu"}, 1, False, "--backend: dali-gpu needs a CUDA GPU"),
