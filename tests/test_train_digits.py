@@ -1,5 +1,6 @@
 """A real learning test: scikit-learn's bundled handwritten digits (no download) as JPEG class folders ->
-shards.convert -> DALI CPU -> the trainer, to >= 95% val top-1, with labels checked through the whole chain."""
+shards.convert -> DALI CPU with TrivialAugmentWide -> the trainer with an EMA of the weights, to >= 95% val
+top-1 for both, with labels checked through the whole chain."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_digit_labels_survive_shards_and_dali(digit_shards):
 
 
 @pytest.mark.slow
-def test_resnet18_learns_digits_to_95_percent(digit_shards, tmp_path):
+def test_resnet18_learns_digits_to_95_percent_with_trivialaugment_and_ema(digit_shards, tmp_path):
     from training.config import build_config
     from training.train import train
 
@@ -72,23 +73,30 @@ def test_resnet18_learns_digits_to_95_percent(digit_shards, tmp_path):
         # 8x8-derived digits fill the frame: an ImageNet-style 8% crop often keeps no digit at all, so the crop
         # keeps at least half the image (the flip stays: the pipeline's train graph always flips)
         crop_area=(0.5, 1.0),
+        # the policy in the DALI graph (conditionals on); its shifts of up to 32 px are the whole 32 px digit,
+        # so it needs 12 epochs where rrc-flip alone reaches 97% in 8. Over seeds 0, 1, 2: 96.9, 97.2, 95.8%
+        # (EMA 97.2, 97.2, 95.8%).
+        augment="trivialaugment", ema_decay=0.98,  # the EMA spans ~50 of the 528 steps
         precision="fp32",  # bf16 autocast on CPU is emulated and slow
-        batch_size=32, base_lr=0.8, warmup_epochs=1, epochs=8,  # peak LR 0.1, 44 steps/epoch
-        num_threads=1, log_every=11, throughput_warmup_steps=11, eval_every=4,
+        batch_size=32, base_lr=0.8, warmup_epochs=1, epochs=12,  # peak LR 0.1, 44 steps/epoch
+        num_threads=1, log_every=11, throughput_warmup_steps=11, eval_every=6,
         run_dir=str(tmp_path / "run"), progress=False, checkpoint_minutes=0,
     ))
     summary = train(config)
     final = summary["final_eval"]
     assert final["total"] == len(truth["val"]) == 360
     assert final["top1"] >= 95.0, final
+    assert final["ema_top1"] >= 95.0 and summary["final_ema_top1"] == final["ema_top1"], final
     # the files a user reads after a run
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["final_top1"] == final["top1"]
-    assert on_disk["config"]["crop_area"] == [0.5, 1.0]
+    assert on_disk["config"]["crop_area"] == [0.5, 1.0] and on_disk["config"]["augment"] == "trivialaugment"
+    assert on_disk["best_ema_top1"] >= on_disk["final_ema_top1"]
     assert (run / "curves.png").stat().st_size > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [4, 8]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [6, 12] and all(0 <= r["ema_top5"] <= 100 for r in evals)
     steps_per_epoch = (1797 - 360) // 32
-    assert records[-1]["step"] == summary["steps"] == 8 * steps_per_epoch
+    assert records[-1]["step"] == summary["steps"] == 12 * steps_per_epoch
     assert summary["best_top1"] >= final["top1"]
