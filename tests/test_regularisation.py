@@ -90,20 +90,25 @@ def test_soft_targets_compose_with_label_smoothing():
 
 # --- EMA ----------------------------------------------------------------------------------------------------
 def test_ema_is_the_hand_computed_average():
-    """decay 0.75, updated every 2nd optimizer step: the first update copies, the next one averages.
-    The values are chosen so that float arithmetic is exact."""
+    """decay 0.75, updated every 2nd optimizer step, starting from the model as it was at construction; the
+    values are chosen so that float arithmetic is exact. Integer buffers are copied, not averaged."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_mean.fill_(2.0)
     ema = WeightEMA(model, decay=0.75, every=2)
-    weights = [1.0, 2.0, 5.0, 9.0]  # the model's weight after optimizer steps 1..4
-    for w in weights:
+    for w in (2.0, 5.0, 9.0, 3.0):  # the model's weight after optimizer steps 1..4
         with torch.no_grad():
             model[0].weight.fill_(w)
             model[1].running_mean.fill_(2 * w)
+            model[1].num_batches_tracked.fill_(int(w))
         ema.update()
-    # updates at steps 2 and 4: ema = 2, then 0.75 * 2 + 0.25 * 9 = 3.75 (running_mean: 4 then 7.5)
-    assert torch.equal(ema.module[0].weight, torch.full((1, 2), 3.75))
-    assert torch.equal(ema.module[1].running_mean, torch.tensor([7.5]))
-    assert torch.equal(model[0].weight, torch.full((1, 2), 9.0))  # the model itself is untouched
+    # updates at steps 2 and 4: 0.75 * 1 + 0.25 * 5 = 2, then 0.75 * 2 + 0.25 * 3 = 2.25 (running_mean: 4, 4.5)
+    assert torch.equal(ema.module[0].weight, torch.full((1, 2), 2.25))
+    assert torch.equal(ema.module[1].running_mean, torch.tensor([4.5]))
+    assert int(ema.module[1].num_batches_tracked) == 3
+    assert torch.equal(model[0].weight, torch.full((1, 2), 3.0))  # the model itself is untouched
+    assert not ema.module[0].weight.requires_grad
     restored = WeightEMA(model, decay=0.75, every=2)
     restored.load_state_dict(ema.state_dict())
     assert restored.optimizer_steps == 4 and torch.equal(restored.module[0].weight, ema.module[0].weight)
@@ -158,3 +163,32 @@ def test_adamw_and_the_linear_schedule():
         build_optimizer(model, lr=1e-3, name="lamb")
     sched = dict(steps_per_epoch=10, epochs=10, warmup_epochs=2, schedule="linear")
     assert [lr_factor(s, **sched) for s in (0, 19, 20, 60, 99)] == pytest.approx([1 / 20, 1, 1, 0.5, 1 / 80])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_regularised_steps_make_no_host_sync(precision):
+    """Mixup/cutmix, two micro-batches per step, clipping after unscaling, fused AdamW and the EMA update, under
+    torch.cuda.set_sync_debug_mode("error"): any .item(), .cpu(), synchronize() or host read raises."""
+    from training.model import build_model
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_model("resnet18", num_classes=CLASSES).to(device)
+    optimizer = build_optimizer(model, lr=1e-3, name="adamw", weight_decay=0.05)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=4, epochs=4, warmup_epochs=1)
+    mix = BatchMix(num_classes=CLASSES, mixup_alpha=0.2, cutmix_alpha=1.0, switch_prob=0.5, seed=0, rank=0)
+    step = TrainStep(model, optimizer, precision=precision, scheduler=scheduler, grad_accum_steps=2,
+                     clip_grad_norm=1.0, mix=mix, ema=WeightEMA(model, decay=0.99))
+    images = torch.randn(8, 3, 64, 64, device=device).half().contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(8, device=device) % CLASSES
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(4):  # warm-up: cuDNN autotuning and allocator growth may sync
+        loss_sum += step(images, labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            loss_sum += step(images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss_sum).item() and scheduler.last_epoch == 5 and step.ema.optimizer_steps == 5

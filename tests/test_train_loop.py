@@ -99,11 +99,11 @@ def test_resume_with_policy_mixup_and_ema_is_exact(tiny_shards, tmp_path):
     assert a["ema"]["optimizer_steps"] == b["ema"]["optimizer_steps"] == 9
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    for name in a["ema"]["averaged"]:
-        assert torch.equal(a["ema"]["averaged"][name], b["ema"]["averaged"][name]), name
+    for name in a["ema"]["module"]:
+        assert torch.equal(a["ema"]["module"][name], b["ema"]["module"][name]), name
     for key, state in a["optimizer"]["state"].items():
         assert all(torch.equal(state[k], b["optimizer"]["state"][key][k]) for k in ("exp_avg", "exp_avg_sq"))
-    assert not torch.equal(a["ema"]["averaged"]["module.fc.weight"], a["model"]["fc.weight"])
+    assert not torch.equal(a["ema"]["module"]["fc.weight"], a["model"]["fc.weight"])
     final = whole["final_eval"]
     for key in ("correct1", "correct5", "ema_correct1", "ema_correct5"):
         assert final[key] == second["final_eval"][key], key
