@@ -97,7 +97,9 @@ def imagenet_graph(
     preallocate_height_hint: int,
 ) -> tuple:
     """The one DALI graph for train and val; `pipeline_def` builds a Pipeline from it (with
-    `enable_conditionals=policy.needs_conditionals`). Returns its outputs."""
+    `enable_conditionals=policy.needs_conditionals`). Returns its outputs. pipeline_def hands each keyword to
+    the graph or to the Pipeline by name, so no parameter here may share a Pipeline argument's name (hence
+    `shuffle_seed`, not `seed`)."""
     from nvidia.dali import fn, types
 
     jpegs, digits = fn.readers.webdataset(
