@@ -105,8 +105,10 @@ def test_a_real_short_tune(tiny_shards, backend, deeper):
     entry = tune(tiny_shards, backend=backend, **SHORT)
     tried = [(t["threads"], t["prefetch"]) for t in entry["trials"]]
     assert all(t["error"] is None and t["images_per_sec_per_gpu"] > 0 for t in entry["trials"])
-    if tried == [(1, 2)]:  # one thread already fed the ceiling: nothing cheaper exists
-        assert entry["reached_target"] and entry["setting"]["num_threads"] == 1
+    if tried == [(1, 2)]:  # one thread fed the ceiling as the search measured it: nothing cheaper exists
+        # (the ceiling measured again at the end may be higher on a busy machine: the verdict follows it)
+        assert entry["setting"]["num_threads"] == 1
+        assert entry["reached_target"] == (entry["fraction_of_ceiling"] >= entry["target"])
     else:  # 1 and 2 threads, then the other prefetch depth at the better count: 3 trials, the budget
         assert tried[:2] == [(1, 2), (2, 2)] and tried[2][1] == deeper and len(tried) == 3
     assert entry["ceiling_images_per_sec_per_gpu"] == max(
