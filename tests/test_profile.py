@@ -257,3 +257,23 @@ def test_gpu_profile_measures_utilisation_and_memory(tiny_shards, tmp_path):
         assert row.gpu_util_pct is not None and 0.0 <= row.gpu_util_pct <= 100.0
     assert all(positive(row.gpu_memory_peak_gib) for row in report.rows if row.config.mode != "loader")
     assert Path(tmp_path / "report.png").stat().st_size > 0
+
+
+def test_augment_is_a_sweep_axis_of_the_data_backends(tiny_shards, tmp_path, capsys):
+    """What each policy costs the loader, per backend, side by side (the table that shows why DALI on the GPU)."""
+    status = cli_main(["profile", str(tiny_shards), "--out", str(tmp_path), "--modes", "loader", "--backends",
+                       "dali-cpu,pytorch", "--threads", "1", "--augment", "rrc-flip,trivialaugment",
+                       "--random-erasing", "0.5", "--batch-size", "8", "--image-size", "32", "--steps", "2",
+                       "--windows", "1", "--warmup", "1", "--max-warmup", "0", "--no-progress"])
+    assert status == 0
+    body = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["backend"], r["augment"]) for r in body["rows"]] == [
+        ("dali-cpu", "rrc-flip"), ("dali-cpu", "trivialaugment"), ("pytorch", "rrc-flip"),
+        ("pytorch", "trivialaugment")]
+    assert all(r["error"] is None and positive(r["images_per_sec_per_gpu"]) for r in body["rows"])
+    assert body["settings"]["augments"] == ["rrc-flip", "trivialaugment"]
+    assert body["settings"]["random_erasing"] == 0.5
+    assert "every row with an augment policy also has random_erasing=0.5" in body["notes"]
+    table = capsys.readouterr().out
+    assert "| augment |" in table and "| trivialaugment |" in table
+    assert cli_main(["profile", str(tiny_shards), "--out", str(tmp_path), "--augment", "mixup", "--no-progress"]) == 2

@@ -50,6 +50,13 @@ def test_plan_multiplies_only_the_axes_that_apply():
                                 prefetch_depths=(2, 4), precisions=("bf16",), compile_modes=(False,)))
     assert [(c.mode, c.prefetch) for c in deeper] == [("model", None), ("loader", 2), ("loader", 4)]
     assert deeper[2].label() == "pytorch t2 pf4 bs256 224px"
+    # augmentation policy: an axis of the data backends only (the ceiling reads synthetic tensors)
+    policies = plan_configs(sweep(modes=("model", "loader", "e2e"), backends=("dali-cpu",), threads=(2,),
+                                  augments=("rrc-flip", "randaugment"), precisions=("bf16",), compile_modes=(False,)))
+    assert [(c.mode, c.augment) for c in policies] == [("model", None), ("loader", "rrc-flip"),
+                                                        ("loader", "randaugment"), ("e2e", "rrc-flip"),
+                                                        ("e2e", "randaugment")]
+    assert policies[2].label() == "dali-cpu t2 randaugment bs256 224px"
 
 
 def test_schedule_measures_the_ceiling_before_and_after_its_data_rows():
@@ -83,6 +90,7 @@ def test_on_the_cpu_the_model_is_measured_at_each_thread_count_training_would_gi
     ({"hw_decoder_loads": (1.5,)}, "--hw-decoder-load"),
     ({"prefetch_depths": (0,)}, "--prefetch"),
     ({"precisions": ("int8",)}, "--precision"),
+    ({"augments": ("mixup",)}, "--augment"),
     ({"steps": 3, "duration": 1.0}, "--steps or --duration"),
     ({"steps": 0}, "--steps"),
     ({"duration": -1.0}, "--duration"),

@@ -192,7 +192,8 @@ def test_auto_without_a_match_tunes_first_or_says_what_to_run(tiny_shards, tmp_p
     cfg = auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json"), backend="pytorch",
                       hw_decoder_load="auto")
     with pytest.raises(ConfigError, match=r"--num-threads/--hw-decoder-load auto: no entry of .*tune.json matches "
-                                          r"resnet18 batch 8 32px fp32 pytorch, 1 process\(es\) per node"):
+                                          r"resnet18 batch 8 32px fp32 pytorch --augment rrc-flip, "
+                                          r"1 process\(es\) per node"):
         tuning.resolve_auto(cfg, world_size=1, is_main=True, say=print)
     said = []
     resolved = tuning.resolve_auto(cfg, world_size=1, is_main=True, say=said.append,
@@ -227,3 +228,15 @@ def test_a_damaged_tune_file_names_itself(tiny_shards, tmp_path):
     with pytest.raises(ConfigError, match="--tune-file: .*tune.json is not a tune result"):
         tuning.resolve_auto(auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json")), world_size=1,
                             is_main=True, say=print)
+
+
+def test_an_entry_tuned_for_another_augmentation_policy_does_not_match(tiny_shards, tmp_path):
+    """RandAugment costs a CPU loader several times a plain crop: its threads are not rrc-flip's."""
+    plain = auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json"))
+    tuning.add_entry(tmp_path / "tune.json", an_entry(plain))
+    policy = auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json"), augment="randaugment", randaugment_m=7)
+    assert tuning.run_key(policy, world_size=1)["augment"] == "randaugment(n=2,m=7)"
+    with pytest.raises(ConfigError, match=r"--augment randaugment\(n=2,m=7\)"):
+        tuning.resolve_auto(policy, world_size=1, is_main=True, say=print)
+    tuning.add_entry(tmp_path / "tune.json", an_entry(policy, threads=2))
+    assert tuning.resolve_auto(policy, world_size=1, is_main=True, say=print).num_threads == 2

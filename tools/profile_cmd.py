@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.augment import POLICIES
 from pipeline.constants import HW_DECODER_LOAD
 from tools.profiler.measure import DEFAULT_DURATION, DEFAULT_MAX_WARMUP, DEFAULT_WARMUP, DEFAULT_WINDOWS
 from tools.profiler.plan import MODES
@@ -72,6 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default {HW_DECODER_LOAD})")
     parser.add_argument("--prefetch", metavar="N[,N...]", type=comma_list(int, "--prefetch"), default=[None],
                         help="batches prefetched: DALI queue depth, per worker for pytorch (default: the backend's)")
+    parser.add_argument("--augment", metavar="POLICY[,...]", type=comma_list(str, "--augment"), default=[None],
+                        help=f"data backends: augmentation policies to sweep, any of {','.join(POLICIES)} "
+                             "(default: the loaders' default, rrc-flip, and no augment column)")
+    parser.add_argument("--randaugment-n", type=int, metavar="N", help="--augment randaugment: ops per image")
+    parser.add_argument("--randaugment-m", type=int, metavar="M", help="--augment randaugment: magnitude bin")
+    parser.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
+                        help="probability of erasing a box per image, on top of every --augment policy")
     parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str, "--precision"), default=["bf16"],
                         help="bf16,fp16,fp32 (default bf16)")
     parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off, "--compile"), default=[False],
@@ -118,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     report = profile(
         args.shards, out_dir=args.out, modes=args.modes, backends=args.backends, batch_sizes=args.batch_size,
         image_sizes=args.image_size, threads=args.threads, hw_decoder_loads=args.hw_decoder_load,
-        prefetch_depths=args.prefetch, precisions=args.precision, compile_modes=args.compile, arch=args.arch,
+        prefetch_depths=args.prefetch, augments=args.augment, randaugment_n=args.randaugment_n,
+        randaugment_m=args.randaugment_m, random_erasing=args.random_erasing, precisions=args.precision,
+        compile_modes=args.compile, arch=args.arch,
         split=args.split, steps=args.steps, duration=args.duration, warmup=args.warmup, max_warmup=args.max_warmup,
         windows=args.windows, progress=not args.no_progress,
     )
@@ -158,7 +168,9 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
     backend = one("--backends", args.backends or [default_backends()[0][0]])
     settings = dict(arch=args.arch, batch_size=one("--batch-size", args.batch_size),
                     image_size=one("--image-size", args.image_size), precision=one("--precision", args.precision),
-                    compile=one("--compile", args.compile))
+                    compile=one("--compile", args.compile), augment=one("--augment", args.augment) or "rrc-flip",
+                    randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m,
+                    random_erasing=args.random_erasing)
     if not 0 < args.target <= 1:
         raise ValueError(f"--target: a fraction of the ceiling in (0, 1], got {args.target}")
     timing = Timing(args.steps, args.duration if args.steps is None else None, args.windows, args.warmup,

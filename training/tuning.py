@@ -6,8 +6,9 @@ and takes the setting from it. One file holds several entries (one per model/bat
 folder can carry the tunes of every machine it is trained on.
 
 An entry matches when what the setting depends on is the same: architecture, batch per GPU, image size,
-precision, compile, backend, processes per node (8 loaders share a node's cores, one does not) and the
-machine (GPU model and count, CPU model, usable cores). The corpus is the folder the file sits in.
+precision, compile, backend, the augmentation policy (RandAugment costs a CPU loader several times a plain
+crop), processes per node (8 loaders share a node's cores, one does not) and the machine (GPU model and
+count, CPU model, usable cores). The corpus is the folder the file sits in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.augment import DEFAULT_POLICY
 from pipeline.constants import HW_DECODER_LOAD
 from shards.cpus import cpu_model, usable_cpus
 from shards.schema import load_manifest
@@ -44,11 +46,12 @@ def machine_key() -> dict[str, Any]:
 
 
 def match_key(*, arch: str, batch_size: int, image_size: int, precision: str, compile: bool, backend: str,
-              processes_per_node: int, machine: dict[str, Any]) -> dict[str, Any]:
-    """The fields an entry must share with a run to apply to it (batch_size: per process)."""
+              processes_per_node: int, machine: dict[str, Any], augment: str = DEFAULT_POLICY) -> dict[str, Any]:
+    """The fields an entry must share with a run to apply to it (batch_size: per process; augment: the policy's
+    `AugmentPolicy.spec`, e.g. "randaugment(n=2,m=9)+random_erasing(0.25)")."""
     return {"arch": arch, "batch_size": batch_size, "image_size": image_size, "precision": precision,
-            "compile": bool(compile), "backend": backend, "processes_per_node": processes_per_node,
-            "machine": machine}
+            "compile": bool(compile), "backend": backend, "augment": augment,
+            "processes_per_node": processes_per_node, "machine": machine}
 
 
 def processes_per_node() -> int:
@@ -59,7 +62,8 @@ def processes_per_node() -> int:
 def run_key(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
     return match_key(arch=cfg.arch, batch_size=cfg.per_process_batch(world_size), image_size=cfg.image_size,
                      precision=cfg.precision, compile=cfg.compile, backend=cfg.backend,
-                     processes_per_node=processes_per_node(), machine=machine_key())
+                     processes_per_node=processes_per_node(), machine=machine_key(),
+                     augment=cfg.augment_policy().spec)
 
 
 def tune_path(cfg: TrainConfig) -> Path:
@@ -134,7 +138,8 @@ def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Calla
         cfg, chosen = apply_entry(cfg, entry)
         say(f"loader 'auto': {chosen}; from {path}, tuned {entry.get('tuned_at', '?')}")
         return cfg
-    wanted = (f"{cfg.arch} batch {key['batch_size']} {cfg.image_size}px {cfg.precision} {cfg.backend}, "
+    wanted = (f"{cfg.arch} batch {key['batch_size']} {cfg.image_size}px {cfg.precision} {cfg.backend} "
+              f"--augment {key['augment']}, "
               f"{key['processes_per_node']} process(es) per node on this machine")
     if run_tune is None:
         raise ConfigError(f"--num-threads/--hw-decoder-load auto: no entry of {path} matches {wanted}; run "

@@ -62,6 +62,10 @@ def run_tune(
     precision: str,
     compile: bool = False,
     split: str = "train",
+    augment: str = "rrc-flip",
+    randaugment_n: int | None = None,
+    randaugment_m: int | None = None,
+    random_erasing: float = 0.0,
     timing: Timing,
     max_threads: int | None = None,
     max_trials: int = DEFAULT_MAX_TRIALS,
@@ -70,20 +74,27 @@ def run_tune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Measure the ceiling, search the loader knobs, measure the ceiling again; returns the tune.json entry.
-    max_threads: the most loader threads per GPU to try (default: CPU cores per GPU)."""
+    max_threads: the most loader threads per GPU to try (default: CPU cores per GPU). augment and its knobs:
+    the training run's augmentation policy (pipeline.augment), which the loader setting must afford."""
+    from pipeline.augment import make_policy
     from tools.profiler.corpus import describe_corpus, describe_machine
     from tools.profiler.node import ranks_of
+    from tools.profiler.sweep import augment_keywords
     from training.tuning import machine_key, match_key, processes_per_node
 
     ranks = ranks_of(info)
     say = print if progress and ranks.rank == 0 else (lambda *_, **__: None)
+    augment_options = augment_keywords(randaugment_n=randaugment_n, randaugment_m=randaugment_m,
+                                       random_erasing=random_erasing)
+    policy = make_policy(augment=augment, **augment_options)
     corpus = describe_corpus(shards_dir, split)
-    session = Session(ranks, Workload(shards_dir, split, arch, corpus["num_classes"]), info.device, timing,
-                      GpuMonitor(info.device))
+    session = Session(ranks, Workload(shards_dir, split, arch, corpus["num_classes"], augment_options), info.device,
+                      timing, GpuMonitor(info.device))
     model = ProfileConfig("model", "synthetic", batch_size, image_size, precision=precision, compile=compile)
-    split = cpu_split(info.device)  # on the CPU: the model's threads, the cores the loader leaves
+    model_threads = cpu_split(info.device)  # on the CPU: the model's threads, the cores the loader leaves
     # on the CPU the ceiling is the faster of the model on the whole share and beside one loader thread
-    models = [replace(model, model_threads=n) for n in sorted({split(0), split(1)}, reverse=True)] if split else [model]
+    models = ([replace(model, model_threads=n) for n in sorted({model_threads(0), model_threads(1)}, reverse=True)]
+              if model_threads else [model])
 
     def ceiling() -> float:
         rows = [session.row(m, [session.measure(m)]) for m in models]
@@ -97,7 +108,9 @@ def run_tune(
 
     def measure(setting: Setting) -> tuple[float | None, str | None, list[str]]:
         config = ProfileConfig("e2e", backend, batch_size, image_size, setting.threads, setting.hw_decoder_load,
-                               precision, compile, setting.prefetch, split(setting.threads) if split else None)
+                               precision, compile, setting.prefetch,
+                               model_threads(setting.threads) if model_threads else None,
+                               augment)
         row = session.row(config, [session.measure(config)])
         figure = f"{row.images_per_sec_per_gpu:.0f} img/s/GPU" if row.ok else row.error
         say(f"tune: {config.label()}: {figure}", file=sys.stderr)
@@ -126,7 +139,7 @@ def run_tune(
                      "that trial")
     match = match_key(arch=arch, batch_size=batch_size, image_size=image_size, precision=precision,
                       compile=compile, backend=backend, processes_per_node=processes_per_node(),
-                      machine=machine_key())
+                      machine=machine_key(), augment=policy.spec)
     budget = {"max_trials": max_trials, "time_budget_s": time_budget, "max_threads": max_threads,
               "trial_duration_s": timing.duration, "trial_steps": timing.steps,
               "search_seconds": sum(t.seconds for t in result.trials)}
@@ -158,6 +171,8 @@ def short_tune(cfg: Any) -> dict[str, Any]:
     info = dist.init()  # train() started it: the tune runs on every rank of the job
     entry = run_tune(cfg.data, info=info, backend=cfg.backend, arch=cfg.arch,
                  batch_size=cfg.per_process_batch(info.world_size), image_size=cfg.image_size,
-                 precision=cfg.precision, compile=cfg.compile, split=cfg.train_split, **SHORT_TUNE)
+                 precision=cfg.precision, compile=cfg.compile, split=cfg.train_split, augment=cfg.augment,
+                 randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m, random_erasing=cfg.random_erasing,
+                 **SHORT_TUNE)
     entry["match"] = run_key(cfg, world_size=info.world_size)
     return entry

@@ -4,9 +4,9 @@ Each axis multiplies only the configurations it changes (`AXES`): threads and pr
 backends, `hw_decoder_load` dali-gpu only, precision and compile the training step (model and e2e modes).
 The number of configurations is the product of the axes that matter, not of all of them.
 
-A new loader axis (an augmentation policy, say) is one field in `ProfileConfig` and `Sweep`, one line in
-`AXES` (`"augments": ("augment", lambda mode, backend: backend in DATA_BACKENDS)`), one in `label()`, one
-keyword where `tools/profiler/run.py` builds the loader, and one comma-list flag in tools/profile_cmd.py.
+A new loader axis is one field in `ProfileConfig` and `Sweep`, one line in `AXES`, one in `label()`, one
+keyword where `tools/profiler/run.py` builds the loader, and one comma-list flag in tools/profile_cmd.py; the
+augmentation policy (`--augment rrc-flip,randaugment`) was added that way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from training.config import PRECISIONS  # light: pulls in neither torch nor DALI
+from pipeline.augment import POLICIES  # light: pulls in neither torch nor DALI
+from training.config import PRECISIONS
 
 MODES: tuple[str, ...] = ("loader", "model", "e2e")
 TRAINING_MODES: tuple[str, ...] = ("model", "e2e")
@@ -37,6 +38,7 @@ class ProfileConfig:
     compile: bool | None = None  # training modes only
     prefetch: int | None = None  # batches prefetched (DALI queue depth, per-worker for pytorch); None: default
     model_threads: int | None = None  # model on the CPU only: its intra-op threads (`with_cpu_model_threads`)
+    augment: str | None = None  # data backends: the augmentation policy (pipeline.augment); None: the default
 
     def label(self) -> str:
         """Short human label of the swept axes, e.g. `dali-gpu t8 hw0.65 bs256 224px bf16 compile`."""
@@ -47,6 +49,8 @@ class ProfileConfig:
             parts.append(f"hw{self.hw_decoder_load:g}")
         if self.prefetch is not None:
             parts.append(f"pf{self.prefetch}")
+        if self.augment is not None:
+            parts.append(self.augment)
         parts += [f"bs{self.batch_size}", f"{self.image_size}px"]
         if self.precision is not None:
             parts.append(self.precision)
@@ -74,6 +78,7 @@ class Sweep:
     precisions: tuple[str, ...]
     compile_modes: tuple[bool, ...]
     prefetch_depths: tuple[int | None, ...] = (None,)
+    augments: tuple[str | None, ...] = (None,)
 
 
 #: Sweep field -> (ProfileConfig field, does this axis change the (mode, backend) configuration?)
@@ -81,6 +86,7 @@ AXES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
     "threads": ("threads", lambda mode, backend: backend in DATA_BACKENDS),
     "hw_decoder_loads": ("hw_decoder_load", lambda mode, backend: backend == "dali-gpu"),
     "prefetch_depths": ("prefetch", lambda mode, backend: backend in DATA_BACKENDS),
+    "augments": ("augment", lambda mode, backend: backend in DATA_BACKENDS),
     "precisions": ("precision", lambda mode, backend: mode in TRAINING_MODES),
     "compile_modes": ("compile", lambda mode, backend: mode in TRAINING_MODES),
 }
@@ -142,6 +148,8 @@ def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warm
          f"--hw-decoder-load: fractions in [0, 1], got {list(s.hw_decoder_loads)}")
     need(bool(s.prefetch_depths) and all(p is None or (isinstance(p, int) and p >= 1) for p in s.prefetch_depths),
          f"--prefetch: integers >= 1 (batches), got {list(s.prefetch_depths)}")
+    need(bool(s.augments) and all(a is None or a in POLICIES for a in s.augments),
+         f"--augment: choose from {', '.join(POLICIES)}, got {list(s.augments)}")
     need(bool(s.precisions) and set(s.precisions) <= set(PRECISIONS),
          f"--precision: choose from {', '.join(PRECISIONS)}, got {list(s.precisions)}")
     need(steps is None or duration is None, "give --steps or --duration, not both")

@@ -47,8 +47,9 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
     """Fill vs_ceiling, vs_pytorch and threads_needed (in place), then flag the unstable rows."""
     def same_axes(a: ProfileRow, b: ProfileRow) -> bool:
         ca, cb = a.config, b.config
-        return (ca.mode, ca.batch_size, ca.image_size, ca.threads, ca.prefetch, ca.precision, ca.compile) == (
-            cb.mode, cb.batch_size, cb.image_size, cb.threads, cb.prefetch, cb.precision, cb.compile)
+        return (ca.mode, ca.batch_size, ca.image_size, ca.threads, ca.prefetch, ca.augment, ca.precision,
+                ca.compile) == (cb.mode, cb.batch_size, cb.image_size, cb.threads, cb.prefetch, cb.augment,
+                                cb.precision, cb.compile)
 
     ceilings = ceiling_rows(rows)
     baselines = [r for r in rows if r.ok and r.config.backend == BASELINE_BACKEND]

@@ -49,9 +49,11 @@ class Report:
     def table_markdown(self) -> str:
         """The side-by-side table: one line per configuration, `n/a` where a figure cannot be measured."""
         prefetch = any(row.config.prefetch is not None for row in self.rows)
+        augment = any(row.config.augment is not None for row in self.rows)
         cpu_model = any(row.config.model_threads is not None for row in self.rows)
         node = self.ranks > 1
-        head = ["mode", "backend", "threads", "hw_load", *(["prefetch"] if prefetch else []), "batch", "px",
+        head = ["mode", "backend", "threads", "hw_load", *(["prefetch"] if prefetch else []),
+                *(["augment"] if augment else []), "batch", "px",
                 "precision", "compile", *(["model threads"] if cpu_model else []), "img/s/GPU", "min-max",
                 *(["total", "alone", "scaling"] if node else []),
                 "step ms", "data wait", "CPU cores", "GPU util", "GPU mem GiB", "vs ceiling", "vs pytorch",
@@ -60,7 +62,8 @@ class Report:
         for row in self.rows:
             c = row.config
             cells = [c.mode, c.backend, _axis(c.threads), _axis(c.hw_decoder_load),
-                     *([_axis(c.prefetch)] if prefetch else []), str(c.batch_size), str(c.image_size),
+                     *([_axis(c.prefetch)] if prefetch else []), *([_axis(c.augment)] if augment else []),
+                     str(c.batch_size), str(c.image_size),
                      _axis(c.precision), _axis(None if c.compile is None else ("on" if c.compile else "off")),
                      *([_axis(c.model_threads)] if cpu_model else [])]
             if not row.ok:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tools.profiler.gpu import GpuMonitor
@@ -27,6 +27,8 @@ class Workload:
     split: str
     arch: str
     num_classes: int  # the corpus's, so the ceiling trains the same head as e2e
+    #: randaugment_n, randaugment_m, random_erasing for rows with an augmentation policy (build_loader's keywords)
+    augment_options: dict = field(default_factory=dict)
 
 
 def run_config(
@@ -97,6 +99,8 @@ def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:
                                backend="synthetic", num_classes=workload.num_classes,
                                num_samples=config.batch_size * 10_000 * _world_size())
     options = loader_options(config.backend, hw_decoder_load=config.hw_decoder_load, prefetch_depth=config.prefetch)
+    if config.augment is not None:
+        options.update(augment=config.augment, **workload.augment_options)
     return pipeline_loader(workload.shards_dir, workload.split, train=True, batch_size=config.batch_size,
                            image_size=config.image_size, backend=config.backend, num_threads=config.threads or 1,
                            **options)

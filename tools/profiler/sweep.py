@@ -145,6 +145,10 @@ def run_profile(
     threads: Sequence[int] | None = None,
     hw_decoder_loads: Sequence[float] = (HW_DECODER_LOAD,),
     prefetch_depths: Sequence[int | None] = (None,),
+    augments: Sequence[str | None] = (None,),
+    randaugment_n: int | None = None,
+    randaugment_m: int | None = None,
+    random_erasing: float = 0.0,
     precisions: Sequence[str] = ("bf16",),
     compile_modes: Sequence[bool] = (False,),
     arch: str = "resnet50",
@@ -160,7 +164,8 @@ def run_profile(
     threads: CPU threads (DALI) / worker processes (pytorch) to sweep; None is `default_threads()`.
     steps / duration: timed work per configuration, in steps or seconds (split over `windows` windows);
     neither means DEFAULT_DURATION seconds. warmup: untimed steps at least; max_warmup: seconds the
-    steady-step-time check may add (0: off)."""
+    steady-step-time check may add (0: off). augments: augmentation policies to sweep for the data backends
+    (None: the loader's default); randaugment_n/m and random_erasing apply to every row with a policy."""
     ranks = ranks_of(info)
     main = ranks.rank == 0
     notes: list[str] = []
@@ -173,8 +178,13 @@ def run_profile(
     threads = (default_threads(ranks),) if threads is None else tuple(threads)
     if steps is None and duration is None:
         duration = DEFAULT_DURATION
+    augment_options = augment_keywords(randaugment_n=randaugment_n, randaugment_m=randaugment_m,
+                                       random_erasing=random_erasing)
+    if tuple(augments) == (None,) and augment_options:  # --random-erasing alone: on top of the default policy
+        augments = ("rrc-flip",)
     sweep = Sweep(tuple(modes), tuple(backends), tuple(batch_sizes), tuple(image_sizes), tuple(threads),
-                  tuple(hw_decoder_loads), tuple(precisions), tuple(compile_modes), tuple(prefetch_depths))
+                  tuple(hw_decoder_loads), tuple(precisions), tuple(compile_modes), tuple(prefetch_depths),
+                  tuple(augments))
     check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows)
     if max_warmup < 0:
         raise ValueError(f"--max-warmup: seconds >= 0, got {max_warmup}")
@@ -194,7 +204,8 @@ def run_profile(
     model_threads = cpu_split(info.device)
     if model_threads is not None:
         configs = with_cpu_model_threads(configs, model_threads)
-    session = Session(ranks, Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000), info.device,
+    workload = Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000, augment_options)
+    session = Session(ranks, workload, info.device,
                       Timing(steps, duration, windows, warmup, max_warmup), GpuMonitor(info.device))
     passes: dict[ProfileConfig, list] = {}
     units = schedule(configs)
@@ -206,13 +217,29 @@ def run_profile(
     rows = [session.row(config, passes[config]) for config in configs]
     add_ratios(rows)
     notes += run_notes(info.device, ranks, session.monitor)
+    if augment_options:
+        notes.append("every row with an augment policy also has " + ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in augment_options.items()))
     settings = {"shards_dir": str(shards_dir), "split": split, "arch": arch, "device": str(info.device),
-                **sweep_dict(sweep), "steps": steps, "duration": duration, "warmup": warmup, "windows": windows,
+                **sweep_dict(sweep), **augment_options, "steps": steps, "duration": duration, "warmup": warmup,
+                "windows": windows,
                 "max_warmup": max_warmup, "ranks": ranks.world_size, "configurations": len(configs)}
     report = Report(corpus=corpus, machine=machine, settings=settings, rows=rows, notes=notes)
     if out_dir is not None and main:
         report.write(out_dir)
     return report
+
+
+def augment_keywords(*, randaugment_n: int | None = None, randaugment_m: int | None = None,
+                     random_erasing: float = 0.0) -> dict[str, Any]:
+    """build_loader's augmentation knobs that differ from their defaults, checked (pipeline.augment names the
+    keyword of a bad one)."""
+    from pipeline.augment import make_policy
+
+    given = {"randaugment_n": randaugment_n, "randaugment_m": randaugment_m, "random_erasing": random_erasing or None}
+    options = {k: v for k, v in given.items() if v is not None}
+    make_policy(**options)
+    return options
 
 
 def run_notes(device: Any, ranks: Any, monitor: GpuMonitor) -> list[str]:
