@@ -1,0 +1,249 @@
+"""The H100 check in one call: corpus -> shards -> `pytest -m gpu` -> loader sweep -> ceiling and end-to-end ->
+augmentation policies -> object storage, every report under one folder, a summary of the goals last.
+
+    python3 -m tools.gpu_check $OUT                       # on the GPU machine, repo root, DALI importable
+    python3 -m tools.gpu_check $OUT --stages e2e,augment  # a later call while the machine is warm
+    python3 -m tools.gpu_check out --cpu-dry-run          # here: the same stages on dali-cpu, tiny, to test it
+
+Stages run in order of importance (a call cut at its time limit keeps what finished; each stage writes its
+own report under OUT/<stage>/ and its log to OUT/<stage>.log): `corpus` (`saturate synth`, ImageNet-shaped,
+~110 KB at ~400x350), `convert`, `tests` (`pytest -m gpu`), `loader` (dali-gpu at 2/4/8/16 threads x
+hw_decoder_load 0/0.65/1, then dali-gpu, dali-cpu and pytorch at 16 in one run for the ratio), `e2e`
+(ResNet-50 bf16 channels_last: the synthetic ceiling eager and compiled, dali-gpu at 4 threads and pytorch at 16
+end to end), `augment` (every policy, loader alone, dali-gpu and pytorch), `s3` (loader rows from a local S3
+server, when the machine has the client and server packages). The corpus and shards live in --work (default
+/tmp/gpu-check), which survives between calls while the machine stays warm, so a later call skips them.
+OUT/summary.md holds each stage's status and time and the issue's goals against the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("corpus", "convert", "tests", "loader", "e2e", "augment", "s3")
+#: The performance goals of the H100 issue (images/s per GPU, 224 px, batch 256).
+GOALS = {
+    "loader_16_threads": 30_000,
+    "loader_vs_pytorch": 5.0,
+    "loader_2_threads": 6_000,
+    "ceiling_compiled": 6_000,
+    "e2e_of_ceiling": 0.98,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and backends of one check: the real one, or a tiny CPU dry run of the same stages."""
+
+    gpu_backend: str
+    classes: int
+    train_per_class: int
+    val_per_class: int
+    batch: int
+    image_size: int
+    arch: str
+    precision: str
+    threads: tuple[int, ...]
+    many_threads: int  # the "16 threads" of the issue
+    few_threads: int  # the "<= 4 threads" of the end-to-end goal
+    hw_loads: tuple[float, ...]
+    duration: float  # timed seconds per configuration
+    compile_modes: str
+
+    @staticmethod
+    def for_machine(cpu_dry_run: bool) -> Plan:
+        if cpu_dry_run:
+            return Plan("dali-cpu", 4, 24, 4, 16, 64, "resnet18", "fp32", (1, 2), 2, 1, (0.65,), 0.5, "off")
+        return Plan("dali-gpu", 100, 200, 10, 256, 224, "resnet50", "bf16", (2, 4, 8, 16), 16, 4, (0.0, 0.65, 1.0),
+                    4.0, "off,on")
+
+
+def cli(*args: str) -> list[str]:
+    """The `saturate` command line of this checkout (the GPU machine has no installed entry point)."""
+    return [sys.executable, "-m", "tools.cli", *args]
+
+
+def profile_args(plan: Plan, shards: Path, out: Path, *extra: str) -> list[str]:
+    return cli("profile", str(shards), "--out", str(out), "--batch-size", str(plan.batch), "--image-size",
+               str(plan.image_size), "--arch", plan.arch, "--precision", plan.precision, "--duration",
+               str(plan.duration), "--windows", "2" if plan.duration < 2 else "4", "--warmup", "3",
+               "--max-warmup", str(4 * plan.duration), "--no-progress", *extra)
+
+
+def stage_commands(stage: str, plan: Plan, *, work: Path, out: Path) -> list[list[str]]:
+    """The commands of one stage (run in order; the stage fails at the first that fails)."""
+    corpus, shards = work / "imagenet", work / "shards"
+    few, many = str(plan.few_threads), str(plan.many_threads)
+    if stage == "corpus":
+        return [cli("synth", str(corpus), "--classes", str(plan.classes), "--train-per-class",
+                    str(plan.train_per_class), "--val-per-class", str(plan.val_per_class), "--seed", "0",
+                    "--overwrite", "--no-progress")]
+    if stage == "convert":
+        # --check header when simplejpeg is missing (a machine assembled by hand): the corpus is our own
+        check = [] if _importable("simplejpeg") else ["--check", "header"]
+        return [cli("shards", "convert", str(corpus / split), str(shards), "--split", split, "--shard-size",
+                    "128MB", "--no-progress", *check) for split in ("train", "val")]
+    if stage == "tests":
+        return [[sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
+                 "--junitxml", str(out / "tests" / "junit.xml")]]
+    if stage == "loader":
+        threads = ",".join(map(str, plan.threads))
+        loads = ",".join(f"{x:g}" for x in plan.hw_loads)
+        return [
+            profile_args(plan, shards, out / "loader" / "sweep", "--modes", "loader", "--backends",
+                         plan.gpu_backend, "--threads", threads, "--hw-decoder-load", loads),
+            profile_args(plan, shards, out / "loader" / "vs-pytorch", "--modes", "loader", "--backends",
+                         f"{plan.gpu_backend},dali-cpu,pytorch", "--threads", many),
+        ]
+    if stage == "e2e":
+        return [
+            profile_args(plan, shards, out / "e2e" / "dali", "--modes", "model,e2e", "--backends", plan.gpu_backend,
+                         "--threads", few, "--compile", plan.compile_modes),
+            profile_args(plan, shards, out / "e2e" / "pytorch", "--modes", "model,e2e", "--backends", "pytorch",
+                         "--threads", many, "--compile", plan.compile_modes.split(",")[-1]),
+        ]
+    if stage == "augment":
+        return [profile_args(plan, shards, out / "augment", "--modes", "loader", "--backends",
+                             f"{plan.gpu_backend},pytorch", "--threads", many, "--augment",
+                             "rrc-flip,autoaugment,randaugment,trivialaugment")]
+    if stage == "s3":
+        return [[sys.executable, "-m", "tools.gpu_check_s3", str(shards), str(out / "s3"), "--backends",
+                 f"{plan.gpu_backend},pytorch", "--threads", many, "--batch-size", str(plan.batch),
+                 "--image-size", str(plan.image_size), "--duration", str(plan.duration)]]
+    raise ValueError(f"--stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def done_already(stage: str, work: Path) -> bool:
+    """The corpus and the shards survive between calls in --work: a later call does not make them again."""
+    if stage == "corpus":
+        return (work / "imagenet" / "synth.json").is_file()
+    if stage == "convert":
+        return all((work / "shards" / f"{s}.manifest.json").is_file() for s in ("train", "val"))
+    return False
+
+
+def run_stage(stage: str, plan: Plan, *, work: Path, out: Path, timeout: float) -> dict:
+    """Run one stage's commands with a time limit, output to OUT/<stage>.log; returns its status record."""
+    if done_already(stage, work):
+        return {"stage": stage, "status": "kept", "seconds": 0.0}
+    if stage == "s3" and not (_importable("boto3") and _importable("moto")):
+        return {"stage": stage, "status": "skipped: boto3/moto not on this machine", "seconds": 0.0}
+    (out / stage).mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    status = "ok"
+    with open(out / f"{stage}.log", "w") as log:
+        for command in stage_commands(stage, plan, work=work, out=out):
+            left = timeout - (time.monotonic() - start)
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+            try:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=max(left, 1)).returncode
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {timeout:.0f} s"
+                break
+            if code != 0:
+                status = f"failed (exit {code}, see {stage}.log)"
+                break
+    return {"stage": stage, "status": status, "seconds": time.monotonic() - start}
+
+
+def rows(report: Path) -> list[dict]:
+    return json.loads(report.read_text())["rows"] if report.is_file() else []
+
+
+def goals(out: Path, plan: Plan) -> list[tuple[str, str, str]]:
+    """(goal, target, measured) for each of the issue's goals that the reports hold figures for."""
+    found: list[tuple[str, str, str]] = []
+
+    def figure(rows_: list[dict], **match) -> dict | None:
+        return next((r for r in rows_ if r.get("error") is None and all(r.get(k) == v for k, v in match.items())),
+                    None)
+
+    def text(row: dict | None, key: str, spec: str) -> str:
+        if row is None or row.get(key) is None:
+            return "not measured"
+        value = spec.format(row[key])
+        return f"({value}, unstable)" if row.get("unstable") else value
+
+    gpu = plan.gpu_backend
+    sweep, versus = rows(out / "loader" / "sweep" / "report.json"), rows(out / "loader" / "vs-pytorch" / "report.json")
+    best = max((r for r in sweep if r.get("error") is None and r.get("threads") == plan.many_threads),
+               key=lambda r: r["images_per_sec_per_gpu"], default=None)
+    found.append((f"{gpu} loader, {plan.many_threads} threads", f">= {GOALS['loader_16_threads']:,} img/s",
+                  text(best, "images_per_sec_per_gpu", "{:,.0f} img/s")))
+    found.append((f"{gpu} loader vs pytorch, same run", f">= {GOALS['loader_vs_pytorch']:g}x",
+                  text(figure(versus, backend=gpu), "vs_pytorch", "{:.2f}x")))
+    two = max((r for r in sweep if r.get("error") is None and r.get("threads") == min(plan.threads)),
+              key=lambda r: r["images_per_sec_per_gpu"], default=None)
+    found.append((f"{gpu} loader, {min(plan.threads)} threads", f">= {GOALS['loader_2_threads']:,} img/s",
+                  text(two, "images_per_sec_per_gpu", "{:,.0f} img/s")))
+    e2e = rows(out / "e2e" / "dali" / "report.json")
+    compiled = plan.compile_modes.endswith("on")
+    found.append((f"{plan.arch} ceiling{' compiled' if compiled else ''}", f">= {GOALS['ceiling_compiled']:,} img/s",
+                  text(figure(e2e, mode="model", compile=compiled), "images_per_sec_per_gpu", "{:,.0f} img/s")))
+    found.append((f"{gpu} end to end at {plan.few_threads} threads / ceiling", f">= {GOALS['e2e_of_ceiling']:g}",
+                  text(figure(e2e, mode="e2e", compile=compiled), "vs_ceiling", "{:.3f}")))
+    return found
+
+
+def summary(out: Path, plan: Plan, stages: list[dict]) -> str:
+    lines = ["# GPU check", "", "| stage | status | s |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} |" for s in stages]
+    lines += ["", "| goal | target | measured |", "|---|---|---|"]
+    lines += [f"| {goal} | {target} | {measured} |" for goal, target, measured in goals(out, plan)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m tools.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="folder for every report, log and summary.md (the device tool's $OUT)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list, in order (default: all: "
+                        f"{','.join(STAGES)})")
+    parser.add_argument("--work", default="/tmp/gpu-check", help="corpus and shards (kept for later calls)")
+    parser.add_argument("--budget", type=float, default=570.0, help="seconds for all stages (default 570)")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes and dali-cpu: test the plumbing")
+    parser.add_argument("--fresh", action="store_true", help="make the corpus and shards again")
+    args = parser.parse_args(argv)
+    plan = Plan.for_machine(args.cpu_dry_run)
+    out, work = Path(args.out), Path(args.work)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        print(f"gpu_check: error: --stages: unknown {unknown}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget
+    records = []
+    for stage in stages:
+        left = deadline - time.monotonic()
+        if left < 5:
+            records.append({"stage": stage, "status": "not run: the budget was spent", "seconds": 0.0})
+            continue
+        records.append(run_stage(stage, plan, work=work, out=out, timeout=left))
+        print(f"gpu_check: {stage}: {records[-1]['status']} ({records[-1]['seconds']:.0f} s)", flush=True)
+        (out / "summary.md").write_text(summary(out, plan, records))  # written after each stage: a cut call keeps it
+    text = summary(out, plan, records)
+    (out / "summary.md").write_text(text)
+    print(text)
+    return 0 if all(r["status"] in ("ok", "kept") or r["status"].startswith("skipped") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
