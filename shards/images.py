@@ -161,7 +161,8 @@ def prepare_image(
             if check == "header" or (problem := _strict_check(data)) is None:
                 return data, None
             # the TurboJPEG API cannot read it: Pillow decides below, and re-encodes what it can read
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (a warning above, an error above twice this)
+    previous = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb check reads this global: set it for this open only
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -174,6 +175,8 @@ def prepare_image(
         kind = "JPEG" if data[:2] == b"\xff\xd8" else "image"
         reason = "truncated" if "runcated" in str(err) else "unreadable header of"
         raise RejectedImage(f"{reason} {kind} ({err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     _check_pixels(*img.size, max_pixels)
 
     reasons = []
@@ -186,10 +189,12 @@ def prepare_image(
     if max_size is not None and max(img.size) > max_size:
         reasons.append(f"longer side {max(img.size)} > {max_size}")
 
-    if not reasons and img.format == "JPEG" and check == "decode":
-        if problem is None:  # not a plain RGB JPEG by its header (e.g. padding after the end marker): check now
-            problem = _strict_check(data)
-        if problem is not None:
+    if img.format == "JPEG" and check == "decode":
+        # Every JPEG source, also one that is converted (grayscale, CMYK, rotated, shrunk): Pillow would decode
+        # damaged data with only a warning and the re-encoded JPEG would carry the damage as clean pixels.
+        if problem is None:  # not checked yet (the header said not plain RGB, or too large for --max-size)
+            problem = _strict_check(data)  # raises RejectedImage for corrupt data
+        if problem is not None and not reasons:
             reasons.append(f"JPEG the TurboJPEG API cannot read ({problem})")
     if not reasons:
         if check == "decode" or not _ends_with_eoi(data):

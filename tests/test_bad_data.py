@@ -296,3 +296,23 @@ def test_verify_counts_only_samples_it_read(tiny_shards, tmp_path, capsys):
 def test_manifest_lists_per_class_counts(tiny_shards):
     manifest = json.loads((tiny_shards / "train.manifest.json").read_text())
     assert [c["num_samples"] for c in manifest["classes"]] == [12] * 5
+
+
+@pytest.mark.parametrize("mode, save", [("L", {}), ("CMYK", {}), ("RGB", {"exif": b"rotate"}), ("RGB", {"big": 1})])
+def test_corrupt_data_is_rejected_also_when_the_image_would_be_converted(mode, save):
+    """Grayscale, CMYK, EXIF-rotated and --max-size images are re-encoded: damaged data must be caught before,
+    or the clean re-encoded JPEG would carry the damage (and `verify --decode` could never see it)."""
+    pixels = np.random.default_rng(7).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    options = {}
+    if save.get("exif"):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        options["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, format="JPEG", quality=90, **options)
+    good, damaged = out.getvalue(), corrupt_scan(out.getvalue())
+    max_size = 64 if save.get("big") else None
+    _, reason = prepare_image(good, max_size=max_size)
+    assert reason  # the premise: this image is converted, not passed through
+    with pytest.raises(RejectedImage, match=r"^corrupt JPEG data \("):
+        prepare_image(damaged, max_size=max_size)

@@ -208,3 +208,62 @@ def test_rng_state_holds_one_cuda_state_per_rank_and_reads_old_lists():
     torch.rand(3)
     set_rng_state(old_format)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_evaluation_a_stop_signal_postponed_runs_first_on_resume(tiny_shards, tmp_path, monkeypatch):
+    """A SIGTERM that lands on an epoch's last step: the checkpoint says the epoch's evaluation is owed, and the
+    resumed run runs it before training on (it used to be lost: metrics and best.pt skipped that epoch)."""
+    from test_train_loop import tiny_config
+
+    from training.preempt import Preempted
+    from training.train import train
+    from training.trainer import Trainer
+
+    whole = train(tiny_config(tiny_shards, tmp_path / "whole", epochs=2))
+    real_log_window = Trainer.log_window
+
+    def signal_at_the_epoch_end(self, *args, **kwargs):
+        if self.step == self.steps_per_epoch:  # the last step of epoch 0: SIGTERM arrives now
+            self.stop.signum = signal.SIGTERM
+        return real_log_window(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "log_window", signal_at_the_epoch_end)
+    with pytest.raises(Preempted):
+        train(tiny_config(tiny_shards, tmp_path / "run", epochs=2))
+    monkeypatch.setattr(Trainer, "log_window", real_log_window)
+    stopped = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["pending_eval"]) == (1, 0, 1)
+    resumed = train(tiny_config(tiny_shards, tmp_path / "run", epochs=2, resume="auto"))
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    reference = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "eval"]
+    assert [(e["epoch"], e["correct1"]) for e in evals] == [(e["epoch"], e["correct1"]) for e in reference]
+    assert resumed["best_top1"] == whole["best_top1"]
+
+
+def test_a_fresh_run_into_a_run_dir_with_checkpoints_is_refused(tiny_shards, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_shards), "--backend", "dali-cpu", "--precision", "fp32", "--arch", "resnet18",
+            "--image-size", "32", "--batch-size", "8", "--num-threads", "1", "--max-steps", "2", "--no-progress",
+            "--run-dir", str(tmp_path / "run")]
+    assert cli(argv) == 0
+    assert cli(argv) == 2  # would rotate its checkpoints behind the old run's; --resume auto would pick the old run
+    assert "holds checkpoints of an earlier run (newest step-00000002.pt); pass --resume auto" in capsys.readouterr().err
+    assert cli([*argv, "--num-classes", "3", "--run-dir", str(tmp_path / "other")]) == 2
+    assert "--num-classes: 3, but the shards have 5 classes" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_drops_the_metrics_a_kill_left_after_the_checkpoint(tiny_shards, tmp_path):
+    from test_train_loop import tiny_config
+
+    from training.train import train
+
+    train(tiny_config(tiny_shards, tmp_path / "run", max_steps=4, log_every=1))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    ghost = {"kind": "train", "step": 5, "loss": 9.0}  # logged, then kill -9 before the next checkpoint
+    metrics.write_text(metrics.read_text() + json.dumps(ghost) + "\n")
+    train(tiny_config(tiny_shards, tmp_path / "run", max_steps=6, log_every=1, resume="auto"))
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -119,6 +119,14 @@ def test_progressive_resizing_follows_ffcv_ramp():
         ({"clip_grad_norm": 0}, "--clip-grad-norm: must be > 0, got 0.0"),
         ({"grad_accum_steps": 0}, "--grad-accum-steps: must be >= 1, got 0"),
         ({"lr_schedule": "poly"}, "--lr-schedule: must be one of cosine, linear, step"),
+        ({"image_size": 10**20}, "--image-size: is out of range"),
+        ({"image_size": 9000}, "--image-size: must be <= 8192 pixels"),
+        ({"num_threads": 5000}, "--num-threads: must be <= 1024"),
+        ({"base_lr": "inf"}, "--base-lr: must be a finite number, got inf"),
+        ({"weight_decay": "nan"}, "--weight-decay: must be a finite number"),
+        ({"seed": -3}, "--seed: must be in [0, 2**32), got -3"),
+        ({"start_ramp": -3}, "--start-ramp: must be >= 0, got -3"),
+        ({"lr_milestones": (0, 5)}, "--lr-milestones: must be epochs >= 1"),
     ],
 )
 def test_bad_values_name_their_flag(overrides, message):

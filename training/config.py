@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
 from shards.schema import SPLIT_PATTERN
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+MAX_IMAGE_SIZE = 8192  # pixels: a larger crop side is a typo, and would ask for terabytes of activations
+MAX_THREADS = 1024  # loader threads per process
 #: The value of a loader option (--num-threads, --hw-decoder-load) that a tune result decides.
 AUTO = "auto"
 LR_SCHEDULES = ("cosine", "linear", "step")
@@ -257,7 +260,22 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"{flag(name)}: {why}, got {getattr(c, name)!r}")
 
+    for f in dataclasses.fields(c):  # every number finite and of a size a machine can hold
+        values = getattr(c, f.name) if isinstance(getattr(c, f.name), tuple) else (getattr(c, f.name),)
+        for value in values:
+            if isinstance(value, float):
+                need(math.isfinite(value), f.name, "must be a finite number")
+            elif isinstance(value, int) and not isinstance(value, bool):
+                need(abs(value) < 2**62, f.name, "is out of range")
     need(c.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
+    need(0 <= c.seed < 2**32, "seed", "must be in [0, 2**32)")
+    need(c.image_size <= MAX_IMAGE_SIZE, "image_size", f"must be <= {MAX_IMAGE_SIZE} pixels")
+    need(c.val_image_size is None or c.val_image_size <= MAX_IMAGE_SIZE, "val_image_size",
+         f"must be <= {MAX_IMAGE_SIZE} pixels")
+    need(c.num_threads == AUTO or c.num_threads <= MAX_THREADS, "num_threads", f"must be <= {MAX_THREADS}")
+    need(c.start_ramp >= 0, "start_ramp", "must be >= 0")
+    need(c.end_ramp >= 0, "end_ramp", "must be >= 0")
+    need(all(m >= 1 for m in c.lr_milestones), "lr_milestones", "must be epochs >= 1")
     for name in ("train_split", "val_split"):
         need(SPLIT_PATTERN.match(getattr(c, name)) is not None, name, "must be letters, digits and '_'")
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")

@@ -88,6 +88,17 @@ class MetricsLog:
         except ImportError:  # tensorboard is not a dependency
             self.tensorboard = None
 
+    def drop_after(self, step: int) -> int:
+        """Remove the records of steps after `step` (a resume from a checkpoint at `step` logs them again: a
+        kill -9 after a log step left them behind); returns how many went."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

@@ -32,6 +32,12 @@ class ResumePoint:
 def load_checkpoint(cfg: TrainConfig, run_dir: Path, *, world_size: int, say: Callable[[str], None]) -> dict | None:
     """The checkpoint `--resume` names (or the newest one for `auto`), checked against `cfg`; None to start."""
     path = checkpoint.resolve(cfg.resume, run_dir)
+    if cfg.resume is None and not cfg.evaluate_only and checkpoint.list_checkpoints(run_dir):
+        # a fresh run would rotate its own early checkpoints away behind the old run's newer ones, and a later
+        # --resume auto would continue the old run
+        raise ConfigError(f"--run-dir: {run_dir} holds checkpoints of an earlier run (newest "
+                          f"{checkpoint.list_checkpoints(run_dir)[-1].name}); pass --resume auto to continue it, "
+                          "or another --run-dir")
     if path is None:
         if cfg.resume == "auto":
             if cfg.evaluate_only and cfg.pretrained is None:

@@ -94,6 +94,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temporaries(run_dir / checkpoint.CHECKPOINT_DIR):
                 say(f"removed {stale}, left by a checkpoint write that was killed")
+            if ckpt is not None and not cfg.evaluate_only:
+                dropped = log.drop_after(ckpt["step"])
+                if dropped:
+                    say(f"metrics.jsonl: dropped {dropped} record(s) after step {ckpt['step']}, logged again now")
             write_json(cfg.to_dict(), run_dir / "config.json")
             say(f"config ({info.world_size} process(es), {info.device.type}):\n{cfg.to_json()}")
         if trainer is None:

@@ -64,6 +64,10 @@ class Trainer:
                                         seed=self.train_loader_seed, state=point.loader_state)
         try:
             num_classes = cfg.num_classes or self.train_loader.num_classes
+            if num_classes < max(self.train_loader.num_classes, val_loader.num_classes):
+                raise ConfigError(f"--num-classes: {num_classes}, but the shards have "
+                                  f"{max(self.train_loader.num_classes, val_loader.num_classes)} classes (labels up to "
+                                  "that index); leave it out to take the manifest's")
             if cfg.num_classes is None and val_loader.num_classes != num_classes:
                 raise ConfigError(f"--data: {cfg.train_split} has {num_classes} classes but {cfg.val_split} has "
                                   f"{val_loader.num_classes}; convert both splits with the same class list")
@@ -112,6 +116,9 @@ class Trainer:
         self.is_best = False  # the last evaluation beat every earlier one: the next checkpoint is best.pt
         self.stop = StopRequest()
         self.stop_agreed = False  # every rank knows a stop signal arrived: save and exit
+        #: an evaluation that was due when a stop signal ended the run (fractional epoch); the resumed run runs it
+        #: first, with the same weights, so no epoch's result is lost to a preemption
+        self.pending_eval: float | None = ckpt.get("pending_eval") if ckpt else None
         if ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -143,14 +150,20 @@ class Trainer:
                      f"{self.accum} and are not trained on")
         with self.stop:
             try:
+                if self.pending_eval is not None:  # the evaluation a stop signal postponed
+                    self.run_eval(self.pending_eval)
+                    self.save()
                 while self.step < self.max_steps and self.epoch < cfg.epochs:
                     finished = self.train_epoch()
                     if finished:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     last = self.step >= self.max_steps or self.epoch >= cfg.epochs
-                    if not self.stop_agreed and (last or (finished and self.epoch % cfg.eval_every == 0)):
-                        self.run_eval(self.epoch if finished
-                                      else self.epoch + self.step_in_epoch / self.steps_per_epoch)
+                    if last or (finished and self.epoch % cfg.eval_every == 0):
+                        at = self.epoch if finished else self.epoch + self.step_in_epoch / self.steps_per_epoch
+                        if self.stop_agreed:  # no time for it now: the checkpoint says it is owed
+                            self.pending_eval = at
+                        else:
+                            self.run_eval(at)
                     path = self.save()
                     if self.stop_agreed:
                         raise Preempted(self.stop.signum or 15, str(path) if path else None, self.step)
@@ -261,6 +274,7 @@ class Trainer:
     def run_eval(self, epoch: float) -> dict:
         """The model on the whole val split, and its EMA when there is one (keys prefixed `ema_`); best.pt
         follows the model's top-1."""
+        self.pending_eval = None
         result = evaluate(self.raw_model, self.val_loader, device=self.device, precision=self.cfg.precision)
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.val_loader, device=self.device, precision=self.cfg.precision)
@@ -301,6 +315,7 @@ class Trainer:
                 "best": self.best,
                 "best_ema": self.best_ema,
                 "last_eval": self.last_eval,
+                "pending_eval": self.pending_eval,
                 "config": self.cfg.to_dict(),
             }
             path = checkpoint.save(state, self.run_dir, step=self.step, keep_last=self.cfg.keep_last,
