@@ -59,8 +59,12 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
     if tdist.is_available() and tdist.is_initialized():
         actual, source = (tdist.get_rank(), tdist.get_world_size()), "the initialised process group"
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        actual, source = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])), "$RANK/$WORLD_SIZE"
+    elif "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        env = {name: os.environ.get(name, "") for name in ("RANK", "WORLD_SIZE")}
+        if not all(value.isdigit() for value in env.values()):
+            raise ValueError(f"$RANK={env['RANK']!r} and $WORLD_SIZE={env['WORLD_SIZE']!r}: torchrun sets both to "
+                             "integers; unset them, or set both")
+        actual, source = (int(env["RANK"]), int(env["WORLD_SIZE"])), "$RANK/$WORLD_SIZE"
     else:
         actual, source = (0, 1), None
     if rank is None and world_size is None:

@@ -248,7 +248,8 @@ def test_a_fresh_run_into_a_run_dir_with_checkpoints_is_refused(tiny_shards, tmp
             "--run-dir", str(tmp_path / "run")]
     assert cli(argv) == 0
     assert cli(argv) == 2  # would rotate its checkpoints behind the old run's; --resume auto would pick the old run
-    assert "holds checkpoints of an earlier run (newest step-00000002.pt); pass --resume auto" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds checkpoints of an earlier run (newest step-00000002.pt); pass --resume auto" in err
     assert cli([*argv, "--num-classes", "3", "--run-dir", str(tmp_path / "other")]) == 2
     assert "--num-classes: 3, but the shards have 5 classes" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
@@ -267,3 +268,12 @@ def test_resume_drops_the_metrics_a_kill_left_after_the_checkpoint(tiny_shards, 
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("env", [{"RANK": "x", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "2"}])
+def test_a_half_or_garbled_torchrun_environment_is_named(tiny_shards, monkeypatch, env):
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"\$RANK=.* and \$WORLD_SIZE='2': torchrun sets both"):
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="dali-cpu")
