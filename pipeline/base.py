@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.schema import Manifest, ShardFormatError, check_split_name, load_manifest, shard_files
+from shards.store import open_store
 
 BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 #: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
@@ -92,10 +93,13 @@ def resolve_options(backend: str, given: dict[str, Any], defaults: dict[str, Any
     return {**defaults, **given}
 
 
-def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manifest, list[tuple[Path, Path]]]:
-    """The split's manifest and its (tar, idx) paths, every shard checked cheaply against its record (exists,
-    size, sample count: `shards.schema.shard_files`). A shard that does not match is a ShardReadError naming it:
-    training must never start on shards that are not the ones the manifest describes."""
+def open_split(
+    shards_dir: str | os.PathLike | None, split: str
+) -> tuple[Manifest, list[tuple[Path | str, Path | str]]]:
+    """The split's manifest and its (tar, idx) paths or URLs (`shards_dir` is a folder or a store URL such as
+    s3://bucket/prefix), every shard checked cheaply against its record (exists, size, sample count:
+    `shards.schema.shard_files`). A shard that does not match is a ShardReadError naming it: training must never
+    start on shards that are not the ones the manifest describes."""
     if shards_dir is None:
         raise ValueError("shards_dir is required for every backend but 'synthetic'")
     manifest = load_manifest(shards_dir, split)
@@ -104,7 +108,7 @@ def open_split(shards_dir: str | os.PathLike | None, split: str) -> tuple[Manife
     except ShardFormatError as err:
         raise ShardReadError(str(err)) from err
     if manifest.num_samples < 1:
-        raise ValueError(f"{Path(shards_dir)}: the {split} manifest lists no samples")
+        raise ValueError(f"{open_store(shards_dir)}: the {split} manifest lists no samples")
     return manifest, pairs
 
 
@@ -121,6 +125,7 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
     position in the batch): check the split's shards with `shards.verify.check_shard` (sizes, sha256,
     index, structure, a Pillow decode of every image) until one has a problem or `budget` seconds pass."""
     from shards.images import DEFAULT_MAX_PIXELS
+    from shards.store import StoreError
     from shards.verify import check_shard
 
     started = time.perf_counter()
@@ -131,7 +136,10 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
                 f"run `saturate shards verify {shards_dir} --decode` to check them all"
             )
         max_pixels = manifest.options.get("max_pixels", DEFAULT_MAX_PIXELS)
-        problems = check_shard(Path(shards_dir), record, manifest.num_classes, True, max_pixels=max_pixels).problems
+        try:
+            problems = check_shard(shards_dir, record, manifest.num_classes, True, max_pixels=max_pixels).problems
+        except StoreError as err:  # the store itself failed (gone, refusing): that is the diagnosis
+            return f"the shards could not be checked: {err}"
         if problems:
             return "damaged: " + "; ".join(problems[:5])
     return f"all {len(manifest.shards)} shards of the {manifest.split} split pass `shards verify --decode`"

@@ -42,7 +42,6 @@ import base64
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +60,7 @@ from pipeline.base import (
     resolve_options,
 )
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
+from shards.store import open_store
 
 READER_NAME = "Reader"
 #: Backend options the DALI backends accept, with their defaults.
@@ -225,7 +225,7 @@ class DaliLoader(Loader):
         self.manifest = manifest
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shards_dir = Path(shards_dir)
+        self.store = open_store(shards_dir)
         self.num_classes = manifest.num_classes
         self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
         self.with_keys = bool(options["with_keys"])
@@ -234,7 +234,7 @@ class DaliLoader(Loader):
         start, end = rank_range(manifest.num_samples, rank, world_size)
         if end == start or (train and manifest.num_samples // world_size < batch_size):
             raise ValueError(
-                f"{self.shards_dir}: the {split} split has {manifest.num_samples} samples, too few for "
+                f"{self.store}: the {split} split has {manifest.num_samples} samples, too few for "
                 f"world_size={world_size} x batch_size={batch_size}"
             )
         self.batches_per_epoch = batches_per_epoch(
@@ -292,9 +292,9 @@ class DaliLoader(Loader):
         except RuntimeError as err:
             if "fn.readers" not in str(err) and "fn.decoders" not in str(err):
                 raise  # not about the data (CUDA out of memory, a bad argument): DALI's message is the clearest
-            diagnosis = diagnose_shards(self.shards_dir, self.manifest)
+            diagnosis = diagnose_shards(self.store, self.manifest)
             raise ShardReadError(
-                f"{self.backend}: {doing} the {self.split} shards in {self.shards_dir} "
+                f"{self.backend}: {doing} the {self.split} shards in {self.store} "
                 f"(rank {self.rank} of {self.world_size}) failed: {diagnosis}. Re-convert the damaged "
                 f"shard; undecodable samples are never skipped. DALI said: {dali_message(err)}"
             ) from err

@@ -3,9 +3,14 @@ torchvision's functional augmentations -- the strong baseline people use when th
 
 Per worker process, as webdataset stages (each a short function over an iterable of samples):
 
-    shard list -> tarfile_to_samples -> keep this worker's sample range -> shuffle buffer (train)
-    -> skip samples already consumed (resume) -> decode + augment (Pillow; the `augment=` policy through
-    torchvision.transforms.v2, pipeline.augment.TorchvisionPolicy) -> batches of uint8 NHWC
+    shard list -> open each tar from the store -> webdataset's tar expander and key grouping -> keep this
+    worker's sample range -> shuffle buffer (train) -> skip samples already consumed (resume)
+    -> decode + augment (Pillow; the `augment=` policy through torchvision.transforms.v2,
+    pipeline.augment.TorchvisionPolicy) -> batches of uint8 NHWC
+
+Shards are opened through `shards.store`: a file in a folder, or an S3 object streamed by boto3 (a read that
+breaks is resumed from the byte reached a bounded number of times, then fails naming the URL); webdataset's
+own stages turn either stream into samples, so both give the same samples in the same order.
 
 Batches cross the process boundary as uint8 (4x less than float32), are pinned, copied with
 `non_blocking=True` and normalised on the device into float16 channels_last, like the DALI backends.
@@ -35,7 +40,6 @@ import os
 import random
 import signal
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +57,7 @@ from pipeline.base import (
     resolve_options,
 )
 from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label
+from shards.store import Store, StoreError, open_store
 
 #: Backend options the `pytorch` backend accepts, with their defaults.
 PYTORCH_OPTIONS: dict[str, Any] = {
@@ -122,7 +127,22 @@ def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> 
 def unreadable_tar(exn: Exception) -> bool:
     """webdataset error handler: fail (never skip) with the tar's path, which webdataset appends to the args."""
     url = exn.args[-1] if exn.args else "<unknown tar>"
+    if isinstance(exn, StoreError):  # the store's message names the URL and why (gone, refused, dropped)
+        raise ShardReadError(f"{str(exn.args[0]).split(' @ ')[0]}; the shard could not be read from the store") from exn
     raise ShardReadError(f"{url}: not a readable tar ({exn.args[0] if exn.args else exn}); re-convert it") from exn
+
+
+def open_shards(names: Iterable[str], store: Store) -> Iterator[dict]:
+    """{"url", "stream"} per shard name, what webdataset's tar expander reads (webdataset's own `url_opener`
+    would open S3 URLs with a command-line tool; the store streams them with boto3 and resumes broken reads)."""
+    for name in names:
+        url = str(store.url(name))
+        try:
+            stream = store.open(name)
+        except Exception as exn:
+            exn.args = exn.args + (url,)
+            unreadable_tar(exn)
+        yield {"url": url, "stream": stream}
 
 
 def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
@@ -220,17 +240,19 @@ class RankShare(IterableDataset):
 
     def __iter__(self) -> Iterator:
         import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         p = self.plan
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + p["rotation"]) % p["num_workers"]  # rotated so the right worker goes first
         units = p["units"][worker]
-        ranges = {p["tars"][shard]: (first, count) for shard, first, count in units}
+        ranges = {str(p["store"].url(p["tars"][shard])): (first, count) for shard, first, count in units}
         prefix = f"{p['seed']}:{p['epoch']}:{p['rank']}:{worker}"
         stages: list[Any] = [
-            wds.SimpleShardList([p["tars"][shard] for shard, _, _ in units]),
-            wds.tarfile_to_samples(handler=unreadable_tar),
+            lambda: open_shards([p["tars"][shard] for shard, _, _ in units], p["store"]),
+            lambda streams: tar_file_expander(streams, handler=unreadable_tar),
+            lambda files: group_by_keys(files, handler=unreadable_tar),
             lambda samples: keep_ranges(samples, ranges),
         ]
         if p["train"]:
@@ -278,12 +300,12 @@ class PytorchLoader(Loader):
         import webdataset  # noqa: F401
 
         self.options = resolve_options(backend, backend_options, PYTORCH_OPTIONS)
-        manifest, pairs = open_split(shards_dir, split)
+        manifest, _ = open_split(shards_dir, split)
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area
-        self.shards_dir = Path(shards_dir)
+        self.store = open_store(shards_dir)
         self.num_classes = manifest.num_classes
-        self.tars = [str(tar) for tar, _ in pairs]
+        self.tars = [record.name for record in manifest.shards]  # names in the store; open_split checked them
         self.counts = [record.num_samples for record in manifest.shards]
         self.total = manifest.num_samples
         self.train = train
@@ -309,7 +331,7 @@ class PytorchLoader(Loader):
         start, end = rank_range(self.total, rank, world_size)
         if self.batches_per_epoch == 0 or end == start:
             raise ValueError(
-                f"{self.shards_dir}: the {split} split has {self.total} samples, too few for world_size="
+                f"{self.store}: the {split} split has {self.total} samples, too few for world_size="
                 f"{world_size} x batch_size={batch_size} x num_threads={num_threads} (train drops each worker's "
                 "last partial batch)"
             )
@@ -335,6 +357,7 @@ class PytorchLoader(Loader):
         done = consumed[: self.batch_in_epoch]
         rotation = consumed[self.batch_in_epoch] if self.batch_in_epoch < len(consumed) else 0
         return {
+            "store": self.store,
             "tars": self.tars,
             "units": [units_for_range(self.counts, order, start, end) for start, end in ranges],
             "num_workers": workers,

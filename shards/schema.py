@@ -21,8 +21,11 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from shards.store import Store, open_store
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +48,7 @@ SPLITS = ("train", "val")
 SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 WNID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+_HEAD_READS = 16  # index first lines read at once when a split is opened (requests, on an object store)
 
 
 class ShardFormatError(ValueError):
@@ -75,8 +79,10 @@ def check_split_name(split: str, flag: str = "--split") -> str:
 
 
 def splits_in(shards_dir: str | os.PathLike) -> list[str]:
-    """Every split with a manifest in `shards_dir`: train and val first, then the others by name."""
-    found = {p.name[: -len(".manifest.json")] for p in Path(shards_dir).glob("*.manifest.json")}
+    """Every split with a manifest in `shards_dir` (a folder or a store URL): train and val first, then the
+    others by name."""
+    found = {name[: -len(".manifest.json")] for name in open_store(shards_dir).sizes()
+             if name.endswith(".manifest.json")}
     found = {s for s in found if SPLIT_PATTERN.match(s)}
     return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
@@ -222,34 +228,39 @@ class Manifest:
 
 
 def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
-    """Read `<shards_dir>/<split>.manifest.json`, with an error that says what to run when it is missing."""
-    shards_dir = Path(shards_dir)
-    if not shards_dir.is_dir():
-        raise FileNotFoundError(f"shard directory {shards_dir} does not exist")
-    path = shards_dir / manifest_name(split)
-    if not path.is_file():
+    """Read `<shards_dir>/<split>.manifest.json` (a folder or a store URL), with an error that says what to run
+    when it is missing."""
+    store = open_store(shards_dir)
+    store.check()
+    path = store.url(manifest_name(split))
+    try:
+        text = store.read_text(manifest_name(split))
+    except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(
             f"{path} not found: convert the {split} split first "
-            f"(saturate shards convert SRC {shards_dir} --split {split})"
-        )
-    return Manifest.from_json(path.read_text(), path)
+            f"(saturate shards convert SRC {store} --split {split})"
+        ) from None
+    return Manifest.from_json(text, path)
 
 
-def shard_files(shards_dir: str | os.PathLike, manifest: Manifest) -> list[tuple[Path, Path]]:
-    """(tar, idx) paths of every shard in the manifest, each checked cheaply against its record: the files
-    exist, the tar has the recorded size and the index's first line the recorded sample count (one stat and
-    one short read per shard). The full sha256 is `saturate shards verify`'s job. Errors name the file."""
-    shards_dir = Path(shards_dir)
-    pairs = []
+def shard_files(shards_dir: str | os.PathLike, manifest: Manifest) -> list[tuple[Path | str, Path | str]]:
+    """(tar, idx) of every shard in the manifest as readers are given them (paths in a folder, URLs in a store),
+    each checked cheaply against its record: the files exist and the tar has the recorded size (one listing
+    of the folder or prefix), the index's first line has the recorded sample count (one short read per shard,
+    several at once: on an object store each is a request). The full sha256 is `saturate shards verify`'s job.
+    Errors name the file."""
+    store = open_store(shards_dir)
+    present = store.sizes()
     for record in manifest.shards:
-        tar, idx = shards_dir / record.name, shards_dir / record.index
-        for path in (tar, idx):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} listed in the {manifest.split} manifest is missing")
-        check_shard_record(record, tar_bytes=tar.stat().st_size, index_head=_first_line(idx), where=tar,
+        for name in (record.name, record.index):
+            if name not in present:
+                raise FileNotFoundError(f"{store.url(name)} listed in the {manifest.split} manifest is missing")
+    with ThreadPoolExecutor(max_workers=_HEAD_READS) as pool:
+        heads = list(pool.map(lambda r: _first_line(store, r.index), manifest.shards))
+    for record, head in zip(manifest.shards, heads, strict=True):
+        check_shard_record(record, tar_bytes=present[record.name], index_head=head, where=store.url(record.name),
                            split=manifest.split)
-        pairs.append((tar, idx))
-    return pairs
+    return [(store.url(r.name), store.url(r.index)) for r in manifest.shards]
 
 
 def check_shard_record(record: ShardRecord, *, tar_bytes: int, index_head: str, where: object, split: str) -> None:
@@ -264,9 +275,8 @@ def check_shard_record(record: ShardRecord, *, tar_bytes: int, index_head: str, 
                                f"says {record.num_samples} samples: {fix}")
 
 
-def _first_line(path: Path) -> str:
-    with open(path, "rb") as f:
-        return f.readline(64).decode("ascii", errors="replace")
+def _first_line(store: Store, name: str) -> str:
+    return store.read_bytes(name, length=64).split(b"\n", 1)[0].decode("ascii", errors="replace")
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:

@@ -8,12 +8,14 @@ only, never PAX), which is what makes two runs byte-identical.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import queue
 import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from shards.schema import (
     TAR_BLOCK,
@@ -158,6 +160,53 @@ def index_tar(path: str | os.PathLike) -> list[list[IndexedMember]]:
     return samples
 
 
+class _Hashing(io.RawIOBase):
+    """Counts and hashes every byte read through it (verify reads a remote shard once, not three times)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        super().__init__()
+        self.stream, self.sha, self.bytes = stream, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.sha.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+
+def scan_tar(stream: BinaryIO, where: str | os.PathLike) -> tuple[list[list[IndexedMember]], list[tuple[str, bytes]],
+                                                                 int, str]:
+    """One sequential pass over a tar stream: (the index `index_tar` would build, (member name, payload) of every
+    regular member in order, bytes, sha256 hex). Works on a local file and on an object store's stream alike;
+    errors name `where`."""
+    samples: list[list[IndexedMember]] = []
+    members: list[tuple[str, bytes]] = []
+    hashing = _Hashing(stream)
+    last_key = None
+    try:
+        with tarfile.open(fileobj=hashing, mode="r|") as archive:
+            for info in archive:
+                if not info.isreg():
+                    continue
+                members.append((info.name, archive.extractfile(info).read()))
+                key, ext = split_member_name(info.name)
+                if not key:
+                    continue
+                if key != last_key:
+                    samples.append([])
+                    last_key = key
+                samples[-1].append(IndexedMember(ext, info.offset_data, info.size, info.name))
+        while hashing.read(1 << 20):  # the end-of-archive blocks and any padding belong to the hash too
+            pass
+    except tarfile.TarError as err:
+        raise ShardFormatError(f"{where}: not a readable tar ({err})") from err
+    return samples, members, hashing.bytes, hashing.sha.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a whole file, read in 4 MiB chunks (what the manifest records per shard)."""
     digest = hashlib.sha256()
@@ -178,4 +227,4 @@ def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
         raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
 
 
-__all__ = ["ShardWriter", "index_tar", "iter_members", "sha256_file", "ustar_header"]
+__all__ = ["ShardWriter", "index_tar", "iter_members", "scan_tar", "sha256_file", "ustar_header"]

@@ -1,4 +1,4 @@
-"""`saturate shards verify`: re-check what the manifest promises, shard by shard.
+"""`saturate shards verify`: re-check what the manifest promises, shard by shard, in a folder or an object store.
 
 Counts, sizes, sha256, the `.idx` against an index rebuilt from the tar (what DALI's `wds2idx` would write),
 sample structure (exactly the schema's members per key), labels in range and equal in `.cls` and `.json`,
@@ -14,7 +14,6 @@ import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
@@ -37,7 +36,8 @@ from shards.schema import (
     split_member_name,
     splits_in,
 )
-from shards.tarshard import index_tar, iter_members, sha256_file
+from shards.store import Store, open_store
+from shards.tarshard import scan_tar
 
 
 @dataclass
@@ -49,47 +49,46 @@ class ShardCheck:
     cpu_seconds: float = 0.0  # process CPU time spent decoding
 
 
-def check_shard(shards_dir: Path, record: ShardRecord, num_classes: int, decode: bool, *,
+def check_shard(shards_dir: str | os.PathLike, record: ShardRecord, num_classes: int, decode: bool, *,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardCheck:
-    """Everything about one shard that can be checked without looking at the others."""
+    """Everything about one shard that can be checked without looking at the others; `shards_dir` is a folder
+    or a store URL, and the tar is read once, front to back."""
     check = ShardCheck(record.name)
-    tar, idx = shards_dir / record.name, shards_dir / record.index
-    for path in (tar, idx):
-        if not path.is_file():
-            check.problems.append(f"{path}: missing")
+    store = open_store(shards_dir)
+    tar, idx = store.url(record.name), store.url(record.index)
+    size = store.size(record.name)
+    for name, url in ((record.name, tar), (record.index, idx)):
+        if (size if name == record.name else store.size(name)) is None:
+            check.problems.append(f"{url}: missing")
     if check.problems:
         return check
-    if tar.stat().st_size != record.bytes:
-        check.problems.append(f"{tar}: {tar.stat().st_size} bytes, manifest says {record.bytes}")
-    sha = sha256_file(tar)
-    if sha != record.sha256:
-        check.problems.append(f"{tar}: sha256 {sha[:16]}... != manifest {record.sha256[:16]}...")
+    if size != record.bytes:
+        check.problems.append(f"{tar}: {size} bytes, manifest says {record.bytes}")
     try:
-        expected_index = format_index(index_tar(tar))
+        with store.open(record.name) as stream:
+            expected_index, payloads, _, sha = scan_tar(stream, tar)
     except ShardFormatError as err:
         check.problems.append(str(err))
         return check
-    if idx.read_text() != expected_index:
-        check.problems.append(f"{idx}: does not match the index rebuilt from {tar.name} (stale or corrupt)")
+    if sha != record.sha256:
+        check.problems.append(f"{tar}: sha256 {sha[:16]}... != manifest {record.sha256[:16]}...")
+    if store.read_text(record.index) != format_index(expected_index):
+        check.problems.append(f"{idx}: does not match the index rebuilt from {record.name} (stale or corrupt)")
 
     members: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
-    try:
-        for name, payload in iter_members(tar):
-            key, ext = split_member_name(name)
-            if key not in members:
-                members[key] = {}
-                order.append(key)
-            members[key][ext] = payload
-    except ShardFormatError as err:
-        check.problems.append(str(err))
-        return check
+    for name, payload in payloads:
+        key, ext = split_member_name(name)
+        if key not in members:
+            members[key] = {}
+            order.append(key)
+        members[key][ext] = payload
     if len(order) != record.num_samples:
         check.problems.append(f"{tar}: {len(order)} samples, manifest says {record.num_samples}")
     start = time.process_time()
     for key in order:
         sample = members[key]
-        where = f"{tar.name}:{key}"
+        where = f"{record.name}:{key}"
         if sorted(sample) != sorted(SAMPLE_EXTS):
             check.problems.append(f"{where}: members {sorted(sample)}, expected {sorted(SAMPLE_EXTS)}")
             continue
@@ -129,12 +128,12 @@ def decode_problem(jpeg: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
     return None if problem is None else f"image does not decode cleanly ({problem[1]})"
 
 
-def unlisted_shards(shards_dir: Path, manifest: Manifest) -> list[str]:
-    """`<split>-NNNNNN.tar/.idx` files in the folder that the manifest does not list (left by an older, larger
-    conversion, or copied in by hand): a loader ignores them, but they are not what the manifest describes."""
+def unlisted_shards(store: Store, manifest: Manifest) -> list[str]:
+    """`<split>-NNNNNN.tar/.idx` files in the folder (or store) that the manifest does not list (left by an older,
+    larger conversion, or copied in by hand): a loader ignores them, but they are not what the manifest describes."""
     listed = {name for r in manifest.shards for name in (r.name, r.index)}
     pattern = re.compile(rf"^{re.escape(manifest.split)}-\d{{6}}\.(tar|idx)$")
-    return sorted(p.name for p in shards_dir.iterdir() if pattern.match(p.name) and p.name not in listed)
+    return sorted(name for name in store.sizes() if pattern.match(name) and name not in listed)
 
 
 def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, decode: bool = False,
@@ -143,17 +142,17 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
 
     stats["samples"] counts the samples actually read and checked (a missing or unreadable shard's are not);
     stats["listed"] what the manifests promise. `progress` shows a bar in images/s (stderr)."""
-    shards_dir = Path(shards_dir)
-    if not shards_dir.is_dir():
-        raise FileNotFoundError(f"shard directory {shards_dir} does not exist")
-    splits = [check_split_name(s) for s in splits] if splits else splits_in(shards_dir)
+    store = open_store(shards_dir)
+    store.check()
+    shards_dir = str(store)  # what each worker process opens its own store from
+    splits = [check_split_name(s) for s in splits] if splits else splits_in(store)
     if not splits:
         raise FileNotFoundError(f"no *.manifest.json in {shards_dir}: nothing to verify")
     problems: list[str] = []
     stats = {"samples": 0, "listed": 0, "shards": 0, "decoded": 0, "cpu_seconds": 0.0, "seconds": 0.0}
     start = time.perf_counter()
     for split in splits:
-        manifest: Manifest = load_manifest(shards_dir, split)
+        manifest: Manifest = load_manifest(store, split)
         bar = tqdm(total=manifest.num_samples, unit="img", unit_scale=True, disable=not progress,
                    desc=f"verify {split}" + (" --decode" if decode else ""))
         with ProcessPoolExecutor(max_workers=workers or usable_cpus()) as pool:
@@ -165,7 +164,7 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
             checks = [future.result() for future in futures]  # manifest order
         bar.close()
         problems += [f"{name}: not listed in {manifest_name(split)} (left by an older conversion?); remove it"
-                     for name in unlisted_shards(shards_dir, manifest)]
+                     for name in unlisted_shards(store, manifest)]
         keys: set[str] = set()
         for check in checks:
             problems += check.problems

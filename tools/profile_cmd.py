@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Writes report.json, report.md, report.png into --out and prints the table. With --tune, "
                     "finds the cheapest loader setting that feeds the ceiling and writes tune.json instead.",
     )
-    parser.add_argument("shards", help="shard folder holding <split>.manifest.json and its shards")
+    parser.add_argument("shards", help="shard folder or s3://BUCKET/PREFIX holding <split>.manifest.json and its "
+                                       "shards")
     parser.add_argument("--out", required=True, help="folder for report.json/.md/.png (or tune.json with --tune)")
     parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str, "--modes"), default=list(MODES),
                         help="any of loader,model,e2e (default: all three)")

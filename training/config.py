@@ -30,6 +30,7 @@ from pipeline.augment import (  # light: the pipeline imports DALI only when a l
 from pipeline.base import BACKENDS
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
 from shards.schema import SPLIT_PATTERN
+from shards.store import is_store_url, open_store
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 MAX_IMAGE_SIZE = 8192  # pixels: a larger crop side is a typo, and would ask for terabytes of activations
@@ -51,7 +52,8 @@ def _opt(default, help: str, **extra):  # noqa: A002 - `help` mirrors argparse
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------------------
-    data: str | None = _opt(None, "directory holding train and val shards (not needed with --backend synthetic)")
+    data: str | None = _opt(None, "directory or s3://BUCKET/PREFIX holding train and val shards "
+                                  "(not needed with --backend synthetic)")
     train_split: str = _opt("train", "split to train on (read with augmentation and shuffling)")
     val_split: str = _opt("val", "split to evaluate on (centre crop, every sample exactly once)")
     backend: str = _opt("dali-gpu", f"data backend, one of {', '.join(BACKENDS)}")
@@ -325,7 +327,13 @@ def validate(config: TrainConfig) -> None:
     need(list(c.lr_milestones) == sorted(c.lr_milestones), "lr_milestones", "must be increasing")
     if c.backend != "synthetic":
         need(c.data is not None, "data", f"is required with --backend {c.backend}")
-        need(Path(c.data).is_dir(), "data", "directory does not exist")
+        if is_store_url(c.data):  # the store is reached when the loaders open it; here only the URL's form
+            try:
+                open_store(c.data)
+            except ValueError as err:
+                raise ConfigError(f"--data: {err}") from None
+        else:
+            need(Path(c.data).is_dir(), "data", "directory does not exist")
     if c.evaluate_only:
         need(c.resume is not None or c.pretrained is not None, "evaluate_only",
              "needs --resume PATH|auto or --pretrained PATH")

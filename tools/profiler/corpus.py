@@ -7,7 +7,6 @@ import io
 import os
 import platform
 import statistics
-from pathlib import Path
 
 RESOLUTION_SAMPLE = 256  # images whose JPEG header is read to describe the corpus resolution
 
@@ -18,29 +17,30 @@ def describe_corpus(shards_dir: str | os.PathLike, split: str, *, sample: int = 
     from PIL import Image
 
     from shards.schema import IMAGE_EXT, load_manifest, parse_index, shard_files
+    from shards.store import open_store
 
-    manifest = load_manifest(shards_dir, split)
-    members: list[tuple[Path, int, int]] = []  # (tar, offset, size) of every image, bytes
-    for tar, idx in shard_files(shards_dir, manifest):
-        for sample_members in parse_index(idx.read_text(), idx):
-            members += [(tar, m.offset, m.size) for m in sample_members if m.ext == IMAGE_EXT]
+    store = open_store(shards_dir)  # a folder or an s3:// URL: indexes and JPEG headers are read through it
+    manifest = load_manifest(store, split)
+    shard_files(store, manifest)  # every tar and index present and matching its record (errors name the file)
+    members: list[tuple[str, int, int]] = []  # (tar name, offset, size) of every image, bytes
+    for record in manifest.shards:
+        for sample_members in parse_index(store.read_text(record.index), store.url(record.index)):
+            members += [(record.name, m.offset, m.size) for m in sample_members if m.ext == IMAGE_EXT]
     if not members:
         raise ValueError(f"{shards_dir}: the {split} indexes list no .{IMAGE_EXT} member")
     chosen = [members[i * len(members) // min(sample, len(members))] for i in range(min(sample, len(members)))]
     widths, heights = [], []
     for tar, offset, size in chosen:
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            raw = f.read(size)
+        raw = store.read_bytes(tar, offset=offset, length=size)
         try:
             with Image.open(io.BytesIO(raw)) as image:
                 widths.append(image.width)
                 heights.append(image.height)
         except Exception as err:
-            raise ValueError(f"{tar}: the JPEG at byte {offset} has an unreadable header ({err})") from err
+            raise ValueError(f"{store.url(tar)}: the JPEG at byte {offset} has an unreadable header ({err})") from err
     sizes = [size for _, _, size in members]
     return {
-        "shards_dir": str(Path(shards_dir).resolve()),
+        "shards_dir": store.resolved(),
         "split": split,
         "images": manifest.num_samples,
         "num_classes": manifest.num_classes,

@@ -1,0 +1,380 @@
+"""Where shards live: a local folder or an S3 prefix, behind the few operations the product needs.
+
+    store = open_store("shards/")                  # LocalStore: a folder
+    store = open_store("s3://bucket/imagenet")     # S3Store: every name is a key under that prefix
+    store.read_text("train.manifest.json"); store.sizes(); store.url("train-000000.tar")
+
+Everything that takes a shard folder (manifests, loaders, `verify`, the converter's output, the profiler's
+corpus description) goes through `open_store`, so a URL works wherever a folder does and no function branches
+on the scheme. Names are relative to the store (`train-000000.tar`, `.parts/train.plan.json`); `url(name)` is
+what a reader is handed: a `Path` for a folder (unchanged from before), an `s3://` URL that DALI's reader
+opens itself for S3.
+
+Client: boto3, the AWS SDK for Python. It reads the same standard configuration chain as the AWS C++ SDK inside
+DALI's reader (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE and
+~/.aws/config), so one set of variables configures both; its s3transfer layer does parallel multipart uploads;
+and its errors carry the store's own code (NoSuchBucket, AccessDenied, InvalidAccessKeyId). fsspec/s3fs would
+add an async layer and a cache over the same botocore without adding anything the converter or loaders need.
+Credentials are never arguments here and are never logged.
+
+`gs://` is refused: DALI 2.4's wheel lists GCS reading, but it could not be run here (no GCS server can be run
+locally and the wheel honours no emulator endpoint), so there is no code path for it; see the README.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+#: A streamed read that breaks (connection dropped, server gone) is resumed from the byte it reached, at most
+#: this many times, waiting RETRY_BACKOFF * 2**attempt seconds between tries; then it fails naming the URL.
+READ_RETRIES = 3
+RETRY_BACKOFF = 0.5  # seconds
+#: botocore's own retries per request (standard mode: throttling, 5xx, connection errors), and its timeouts.
+REQUEST_ATTEMPTS = 3
+CONNECT_TIMEOUT = 10  # seconds
+READ_TIMEOUT = 60  # seconds without a byte before a request counts as failed
+#: Uploads: objects above MULTIPART_BYTES go up in MULTIPART_BYTES parts, UPLOAD_THREADS parts at once.
+MULTIPART_BYTES = 64 * 2**20  # bytes
+UPLOAD_THREADS = 4
+STREAM_BUFFER = 2**20  # bytes read ahead per streamed object
+
+
+class StoreError(OSError):
+    """The object store refused a request or could not be reached; the message names the URL and the store's
+    reason (NoSuchBucket, AccessDenied, InvalidAccessKeyId, endpoint unreachable) in one line."""
+
+
+def is_store_url(location: str | os.PathLike) -> bool:
+    """True for `scheme://...` locations (object stores); False for folder paths."""
+    return isinstance(location, str) and "://" in location
+
+
+def open_store(location: str | os.PathLike) -> Store:
+    """The store for a shard folder or an `s3://bucket/prefix` URL (errors name the location)."""
+    if isinstance(location, Store):
+        return location
+    if not is_store_url(location):
+        return LocalStore(location)
+    scheme, _, rest = str(location).partition("://")
+    if scheme == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"{location}: expected s3://BUCKET/PREFIX")
+        return S3Store(bucket, prefix.strip("/"))
+    if scheme == "gs":
+        raise ValueError(f"{location}: gs:// is not supported (DALI's GCS reader could not be run and tested "
+                         "here); use s3://BUCKET/PREFIX, see the README's 'Many nodes' section")
+    raise ValueError(f"{location}: unknown storage scheme {scheme!r}; use a folder path or s3://BUCKET/PREFIX")
+
+
+class Store:
+    """The operations on a shard location; names are relative to it (see the module docstring)."""
+
+    def url(self, name: str) -> Path | str:
+        """What a reader (DALI, webdataset, a person) is given for `name`."""
+        raise NotImplementedError
+
+    def resolved(self) -> str:
+        """The location in full, for reports: an absolute folder path, or the URL."""
+        return str(self)
+
+    def check(self) -> None:
+        """Raise FileNotFoundError / StoreError when the location itself cannot be read (no folder, no bucket,
+        no access, no endpoint)."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Make the location ready for writing (create the folder; check the bucket)."""
+        raise NotImplementedError
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes of every object directly in the location (not in sub-folders such as .parts/): one listing,
+        so a loader can check every shard of a split without a request per shard."""
+        raise NotImplementedError
+
+    def size(self, name: str) -> int | None:
+        """Bytes of `name`, None when it does not exist (a stat or one HEAD request)."""
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        return self.size(name) is not None
+
+    def read_bytes(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """`length` bytes of `name` from byte `offset` (all of it by default); FileNotFoundError when missing."""
+        raise NotImplementedError
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def open(self, name: str) -> BinaryIO:
+        """A sequential binary stream over `name` (what tarfile's stream mode and webdataset read)."""
+        raise NotImplementedError
+
+    def sha256(self, name: str) -> str | None:
+        """Hex sha256 of `name`: hashed from the file (folder), or the value recorded when it was uploaded
+        (S3 object metadata; hashing a remote object would mean downloading it). None when unknown."""
+        raise NotImplementedError
+
+    def put_bytes(self, name: str, data: str | bytes) -> None:
+        """Write a small object whole (plans, shard records, manifests); readers never see it half written."""
+        raise NotImplementedError
+
+    def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
+        """Copy a finished local file into the store as `name`, recording its sha256 when given."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        """Remove `name`; nothing happens when it is already gone."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    """A folder on a local or shared file system: exactly the behaviour shard folders always had."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def url(self, name: str) -> Path:
+        return self.root / name
+
+    def resolved(self) -> str:
+        return str(self.root.resolve())
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"shard directory {self.root} does not exist")
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def sizes(self) -> dict[str, int]:
+        self.check()
+        with os.scandir(self.root) as entries:
+            return {e.name: e.stat().st_size for e in entries if e.is_file()}
+
+    def size(self, name: str) -> int | None:
+        path = self.root / name
+        return path.stat().st_size if path.is_file() else None
+
+    def read_bytes(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        with open(self.root / name, "rb") as f:
+            f.seek(offset)
+            return f.read() if length is None else f.read(length)
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.root / name, "rb")
+
+    def sha256(self, name: str) -> str | None:
+        from shards.tarshard import sha256_file  # tarshard imports schema, which imports this module
+
+        path = self.root / name
+        return sha256_file(path) if path.is_file() else None
+
+    def put_bytes(self, name: str, data: str | bytes) -> None:
+        from shards.atomic import atomic_write
+
+        atomic_write(self.root / name, data)
+
+    def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
+        from shards.atomic import atomic_open
+
+        if Path(path).resolve() == (self.root / name).resolve():
+            return  # already in place (the converter writes a folder's shards where they belong)
+        with open(path, "rb") as source, atomic_open(self.root / name, "wb") as target:
+            shutil.copyfileobj(source, target, STREAM_BUFFER)
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+
+class S3Store(Store):
+    """Objects under `s3://bucket/prefix/`. One boto3 client per process, made on first use (a client must not
+    cross a fork, and DataLoader workers and converter processes are forks), dropped when pickled."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        self.bucket, self.prefix = bucket, prefix
+        self._client: Any = None
+        self._client_pid = -1
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def __getstate__(self) -> dict:
+        return {"bucket": self.bucket, "prefix": self.prefix, "_client": None, "_client_pid": -1}
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.key(name)}"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None or self._client_pid != os.getpid():
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
+                            connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT)
+            self._client = boto3.session.Session().client("s3", config=config)
+            self._client_pid = os.getpid()
+        return self._client
+
+    def _call(self, name: str | None, request: Callable[[], Any]) -> Any:
+        """Run one boto3 request; its exceptions become one-line errors that name the URL (see `failure`)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return request()
+        except (ClientError, BotoCoreError) as err:
+            raise self.failure(name, err) from None
+
+    def failure(self, name: str | None, err: Exception) -> OSError:
+        """FileNotFoundError for a missing object, else a StoreError with the store's code and message."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        url = self.url(name) if name is not None else str(self)
+        if isinstance(err, ClientError):
+            error = err.response.get("Error", {})
+            code, message = str(error.get("Code", "?")), error.get("Message") or str(err)
+            if code in ("404", "NoSuchKey", "NotFound") and name is not None:
+                return FileNotFoundError(f"{url}: no such object")
+            if code == "NoSuchBucket" or (code == "404" and name is None):
+                return StoreError(f"{url}: NoSuchBucket (bucket {self.bucket!r} does not exist)")
+            return StoreError(f"{url}: {code} ({message})")
+        if isinstance(err, NoCredentialsError):
+            return StoreError(f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                              "or AWS_PROFILE")
+        return StoreError(f"{url}: {err}")
+
+    def check(self) -> None:
+        self._call(None, lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(""), MaxKeys=1))
+
+    def prepare(self) -> None:
+        self.check()
+
+    def sizes(self) -> dict[str, int]:
+        start = self.key("")
+        found: dict[str, int] = {}
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start, Delimiter="/")
+        for page in self._call(None, lambda: list(pages)):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(start):]] = int(item["Size"])
+        return found
+
+    def _head(self, name: str) -> dict | None:
+        try:
+            return self._call(name, lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        head = self._head(name)
+        return None if head is None else int(head["ContentLength"])
+
+    def read_bytes(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""
+        extra = {}
+        if offset or length is not None:
+            extra["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
+        stream = _ObjectStream(self, name, extra)
+        return stream.read()
+
+    def open(self, name: str) -> BinaryIO:
+        return io.BufferedReader(_ObjectStream(self, name, {}), buffer_size=STREAM_BUFFER)
+
+    def sha256(self, name: str) -> str | None:
+        head = self._head(name)
+        return None if head is None else head.get("Metadata", {}).get("sha256")
+
+    def put_bytes(self, name: str, data: str | bytes) -> None:
+        body = data.encode("utf-8") if isinstance(data, str) else data
+        self._call(name, lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=body))
+
+    def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES,
+                                max_concurrency=UPLOAD_THREADS)
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
+        self._call(name, lambda: self.client.upload_file(str(path), self.bucket, self.key(name),
+                                                          ExtraArgs=extra, Config=config))
+
+    def delete(self, name: str) -> None:
+        self._call(name, lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key(name)))
+
+
+class _ObjectStream(io.RawIOBase):
+    """An S3 object read front to back. A read that breaks mid-object is resumed with a ranged GET from the
+    byte reached, at most READ_RETRIES times with backoff, then a StoreError names the URL, the byte and the
+    cause: a store that drops connections neither hangs a reader nor ends an object early."""
+
+    def __init__(self, store: S3Store, name: str, extra: dict) -> None:
+        super().__init__()
+        self.store, self.name = store, name
+        first, _, last = extra.get("Range", "bytes=0-")[len("bytes="):].partition("-")
+        self._position, self._end = int(first), (int(last) + 1 if last else None)  # bytes; end exclusive
+        self._body: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def _open_body(self) -> None:
+        if self._end is not None and self._position >= self._end:
+            self._body = io.BytesIO(b"")
+            return
+        span = f"bytes={self._position}-" + ("" if self._end is None else str(self._end - 1))
+        response = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.name),
+                                                **({"Range": span} if self._position or self._end else {}))
+        if self._end is None:
+            self._end = self._position + int(response["ContentLength"])
+        self._body = response["Body"]
+
+    def readinto(self, buffer: Any) -> int:
+        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+        from botocore.exceptions import ConnectionError as ConnectionFailed
+        from urllib3.exceptions import HTTPError
+
+        dropped = (ConnectionFailed, HTTPClientError, IncompleteReadError, HTTPError, OSError)
+        view = memoryview(buffer).cast("B")
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                if self._body is None:
+                    self._open_body()
+                data = self._body.read(len(view))
+                if not data and self._end is not None and self._position < self._end:
+                    raise ConnectionFailed(error=f"the response ended at byte {self._position} of {self._end}")
+                break
+            except dropped as err:
+                self._body = None
+                if attempt == READ_RETRIES:
+                    raise StoreError(f"{self.store.url(self.name)}: reading stopped at byte {self._position} after "
+                                     f"{READ_RETRIES + 1} attempts ({err})") from None
+                time.sleep(RETRY_BACKOFF * 2**attempt)
+            except Exception as err:  # the store answered (no such object, access denied) or no credentials
+                self._body = None
+                if isinstance(err, ClientError) or type(err).__module__.startswith("botocore"):
+                    raise self.store.failure(self.name, err) from None
+                raise
+        view[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._body is not None and hasattr(self._body, "close"):
+            self._body.close()
+        self._body = None
+        super().close()
+
+
+__all__ = ["LocalStore", "S3Store", "Store", "StoreError", "is_store_url", "open_store"]
