@@ -1,10 +1,15 @@
-"""ImageNet folders -> WebDataset shards: discover -> plan -> write (tar + index per shard) -> manifest.
+"""ImageNet folders -> WebDataset shards: discover -> plan -> write (tar + index per shard) -> publish -> manifest.
 
     sources  = discover(src, split=..., labels_csv=...)       every regular, non-hidden file, with its WNID
     classes  = resolve_classes(...)                           ImageFolder order: sorted WNIDs (or --classes)
     plan     = plan_shards(sources, seed=..., ...)            global shuffle, then cut into shards
-    results  = write_shards(plan[job_index::num_jobs], ...)   each shard written atomically, in parallel
-    manifest = write_manifest(out, split)                     once every planned shard is on disk
+    results  = write_shards(plan[job_index::num_jobs], ...)   each shard written atomically, in parallel,
+                                                              then published by a ShardSink (shards.publish)
+    manifest = write_manifest(out, split)                     once every planned shard is in OUT
+
+OUT is a folder or an object store prefix (`s3://bucket/prefix`, shards.store): shards are written to local
+disk (the folder itself, or a bounded spool) and the sink uploads each as it completes, `.idx` and tar first,
+the shard's record under OUT/.parts last; plans, records and manifests are read and written through the store.
 
 The plan depends only on the sources, the seed and the options that shape the output, so J jobs (or machines)
 that each write `plan[job_index::num_jobs]` produce exactly the shards one job would, and a rerun after a
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -31,9 +37,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.atomic import atomic_write
 from shards.cpus import usable_cpus
 from shards.images import CHECKS, DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
+from shards.publish import ShardSink
 from shards.schema import (
     IMAGE_EXT,
     LABEL_ENCODING,
@@ -47,13 +53,15 @@ from shards.schema import (
     check_split_name,
     encode_label,
     index_name,
+    load_manifest,
     manifest_name,
     read_class_list,
     read_class_names,
     sample_key,
     shard_name,
 )
-from shards.tarshard import ShardWriter, sha256_file
+from shards.store import Store, open_store
+from shards.tarshard import ShardWriter
 
 DEFAULT_SHARD_BYTES = 512 * 10**6  # bytes; DALI and webdataset both read 256 MB - 1 GB shards efficiently
 PARTS_DIR = ".parts"  # per-shard records; what `merge` builds the manifest from
@@ -214,13 +222,18 @@ def _label_from_csv(src: Path, files: list[tuple[str, int]], labels_csv: Path) -
 
 
 def resolve_classes(
-    sources: Sequence[SourceFile], *, folders: Sequence[str], classes_file: Path | None, names_file: Path | None
+    sources: Sequence[SourceFile], *, folders: Sequence[str], classes_file: Path | None, names_file: Path | None,
+    reference: Manifest | None = None, reference_path: object = None,
 ) -> list[dict]:
     """Class list in index order: torchvision ImageFolder's sorted class folders (empty ones included), or
-    exactly `classes_file`'s list. `folders` is empty for the flat CSV layout: then the labels present."""
+    exactly `classes_file`'s list, or the `reference` manifest's (OUT's train manifest, read from OUT's store).
+    `folders` is empty for the flat CSV layout: then the labels present."""
     present = sorted(set(folders) | {s.wnid for s in sources})
-    if classes_file is not None:
+    if reference is not None:
+        classes_file, wnids = reference_path, reference.wnids
+    elif classes_file is not None:
         wnids = read_class_list(classes_file)
+    if classes_file is not None:
         unknown = sorted({s.wnid for s in sources} - set(wnids))  # an empty folder outside the list holds nothing
         if unknown:
             raise ValueError(f"class {unknown[0]} (of {len(unknown)} unknown) is not in --classes {classes_file}")
@@ -228,7 +241,9 @@ def resolve_classes(
         wnids = present
         _check_wnids(wnids, "class folders")
     names = read_class_names(names_file) if names_file is not None else {}
-    if names_file is None and classes_file is not None and classes_file.suffix == ".json":
+    if names_file is None and reference is not None:
+        names = {c["wnid"]: c["name"] for c in reference.classes}  # val keeps train's human-readable names too
+    elif names_file is None and classes_file is not None and classes_file.suffix == ".json":
         # val converted with train's manifest keeps train's human-readable names too
         names = {c["wnid"]: c["name"] for c in Manifest.from_json(classes_file.read_text(), classes_file).classes}
     return [{"index": i, "wnid": w, "name": names.get(w)} for i, w in enumerate(wnids)]
@@ -287,12 +302,13 @@ def plan_digest(shard: ShardPlan, options: WriteOptions, classes: list[dict]) ->
 
 # --- write ------------------------------------------------------------------------------------------------
 def write_shard(
-    shard: ShardPlan, *, src: Path, out: Path, options: WriteOptions, label_of: dict[str, int],
+    shard: ShardPlan, *, src: Path, spool: Path, options: WriteOptions, label_of: dict[str, int],
     strict: bool, digest: str, progress_queue=None,
 ) -> ShardResult:
-    """Pack one shard atomically and record it under OUT/.parts; every source is packed or rejected."""
+    """Pack one shard atomically into the folder `spool`; every source is packed or rejected. The caller
+    publishes the result (shards.publish), which also records it under OUT/.parts."""
     split = options.split
-    writer = ShardWriter(out / shard_name(split, shard.index), out / index_name(split, shard.index))
+    writer = ShardWriter(spool / shard_name(split, shard.index), spool / index_name(split, shard.index))
     result = ShardResult(shard.index, digest, None)
     pending = 0
     try:
@@ -330,8 +346,14 @@ def write_shard(
         raise
     if progress_queue is not None:
         progress_queue.put((pending, result.record["bytes"] if result.record else 0))
-    atomic_write(_part_path(out, split, shard.index), json.dumps(asdict(result), sort_keys=True))
     return result
+
+
+def publish_shard(result: ShardResult, *, sink: ShardSink, split: str) -> None:
+    """Hand a written shard to the sink: index, then tar (with its sha256 as object metadata), then its record."""
+    record = result.record
+    files = [(record["index"], None), (record["name"], record["sha256"])] if record else []
+    sink.publish(files, (_part_name(split, result.index), json.dumps(asdict(result), sort_keys=True)))
 
 
 def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> tuple[bytes, str | None] | RejectedImage:
@@ -349,46 +371,51 @@ def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> t
         return err
 
 
-def _part_path(out: Path, split: str, index: int) -> Path:
-    return out / PARTS_DIR / f"{split}-{index:06d}.json"
+def _part_name(split: str, index: int) -> str:
+    return f"{PARTS_DIR}/{split}-{index:06d}.json"
 
 
-def _plan_path(out: Path, split: str) -> Path:
-    return out / PARTS_DIR / f"{split}.plan.json"
+def _plan_name(split: str) -> str:
+    return f"{PARTS_DIR}/{split}.plan.json"
 
 
-def is_complete(out: Path, split: str, index: int, digest: str) -> bool:
-    """A shard is skipped on rerun only if its record matches the plan and the tar's sha256 matches the record."""
-    part = _part_path(out, split, index)
-    if not part.is_file():
+def is_complete(store: Store, split: str, index: int, digest: str, sizes: dict[str, int]) -> bool:
+    """A shard is skipped on rerun only if its record matches the plan, tar and index are in the store
+    (`sizes`: one listing) with the recorded size, and the tar's sha256 matches the record (hashed in a
+    folder; the sha256 stored with the object at upload in an object store)."""
+    try:
+        result = json.loads(store.read_text(_part_name(split, index)))
+    except FileNotFoundError:
         return False
-    result = json.loads(part.read_text())
     if result["plan_digest"] != digest:
         return False
     record = result["record"]
     if record is None:
         return True
-    tar, idx = out / record["name"], out / record["index"]
-    if not (tar.is_file() and idx.is_file()) or tar.stat().st_size != record["bytes"]:
+    if record["index"] not in sizes or sizes.get(record["name"]) != record["bytes"]:
         return False
-    return sha256_file(tar) == record["sha256"]
+    return store.sha256(record["name"]) == record["sha256"]
 
 
 def write_shards(
-    shards: Sequence[ShardPlan], digests: dict[int, str], *, src: Path, out: Path, options: WriteOptions,
+    shards: Sequence[ShardPlan], digests: dict[int, str], *, src: Path, sink: ShardSink, options: WriteOptions,
     label_of: dict[str, int], strict: bool, workers: int, progress: bool,
 ) -> dict:
-    """Write shards in parallel, one process per shard, with one progress bar in images/s and MB/s."""
-    todo = [s for s in shards if not is_complete(out, options.split, s.index, digests[s.index])]
+    """Write shards in parallel, one process per shard, each published as it completes (at most `workers`
+    shards are submitted at once, so a slow upload holds the writers back instead of filling the spool), with
+    one progress bar in images/s and MB/s."""
+    sizes = sink.store.sizes()
+    todo = [s for s in shards if not is_complete(sink.store, options.split, s.index, digests[s.index], sizes)]
     skipped = len(shards) - len(todo)
     total = sum(len(s.sources) for s in todo)
-    kwargs = dict(src=src, out=out, options=options, label_of=label_of, strict=strict)
+    kwargs = dict(src=src, spool=sink.spool, options=options, label_of=label_of, strict=strict)
     start = time.perf_counter()
     written = 0  # bytes
     bar = tqdm(total=total, unit="img", unit_scale=True, disable=not progress, desc=f"{options.split} shards")
     if workers <= 1 or len(todo) <= 1:
         for shard in todo:
             result = write_shard(shard, digest=digests[shard.index], **kwargs)
+            publish_shard(result, sink=sink, split=options.split)
             written += result.record["bytes"] if result.record else 0
             bar.update(len(shard.sources))
             bar.set_postfix_str(f"{written / 1e6 / max(time.perf_counter() - start, 1e-9):.0f} MB/s")
@@ -398,12 +425,18 @@ def write_shards(
         queue = multiprocessing.get_context("fork").Queue()
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                  initializer=init_worker, initargs=(os.getpid(), queue)) as pool:
-            pending = {pool.submit(write_shard_in_worker, s, digest=digests[s.index], **kwargs) for s in todo}
+            waiting = iter(todo)
+            pending: set = set()
             try:
-                while pending:
+                while True:
+                    for shard in itertools.islice(waiting, workers - len(pending)):
+                        pending.add(pool.submit(write_shard_in_worker, shard, digest=digests[shard.index], **kwargs))
+                    if not pending:
+                        break
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in done:
-                        future.result()  # re-raises a worker's error (e.g. --strict, a full disk) with its message
+                        # re-raises a worker's error (e.g. --strict, a full disk) with its message
+                        publish_shard(future.result(), sink=sink, split=options.split)
                     while not queue.empty():
                         images, nbytes = queue.get()
                         bar.update(images)
@@ -449,55 +482,61 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 
 
 # --- manifest ---------------------------------------------------------------------------------------------
-def invalidate_other_manifest(out: Path, split: str, split_digest: str, *, say=None) -> None:
+def invalidate_other_manifest(store: Store, split: str, split_digest: str, *, say=None) -> None:
     """Remove `<split>.manifest.json` unless it describes exactly this plan, before any shard is touched: a
     re-conversion (another seed, source or option) replaces shards one by one, and a manifest left in place
     would describe a mix of old and new shards to every loader until the last job rewrites it."""
-    path = out / manifest_name(split)
-    if not path.is_file():
+    path = store.url(manifest_name(split))
+    try:
+        text = store.read_text(manifest_name(split))
+    except FileNotFoundError:
         return
     try:
-        current = Manifest.from_json(path.read_text(), path).plan_digest == split_digest
+        current = Manifest.from_json(text, path).plan_digest == split_digest
     except ShardFormatError:
         current = False
     if not current:
-        path.unlink(missing_ok=True)
+        store.delete(manifest_name(split))
         if say is not None:
             say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
 
 
-def remove_unlisted_shards(out: Path, split: str, manifest: Manifest) -> list[Path]:
+def remove_unlisted_shards(store: Store, split: str, manifest: Manifest) -> list[Path | str]:
     """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s and records) the new manifest does not
     list: shards of an older, larger plan, or of a shard index whose samples this plan all rejected."""
     listed = {name for r in manifest.shards for name in (r.name, r.index)}
     pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.(tar|idx)(\.partial)?$")
     removed = []
-    for path in sorted(out.iterdir()):
-        if pattern.match(path.name) and path.name not in listed:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for name in sorted(store.sizes()):
+        if pattern.match(name) and name not in listed:
+            store.delete(name)
+            removed.append(store.url(name))
     parts = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.json$")
-    planned = len(json.loads(_plan_path(out, split).read_text())["digests"])
-    for path in sorted((out / PARTS_DIR).iterdir()):
-        if (m := parts.match(path.name)) and int(m.group(1)) >= planned:
-            path.unlink(missing_ok=True)
+    planned = len(json.loads(store.read_text(_plan_name(split)))["digests"])
+    for name in sorted(store.sizes(PARTS_DIR)):
+        if (m := parts.match(name)) and int(m.group(1)) >= planned:
+            store.delete(f"{PARTS_DIR}/{name}")
     return removed
 
 
-def write_manifest(out: Path, split: str) -> Manifest | None:
-    """Build `<split>.manifest.json` from the plan and the per-shard records; None while shards are missing."""
-    plan_file = _plan_path(out, split)
-    if not plan_file.is_file():
-        raise FileNotFoundError(f"{plan_file} not found: run `saturate shards convert` for {split} into {out} first")
-    plan = json.loads(plan_file.read_text())
+def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | None:
+    """Build `<split>.manifest.json` in OUT (a folder or a store URL) from the plan and the per-shard records;
+    None while shards are missing. Written last: its presence means every shard it lists is in OUT."""
+    store = open_store(out)
+    try:
+        plan = json.loads(store.read_text(_plan_name(split)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.url(_plan_name(split))} not found: run `saturate shards convert` for "
+                                f"{split} into {store} first") from None
     results = []
     for index, digest in enumerate(plan["digests"]):
-        part = _part_path(out, split, index)
-        if not part.is_file():
+        try:
+            result = json.loads(store.read_text(_part_name(split, index)))
+        except FileNotFoundError:
             return None
-        result = json.loads(part.read_text())
         if result["plan_digest"] != digest:
-            raise ValueError(f"{part} was written for another plan (other source or options); rerun convert")
+            raise ValueError(f"{store.url(_part_name(split, index))} was written for another plan (other source "
+                             "or options); rerun convert")
         results.append(result)
     records = [ShardRecord(**r["record"]) for r in results if r["record"] is not None]
     counts: dict[str, int] = {}
@@ -517,8 +556,8 @@ def write_manifest(out: Path, split: str) -> Manifest | None:
     if manifest.discovered != num_samples + len(rejected):
         raise RuntimeError(f"{split}: discovered {manifest.discovered} != packed {num_samples} + rejected "
                            f"{len(rejected)}; a shard record is inconsistent, rerun convert")
-    atomic_write(out / manifest_name(split), manifest.to_json())
-    remove_unlisted_shards(out, split, manifest)
+    store.put_bytes(manifest_name(split), manifest.to_json())
+    remove_unlisted_shards(store, split, manifest)
     return manifest
 
 
@@ -543,13 +582,17 @@ def convert(
     samples_per_shard: int | None = None, seed: int = 0, workers: int | None = None, num_jobs: int = 1,
     job_index: int = 0, max_size: int | None = None, quality: int = 90, check: str = "decode",
     max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False, progress: bool = True,
+    spool_dir: str | os.PathLike | None = None,
 ) -> Manifest | None:
-    """Convert one split; returns the manifest, or None when other jobs' shards are still missing.
+    """Convert one split into OUT (a folder or an `s3://bucket/prefix` URL); returns the manifest, or None when
+    other jobs' shards are still missing.
 
     `classes_file` pins the class list (a WNID list, LOC_synset_mapping.txt, or a manifest JSON); without it a
     non-train split reuses `OUT/train.manifest.json`'s classes when that exists, so val gets train's indices.
+    `spool_dir`: where shards bound for an object store are written before upload (default: the system's
+    temporary folder); it holds at most `workers` + shards.publish.UPLOADS_IN_FLIGHT shards at a time.
     """
-    src, out = Path(src), Path(out)
+    src, store = Path(src), open_store(out)
     check_split_name(split)
     if num_jobs < 1:
         raise ValueError(f"--num-jobs {num_jobs} must be >= 1")
@@ -568,10 +611,11 @@ def convert(
     if workers is not None and workers < 1:
         raise ValueError(f"--workers {workers} must be >= 1 (or leave it out: the usable CPU cores)")
 
-    if classes_file is None and split != "train" and (out / manifest_name("train")).is_file():
-        classes_file = out / manifest_name("train")
+    reference = None
+    if classes_file is None and split != "train" and store.exists(manifest_name("train")):
+        reference = load_manifest(store, "train")
         if progress:
-            print(f"{split}: using class indices from {classes_file}")
+            print(f"{split}: using class indices from {store.url(manifest_name('train'))}")
     options = WriteOptions(split, seed, None if samples_per_shard else shard_bytes, samples_per_shard,
                            max_size, quality, check, max_pixels)
 
@@ -580,24 +624,26 @@ def convert(
         first = discovery_rejected[0]
         raise ValueError(f"{src / first['path']}: {first['reason']} (--strict)")
     classes = resolve_classes(sources, folders=folders, classes_file=Path(classes_file) if classes_file else None,
-                              names_file=Path(names_file) if names_file else None)
+                              names_file=Path(names_file) if names_file else None, reference=reference,
+                              reference_path=store.url(manifest_name("train")))
     plan = plan_shards(sources, options)
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
     split_digest = hashlib.sha256(" ".join(digests[s.index] for s in plan).encode()).hexdigest()
-    out.mkdir(parents=True, exist_ok=True)
-    invalidate_other_manifest(out, split, split_digest, say=print if progress else None)
-    atomic_write(_plan_path(out, split), json.dumps({
+    store.prepare()
+    invalidate_other_manifest(store, split, split_digest, say=print if progress else None)
+    store.put_bytes(_plan_name(split), json.dumps({
         "digests": [digests[s.index] for s in plan], "plan_digest": split_digest,
         "discovered": len(sources) + len(discovery_rejected), "discovery_rejected": discovery_rejected,
         "classes": classes, "options": asdict(options), "tool_version": tool_version(),
     }, sort_keys=True))
 
     mine = plan[job_index::num_jobs]
-    stats = write_shards(
-        mine, digests, src=src, out=out, options=options, label_of={c["wnid"]: c["index"] for c in classes},
-        strict=strict, workers=workers or usable_cpus(), progress=progress,
-    )
-    manifest = write_manifest(out, split)
+    with ShardSink(store, spool_dir=spool_dir) as sink:
+        stats = write_shards(
+            mine, digests, src=src, sink=sink, options=options, label_of={c["wnid"]: c["index"] for c in classes},
+            strict=strict, workers=workers or usable_cpus(), progress=progress,
+        )
+    manifest = write_manifest(store, split)
     if progress:
         _print_summary(split, stats, manifest, job_index, num_jobs, len(mine))
     if manifest is not None:

@@ -76,6 +76,9 @@ def open_store(location: str | os.PathLike) -> Store:
 class Store:
     """The operations on a shard location; names are relative to it (see the module docstring)."""
 
+    #: The folder itself when the store is a local folder (writers write there, nothing is copied); else None.
+    local_dir: Path | None = None
+
     def url(self, name: str) -> Path | str:
         """What a reader (DALI, webdataset, a person) is given for `name`."""
         raise NotImplementedError
@@ -93,9 +96,10 @@ class Store:
         """Make the location ready for writing (create the folder; check the bucket)."""
         raise NotImplementedError
 
-    def sizes(self) -> dict[str, int]:
-        """Bytes of every object directly in the location (not in sub-folders such as .parts/): one listing,
-        so a loader can check every shard of a split without a request per shard."""
+    def sizes(self, folder: str = "") -> dict[str, int]:
+        """Bytes of every object directly in the location, or in its sub-folder `folder` (`.parts`), by name
+        relative to that folder: one listing, so a loader checks every shard of a split without a request per
+        shard. Empty for a sub-folder that does not exist."""
         raise NotImplementedError
 
     def size(self, name: str) -> int | None:
@@ -139,6 +143,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self.local_dir = self.root
 
     def __str__(self) -> str:
         return str(self.root)
@@ -156,9 +161,11 @@ class LocalStore(Store):
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self, folder: str = "") -> dict[str, int]:
         self.check()
-        with os.scandir(self.root) as entries:
+        if not (self.root / folder).is_dir():
+            return {}
+        with os.scandir(self.root / folder) as entries:
             return {e.name: e.stat().st_size for e in entries if e.is_file()}
 
     def size(self, name: str) -> int | None:
@@ -262,8 +269,8 @@ class S3Store(Store):
     def prepare(self) -> None:
         self.check()
 
-    def sizes(self) -> dict[str, int]:
-        start = self.key("")
+    def sizes(self, folder: str = "") -> dict[str, int]:
+        start = self.key(f"{folder}/" if folder else "")
         found: dict[str, int] = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start, Delimiter="/")
         for page in self._call(None, lambda: list(pages)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from shards.images import DEFAULT_MAX_PIXELS
 
@@ -14,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     conv = sub.add_parser("convert", help="convert one split (train or val) into OUT")
     conv.add_argument("src", help="split folder: SRC/<wnid>/<image> (ImageFolder) or flat with --labels")
-    conv.add_argument("out", help="shard folder; train and val go into the same OUT")
+    conv.add_argument("out", help="shard folder or s3://BUCKET/PREFIX (credentials and endpoint from the standard "
+                                  "AWS environment/config); train and val go into the same OUT")
     conv.add_argument("--split", required=True, help="split name: train or val")
     conv.add_argument("--labels", metavar="CSV", help="flat SRC: LOC_val_solution.csv or 'file,wnid' rows")
     conv.add_argument("--classes", metavar="FILE",
@@ -37,11 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help=f"reject images whose width x height exceeds N (decompression bombs; "
                            f"default {DEFAULT_MAX_PIXELS})")
     conv.add_argument("--strict", action="store_true", help="stop at the first bad file instead of rejecting it")
+    conv.add_argument("--spool", metavar="DIR",
+                      help="s3:// OUT: local folder for shards waiting to be uploaded, a few shards at a time "
+                           "(default: the system's temporary folder)")
     conv.add_argument("--no-progress", action="store_true")
     conv.set_defaults(func=run_convert)
 
     ver = sub.add_parser("verify", help="re-check counts, sha256, indexes (and decode with --decode)")
-    ver.add_argument("out")
+    ver.add_argument("out", help="shard folder or s3://BUCKET/PREFIX")
     ver.add_argument("--split", action="append", help="only this split (repeatable; default: all manifests)")
     ver.add_argument("--decode", action="store_true",
                      help="strictly decode every image (libjpeg-turbo; a warning counts as damage)")
@@ -50,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.set_defaults(func=run_verify)
 
     merge = sub.add_parser("merge", help="write the manifest once every job of a split is done")
-    merge.add_argument("out")
+    merge.add_argument("out", help="shard folder or s3://BUCKET/PREFIX")
     merge.add_argument("--split", required=True)
     merge.set_defaults(func=run_merge)
 
@@ -63,7 +66,7 @@ def run_convert(args: argparse.Namespace) -> int:
         names_file=args.names, shard_bytes=parse_size(args.shard_size), samples_per_shard=args.samples_per_shard,
         seed=args.seed, workers=args.workers, num_jobs=args.num_jobs, job_index=args.job_index,
         max_size=args.max_size, quality=args.quality, check=args.check, max_pixels=args.max_pixels,
-        strict=args.strict,
+        strict=args.strict, spool_dir=args.spool,
         progress=not args.no_progress,
     )
     return 0
@@ -88,7 +91,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from shards.convert import write_manifest
 
-    manifest = write_manifest(Path(args.out), args.split)
+    manifest = write_manifest(args.out, args.split)
     if manifest is None:
         raise RuntimeError(f"{args.split}: some shards of the plan in {args.out} are not written yet")
     print(f"{args.split}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shards")
