@@ -1,0 +1,399 @@
+"""Shards on object storage, against a real S3-protocol server on 127.0.0.1 (moto's standalone server, started
+here on a free port, stopped at the end; nothing reaches the network).
+
+The server sits behind `Relay` (tests/s3_relay.py), a TCP relay the tests can cut: `stop()` drops every
+connection and refuses new ones (a store gone mid-epoch), `start()` serves again, `start(budget=N)` ends each
+connection after N bytes (a store that drops connections mid-object). DALI's AWS client keeps the first endpoint
+it saw for the whole process, so every test here uses this one endpoint.
+
+The quirk tree (CMYK, grayscale, PNG, progressive, EXIF-rotated files among plain JPEGs) is converted once to
+a local folder and once to s3://shards/quirks; everything read back from the store must equal the local copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import ShardReadError, build_loader
+from shards import convert as convert_module
+from shards import store as store_module
+from shards.convert import convert
+from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label, load_manifest, parse_index, shard_files
+from shards.store import S3Store, StoreError, open_store
+from shards.verify import verify
+from tools import synth
+from tools.cli import main as cli
+
+BUCKET = "shards"
+URL = f"s3://{BUCKET}/quirks"
+SIZE = 32  # pixels
+SPLITS = ("train", "val")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class Relay:
+    """tests/s3_relay.py in its own process, 127.0.0.1:port -> the S3 server (see the module docstring)."""
+
+    def __init__(self, target: int, count_file: Path) -> None:
+        self.target, self.port, self.count_file = target, free_port(), count_file
+        self.budget: int | None = None  # bytes per connection towards the client, then it is cut
+        self._process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far."""
+        return len(self.count_file.read_text().splitlines()) if self.count_file.exists() else 0
+
+    def start(self, *, budget: int | None = None) -> None:
+        self.stop()
+        self.budget = budget
+        command = [sys.executable, str(Path(__file__).with_name("s3_relay.py")), str(self.port), str(self.target),
+                   "-" if budget is None else str(budget), str(self.count_file)]
+        self._process = subprocess.Popen(command)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server with authentication on, an IAM user allowed everything, and the bucket; yields
+    (relay, access key id, secret key). Credentials are enforced from the 4th request on, so wrong keys fail
+    as on a real store."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup",
+                           region_name="us-east-1")
+        iam.create_user(UserName="saturate")
+        key = iam.create_access_key(UserName="saturate")["AccessKey"]
+        iam.put_user_policy(UserName="saturate", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key["AccessKeyId"],
+                     aws_secret_access_key=key["SecretAccessKey"], region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        relay = Relay(port, tmp_path_factory.mktemp("relay") / "connections")
+        yield relay, key["AccessKeyId"], key["SecretAccessKey"]
+        relay.stop()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """The standard AWS variables pointing at the local server (what a user sets for MinIO or Ceph); no user
+    config file, no instance metadata lookups."""
+    relay, key_id, secret = s3_server
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{relay.port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # fail fast when the tests cut the store; the defaults are for real stores
+    monkeypatch.setattr(store_module, "REQUEST_ATTEMPTS", 1)
+    monkeypatch.setattr(store_module, "RETRY_BACKOFF", 0.05)
+    if relay.budget is not None or relay._process is None:
+        relay.start()
+    yield relay
+    if relay.budget is not None or relay._process is None:
+        relay.start()
+
+
+@pytest.fixture(scope="module")
+def quirk_tree(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quirks") / "imagenet"
+    synth.generate(out, classes=3, train_per_class=6, val_per_class=3, quirks=True, seed=1, scale=0.25, workers=1,
+                   progress=False)
+    return out
+
+
+def convert_split(src: Path, out: str | Path, split: str, **kwargs) -> object:
+    kwargs.setdefault("workers", 1)
+    return convert(src / split, out, split=split, samples_per_shard=4, seed=0, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def converted(quirk_tree, s3_server, tmp_path_factory) -> Path:
+    """The quirk tree converted to a local folder (returned) and to URL (2 workers: the pool and the sink)."""
+    local = tmp_path_factory.mktemp("local")
+    with pytest.MonkeyPatch.context() as mp:
+        relay, key_id, secret = s3_server
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{relay.port}")
+        mp.setenv("AWS_ACCESS_KEY_ID", key_id)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        mp.setenv("AWS_REGION", "us-east-1")
+        for split in SPLITS:
+            convert_split(quirk_tree, local, split)
+            convert_split(quirk_tree, URL, split, workers=2)
+    return local
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object under a prefix (records under .parts/ included) -> bytes."""
+    store = open_store(url)
+    names = list(store.sizes()) + [f".parts/{n}" for n in store.sizes(".parts")]
+    return {name: store.read_bytes(name) for name in sorted(names)}
+
+
+# --- convert, verify, describe ---------------------------------------------------------------------------
+def test_conversion_to_the_store_equals_the_local_one(converted, s3_env):
+    in_store = objects(URL)
+    local = {p.name: p.read_bytes() for p in converted.iterdir() if p.is_file()}
+    assert {n: b for n, b in in_store.items() if not n.startswith(".parts/")} == local
+    manifest = load_manifest(URL, "train")
+    assert manifest.converted >= 4  # the quirks (CMYK, grayscale, PNG, progressive, EXIF) were re-encoded
+    store = open_store(URL)
+    assert [store.sha256(r.name) for r in manifest.shards] == [r.sha256 for r in manifest.shards]
+    assert isinstance(store, S3Store) and store.url("train-000000.tar") == f"{URL}/train-000000.tar"
+
+
+def test_verify_decode_on_the_store(converted, s3_env, capsys):
+    problems, stats = verify(URL, decode=True, workers=1)
+    assert problems == []
+    assert stats["samples"] == stats["decoded"] == sum(load_manifest(converted, s).num_samples for s in SPLITS)
+    assert cli(["shards", "verify", URL, "--decode", "--workers", "1", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+
+
+def test_profiler_describes_the_corpus_in_the_store(converted, s3_env):
+    from tools.profiler import describe_corpus
+
+    remote, local = describe_corpus(URL, "train"), describe_corpus(converted, "train")
+    assert remote.pop("shards_dir") == URL and local.pop("shards_dir") == str(converted.resolve())
+    assert remote == local
+
+
+def test_train_config_takes_a_store_url():
+    from training.config import ConfigError, build_config
+
+    assert build_config(overrides={"data": URL, "backend": "pytorch"}).data == URL
+    with pytest.raises(ConfigError, match="--data: gs://b/p: gs:// is not supported"):
+        build_config(overrides={"data": "gs://b/p", "backend": "dali-cpu"})
+
+
+# --- the loaders ------------------------------------------------------------------------------------------
+def raw_samples_dali(pairs) -> dict[str, tuple[bytes, int]]:
+    """key -> (JPEG bytes, label) as DALI's webdataset reader returns them for these (tar, idx) paths/URLs."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None)
+    def read():
+        jpg, cls = fn.readers.webdataset(
+            paths=[str(t) for t, _ in pairs], index_paths=[str(i) for _, i in pairs], ext=[IMAGE_EXT, LABEL_EXT],
+            dtypes=[types.UINT8] * 2, name="Reader", pad_last_batch=True,
+        )
+        return jpg, cls, fn.get_property(jpg, key="source_info")
+
+    pipe = read()
+    pipe.build()
+    size, found = pipe.reader_meta("Reader")["epoch_size"], {}
+    while sum(1 for _ in found) < size:
+        jpg, cls, info = pipe.run()
+        for i in range(len(jpg)):
+            key = bytes(np.array(info.at(i))).decode().rsplit(":", 1)[-1].split(".")[0]
+            found[key] = (bytes(np.array(jpg.at(i))), decode_label(bytes(np.array(cls.at(i)))))
+    return found
+
+
+def raw_samples_webdataset(location, split) -> dict[str, tuple[bytes, int]]:
+    """key -> (JPEG bytes, label) through the pytorch backend's stages (store stream -> webdataset)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from pipeline.pytorch_loader import open_shards, unreadable_tar
+
+    store = open_store(location)
+    names = [r.name for r in load_manifest(store, split).shards]
+    files = tar_file_expander(open_shards(names, store), handler=unreadable_tar)
+    return {s["__key__"]: (s[IMAGE_EXT], decode_label(s[LABEL_EXT])) for s in group_by_keys(files)}
+
+
+def test_every_sample_read_from_the_store_equals_the_local_one(converted, s3_env):
+    for split in SPLITS:
+        local = raw_samples_webdataset(converted, split)
+        assert len(local) == load_manifest(converted, split).num_samples
+        assert raw_samples_webdataset(URL, split) == local
+        pairs = shard_files(URL, load_manifest(URL, split))
+        assert all(str(t).startswith(f"{URL}/") for t, _ in pairs)  # DALI is handed the URLs as they are
+        assert raw_samples_dali(pairs) == raw_samples_dali(shard_files(converted, load_manifest(converted, split)))
+
+
+def batches(location, split, backend, **kwargs):
+    kwargs.setdefault("num_threads", 1)
+    if split == "train":  # DALI fills its buffer by re-reading a split smaller than it: one GET per sample
+        kwargs.setdefault("shuffle_buffer", 8)
+    ldr = build_loader(location, split, train=split == "train", batch_size=4, image_size=SIZE, backend=backend,
+                       with_keys=True, **kwargs)
+    with ldr:
+        return [(images.clone(), labels.clone(), list(keys)) for images, labels, keys in ldr]
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+@pytest.mark.parametrize("split", SPLITS)
+def test_loaders_yield_the_same_batches_from_the_store(converted, s3_env, backend, split):
+    remote, local = batches(URL, split, backend, seed=3), batches(converted, split, backend, seed=3)
+    assert [k for _, _, k in remote] == [k for _, _, k in local] and remote
+    for (x, y, _), (x_local, y_local, _) in zip(remote, local, strict=True):
+        assert x.equal(x_local) and y.equal(y_local)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_val_coverage_is_exact_from_the_store(converted, s3_env, backend, world_size):
+    seen = [k for rank in range(world_size)
+            for _, _, keys in batches(URL, "val", backend, rank=rank, world_size=world_size) for k in keys]
+    assert sorted(seen) == sorted(keys_in(converted, "val"))
+
+
+def keys_in(location, split) -> list[str]:
+    """Every sample key of a split, from its DALI indexes."""
+    store = open_store(location)
+    return [sample[0].name.split(".")[0] for r in load_manifest(store, split).shards
+            for sample in parse_index(store.read_text(r.index))]
+
+
+# --- reruns, jobs and merge -------------------------------------------------------------------------------
+def test_killed_conversion_reruns_to_the_same_objects(quirk_tree, converted, s3_env, monkeypatch):
+    url = f"s3://{BUCKET}/killed"
+    real_write_shard, written = convert_module.write_shard, []
+
+    def dies_at_third(shard, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a scheduler's kill does to the converter mid-run
+        written.append(shard.index)
+        return real_write_shard(shard, **kwargs)
+
+    monkeypatch.setattr(convert_module, "write_shard", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert_split(quirk_tree, url, "train")
+    assert not open_store(url).exists("train.manifest.json")
+    monkeypatch.setattr(convert_module, "write_shard",
+                        lambda shard, **kw: written.append(shard.index) or real_write_shard(shard, **kw))
+    convert_split(quirk_tree, url, "train")
+    planned = len(load_manifest(url, "train").shards)
+    assert sorted(written) == list(range(planned))  # the rerun wrote only the shards the killed run had not
+    train_objects = {n: b for n, b in objects(URL).items() if n.startswith(("train", ".parts/train"))}
+    assert objects(url) == train_objects
+
+
+def test_jobs_and_merge_against_the_store(quirk_tree, converted, s3_env, capsys):
+    url = f"s3://{BUCKET}/jobs"
+    assert convert_split(quirk_tree, url, "train", num_jobs=2, job_index=1) is None  # job 0 is still missing
+    assert cli(["shards", "merge", url, "--split", "train"]) == 2
+    assert "not written yet" in capsys.readouterr().err
+    manifest = convert_split(quirk_tree, url, "train", num_jobs=2, job_index=0)
+    assert manifest == load_manifest(converted, "train")
+    open_store(url).delete("train.manifest.json")
+    assert cli(["shards", "merge", url, "--split", "train"]) == 0
+    assert open_store(url).read_bytes("train.manifest.json") == (converted / "train.manifest.json").read_bytes()
+
+
+# --- faults -----------------------------------------------------------------------------------------------
+def copy_prefix(source: str, target: str) -> None:
+    store = open_store(target)
+    for name, data in objects(source).items():
+        store.put_bytes(name, data)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+def test_a_missing_object_is_named(converted, s3_env, backend):
+    url = f"s3://{BUCKET}/missing-{backend}"
+    copy_prefix(URL, url)
+    open_store(url).delete("val-000001.tar")
+    with pytest.raises(FileNotFoundError, match=f"{url}/val-000001.tar listed in the val manifest is missing"):
+        build_loader(url, "val", train=False, batch_size=4, image_size=SIZE, backend=backend, num_threads=1)
+    problems, _ = verify(url, splits=["val"], workers=1)
+    assert f"{url}/val-000001.tar: missing" in problems
+
+
+def test_wrong_credentials_and_missing_bucket_are_one_line_errors(converted, s3_env, monkeypatch, capsys):
+    with pytest.raises(StoreError, match=r"^s3://no-such-bucket/x: NoSuchBucket"):
+        load_manifest("s3://no-such-bucket/x", "val")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StoreError, match=f"^{URL}.*SignatureDoesNotMatch"):
+        build_loader(URL, "val", train=False, batch_size=4, image_size=SIZE, backend="pytorch", num_threads=1)
+    assert cli(["shards", "verify", URL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SignatureDoesNotMatch" in err and "not-the-secret" not in err
+
+
+def test_dropped_connections_are_resumed(converted, s3_env):
+    """Every connection is cut after 8 KB: each read resumes from the byte it reached, nothing is lost."""
+    store = open_store(URL)
+    payload = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    store.put_bytes("big.bin", payload)
+    s3_env.start(budget=8192)
+    before = s3_env.connections
+    assert open_store(URL).read_bytes("big.bin") == payload
+    assert s3_env.connections - before >= 100_000 // 8192
+    assert raw_samples_webdataset(URL, "train") == raw_samples_webdataset(converted, "train")
+    s3_env.start()
+    store.delete("big.bin")
+
+
+@pytest.mark.timeout(120, method="thread")  # a hang must fail, not stall the suite
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+def test_store_stopped_mid_epoch_is_a_clear_error(converted, s3_env, backend):
+    # little read-ahead, so most of the epoch is still in the store when it goes away
+    read_ahead = {"prefetch_queue_depth": 1} if backend == "dali-cpu" else {"prefetch_factor": 1}
+    ldr = build_loader(URL, "train", train=True, batch_size=2, image_size=SIZE, backend=backend, num_threads=1,
+                       shuffle_buffer=1, **read_ahead)
+    batches_seen, started = 0, time.monotonic()
+    try:
+        with pytest.raises(ShardReadError) as caught:
+            for _ in ldr:
+                batches_seen += 1
+                if batches_seen == 1:
+                    s3_env.stop()  # the store goes away with the epoch half read
+                    started = time.monotonic()
+        assert batches_seen < len(ldr)  # it failed; it did not end the epoch early and quietly
+        assert time.monotonic() - started < 60  # a bounded retry, not a hang
+        message = str(caught.value)
+        assert URL in message
+        if backend == "pytorch":
+            assert "reading stopped at byte" in message or "Could not connect" in message
+    finally:
+        ldr.close()
+        s3_env.start()
