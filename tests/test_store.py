@@ -397,3 +397,17 @@ def test_store_stopped_mid_epoch_is_a_clear_error(converted, s3_env, backend):
     finally:
         ldr.close()
         s3_env.start()
+
+
+def test_train_reads_train_and_val_from_the_store(converted, s3_env, tmp_path):
+    from training.config import build_config
+    from training.train import train
+
+    config = build_config(overrides=dict(
+        data=URL, backend="pytorch", arch="resnet18", image_size=SIZE, precision="fp32", batch_size=4, epochs=1,
+        max_steps=2, num_threads=1, log_every=1, throughput_warmup_steps=0, run_dir=str(tmp_path / "run"),
+        progress=False, checkpoint_minutes=0,
+    ))
+    summary = train(config)
+    assert summary["steps"] == 2
+    assert summary["final_eval"]["total"] == load_manifest(converted, "val").num_samples  # every val sample once
