@@ -24,6 +24,7 @@ from pipeline.augment import DEFAULT_POLICY
 from pipeline.constants import HW_DECODER_LOAD
 from shards.cpus import cpu_model, usable_cpus
 from shards.schema import load_manifest
+from shards.store import is_store_url
 from training.config import AUTO, ConfigError, TrainConfig
 
 TUNE_FILE = "tune.json"
@@ -67,8 +68,11 @@ def run_key(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
 
 
 def tune_path(cfg: TrainConfig) -> Path:
-    """Where 'auto' looks: --tune-file, else tune.json next to the shards."""
-    return Path(cfg.tune_file) if cfg.tune_file else Path(cfg.data or ".") / TUNE_FILE
+    """Where 'auto' looks: --tune-file, else tune.json next to the shards (in RUN_DIR when the shards are in an
+    object store: the tune file is a local file, the store holds shards only)."""
+    if cfg.tune_file:
+        return Path(cfg.tune_file)
+    return (Path(cfg.run_dir) if is_store_url(cfg.data or "") else Path(cfg.data or ".")) / TUNE_FILE
 
 
 def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:

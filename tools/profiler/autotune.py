@@ -150,10 +150,14 @@ def run_tune(
 def write_entry(entry: dict[str, Any], *, out_dir: str | os.PathLike, shards_dir: str | os.PathLike) -> list[str]:
     """Write the entry to OUT/tune.json and into SHARDS/tune.json (where `--num-threads auto` looks);
     returns what was written or why not, one line each."""
+    from shards.store import is_store_url
     from training.tuning import TUNE_FILE, add_entry
 
     lines = []
-    for folder in (Path(out_dir), Path(shards_dir)):
+    if is_store_url(shards_dir):  # tune.json is a local file; saturate train looks in RUN_DIR for store data
+        lines.append(f"not written beside the shards in {shards_dir} (an object store): pass --tune-file "
+                     f"{Path(out_dir) / TUNE_FILE} to saturate train, or copy it into its --run-dir")
+    for folder in [Path(out_dir)] + ([] if is_store_url(shards_dir) else [Path(shards_dir)]):
         folder.mkdir(parents=True, exist_ok=True)
         try:
             lines.append(f"wrote {add_entry(folder / TUNE_FILE, entry)}")
