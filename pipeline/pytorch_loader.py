@@ -34,6 +34,7 @@ the tar and the sample key.
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import os
@@ -381,6 +382,10 @@ class PytorchLoader(Loader):
     def _start_pass(self) -> None:
         dataset = RankShare(self._plan())
         pin = self.device.type == "cuda"
+        # Collect garbage before the DataLoader forks its workers: a DALI pipeline left for the collector (the
+        # profiler runs DALI and pytorch configurations in one process) would otherwise be finalised inside a
+        # worker, where its shutdown waits forever for DALI threads that were not forked (seen as a hung epoch).
+        gc.collect()
         self._batches = iter(
             DataLoader(
                 dataset,
