@@ -45,6 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_pytest() -> None:
+    """preexec_fn of the server and relay processes: killed with the test process (Linux PR_SET_PDEATHSIG), so a
+    run stopped by a timeout or Ctrl-C leaves no server behind."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -75,7 +84,7 @@ class Relay:
         self.budget = budget
         command = [sys.executable, str(Path(__file__).with_name("s3_relay.py")), str(self.port), str(self.target),
                    "-" if budget is None else str(budget), str(self.count_file)]
-        self._process = subprocess.Popen(command)
+        self._process = subprocess.Popen(command, preexec_fn=die_with_pytest)
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -97,6 +106,7 @@ def s3_server(tmp_path_factory):
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=die_with_pytest,
     )
     try:
         wait_for_port(port)
