@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shards.atomic import remove_stale_temporaries
 from shards.cpus import usable_cpus
 from shards.images import CHECKS, DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
 from shards.publish import ShardSink
@@ -52,6 +53,7 @@ from shards.schema import (
     _check_wnids,
     check_split_name,
     encode_label,
+    format_index,
     index_name,
     load_manifest,
     manifest_name,
@@ -66,6 +68,7 @@ from shards.tarshard import ShardWriter
 DEFAULT_SHARD_BYTES = 512 * 10**6  # bytes; DALI and webdataset both read 256 MB - 1 GB shards efficiently
 PARTS_DIR = ".parts"  # per-shard records; what `merge` builds the manifest from
 _MAX_KEY_CHARS = 80  # ustar names hold 100 bytes: key + "-NNN" + ".json" must fit
+MAX_WORKERS = 4096  # processes; more is a typo (and each one is forked at once)
 
 
 def tool_version() -> str:
@@ -83,6 +86,8 @@ class SourceFile:
     wnid: str | None  # None for a file that cannot be labelled (rejected at discovery)
     size: int  # bytes
     key: str = ""
+    #: last modification (ns): a file fixed in place (same name and size) makes its shard be written again
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class ShardResult:
     converted: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
     rejected: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
     class_counts: dict[str, int] = field(default_factory=dict)  # wnid -> samples packed in this shard
+    index_sha256: str | None = None  # of the .idx written with the tar: a rerun checks both belong together
 
 
 # --- discover ---------------------------------------------------------------------------------------------
@@ -133,23 +139,25 @@ def discover(src: Path, *, labels_csv: Path | None = None) -> tuple[list[SourceF
         return _label_from_csv(src, files, labels_csv), rejected, []
     folders = sorted(e.name for e in os.scandir(src) if not e.name.startswith(".") and e.is_dir())
     sources = []
-    for rel, size in files:
+    for rel, size, mtime_ns in files:
         if "/" not in rel:
             rejected.append({"path": rel, "reason": "not inside a class folder"})
         else:
-            sources.append(SourceFile(rel, rel.split("/", 1)[0], size))
+            sources.append(SourceFile(rel, rel.split("/", 1)[0], size, mtime_ns=mtime_ns))
     if not folders:
         raise ValueError(f"{src} has no class folders (expected SRC/<wnid>/<image>, or pass --labels)")
     return sources, sorted(rejected, key=lambda r: r["path"]), folders
 
 
-def _walk(root: Path) -> tuple[list[tuple[str, int]], list[dict]]:
-    """((posix relative path, size) of regular files, rejected records), hidden files and folders skipped.
+def _walk(root: Path) -> tuple[list[tuple[str, int, int]], list[dict]]:
+    """((posix relative path, size, mtime_ns) of regular files, rejected records), hidden files and folders
+    skipped.
 
-    Links are followed like torchvision's ImageFolder follows them, but every real folder is visited once: a
-    link to a folder of the tree itself or to one already visited (`cls/up -> ..`, which would loop and pack the
-    tree again under the wrong label) is listed as rejected instead, as are dangling links, links to themselves
-    and anything that is not a regular file (FIFOs, sockets, devices).
+    Links are followed like torchvision's ImageFolder follows them, but every real folder is read once: a link
+    to a folder of the tree itself or to one already read (`cls/up -> ..`, which would loop and pack the tree
+    again under the wrong label), and a folder reached again inside a followed link (`c1/up -> ../..` reaches
+    the tree from above), are listed as rejected instead, as are dangling links, links to themselves, folders
+    and files that cannot be read, and anything that is not a regular file (FIFOs, sockets, devices).
     """
     def real(path: str) -> tuple[int, int]:
         st = os.stat(path)
@@ -158,21 +166,31 @@ def _walk(root: Path) -> tuple[list[tuple[str, int]], list[dict]]:
     def rel(path: str) -> str:
         return Path(path).relative_to(root).as_posix()
 
-    visited = {real(d) for d, _, _ in os.walk(root)}  # the tree's own folders (links not followed) win
-    files: list[tuple[str, int]] = []
     rejected: list[dict] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(err: OSError) -> None:  # os.walk's onerror: a folder it cannot list
+        rejected.append({"path": rel(err.filename), "reason": f"unreadable folder ({err.strerror})"})
+
+    seen = {real(d) for d, _, _ in os.walk(root)}  # the tree's own folders (links not followed) are read once, here
+    through_link = {str(root): False}  # folder -> reached through a followed link
+    files: list[tuple[str, int, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        linked = through_link.pop(dirpath, True)
         followed = []
         for name in sorted(dirnames):
             path = os.path.join(dirpath, name)
             if name.startswith("."):
                 continue
-            if os.path.islink(path):
-                if real(path) in visited:
-                    rejected.append({"path": rel(path), "reason": f"link to a folder already in the tree "
-                                     f"({os.readlink(path)}); each folder is read once"})
+            is_link = os.path.islink(path)
+            if is_link or linked:  # outside the tree's own walk: each real folder only once
+                key = real(path)
+                if key in seen:
+                    what = f"link to a folder already read ({os.readlink(path)})" if is_link else (
+                        "folder already read through another path")
+                    rejected.append({"path": rel(path), "reason": f"{what}; each folder is read once"})
                     continue
-                visited.add(real(path))
+                seen.add(key)
+            through_link[path] = linked or is_link
             followed.append(name)
         dirnames[:] = followed
         for name in sorted(filenames):
@@ -185,10 +203,12 @@ def _walk(root: Path) -> tuple[list[tuple[str, int]], list[dict]]:
                 target = os.readlink(path) if os.path.islink(path) else "?"
                 rejected.append({"path": rel(path), "reason": f"unusable link to {target} ({err.strerror})"})
                 continue
-            if stat.S_ISREG(st.st_mode):
-                files.append((rel(path), st.st_size))
-            else:
+            if not stat.S_ISREG(st.st_mode):
                 rejected.append({"path": rel(path), "reason": "not a regular file"})
+            elif not os.access(path, os.R_OK):
+                rejected.append({"path": rel(path), "reason": "unreadable file (Permission denied)"})
+            else:
+                files.append((rel(path), st.st_size, st.st_mtime_ns))
     return sorted(files), rejected
 
 
@@ -197,7 +217,7 @@ def _image_id(path: str) -> str:
     return Path(path).name.split(".")[0]
 
 
-def _label_from_csv(src: Path, files: list[tuple[str, int]], labels_csv: Path) -> list[SourceFile]:
+def _label_from_csv(src: Path, files: list[tuple[str, int, int]], labels_csv: Path) -> list[SourceFile]:
     """Flat layout: Kaggle `LOC_val_solution.csv` (ImageId,PredictionString) or plain `file,wnid` rows."""
     if not labels_csv.is_file():
         raise FileNotFoundError(f"--labels file {labels_csv} does not exist")
@@ -210,11 +230,11 @@ def _label_from_csv(src: Path, files: list[tuple[str, int]], labels_csv: Path) -
                 raise ValueError(f"{labels_csv}:{lineno}: expected 'file,wnid', got {row}")
             by_stem[_image_id(row[0].strip())] = row[1].split()[0]
     sources = []
-    for rel, size in files:
+    for rel, size, mtime_ns in files:
         stem = _image_id(rel)
         if stem not in by_stem:
             raise ValueError(f"{src / rel} is absent from {labels_csv}; add its label or move it out of {src}")
-        sources.append(SourceFile(rel, by_stem.pop(stem), size))
+        sources.append(SourceFile(rel, by_stem.pop(stem), size, mtime_ns=mtime_ns))
     if by_stem:
         missing = sorted(by_stem)[:5]
         raise ValueError(f"{labels_csv} lists {len(by_stem)} images not found under {src}, e.g. {missing}")
@@ -261,7 +281,7 @@ def assign_keys(sources: Sequence[SourceFile]) -> list[SourceFile]:
             n += 1
             key = f"{base}-{n}"
         taken.add(key)
-        keyed.append(SourceFile(s.rel, s.wnid, s.size, key))
+        keyed.append(SourceFile(s.rel, s.wnid, s.size, key, s.mtime_ns))
     return keyed
 
 
@@ -292,11 +312,13 @@ def plan_shards(sources: Sequence[SourceFile], options: WriteOptions) -> list[Sh
     return [ShardPlan(i, tuple(s)) for i, s in enumerate(shards)]
 
 
-def plan_digest(shard: ShardPlan, options: WriteOptions, classes: list[dict]) -> str:
-    """Identifies what a shard must contain; a rerun rewrites any shard whose digest changed."""
-    body = json.dumps(
-        [asdict(options), classes, [(s.rel, s.size, s.key, s.wnid) for s in shard.sources], tool_version()]
-    )
+def plan_digest(shard: ShardPlan, options: WriteOptions, classes: list[dict], *, mtimes: bool = True) -> str:
+    """Identifies what a shard must contain; a rerun rewrites any shard whose digest changed. With `mtimes`
+    (the per-shard digest that decides skipping) a source modified in place counts as changed; without (the
+    split's digest in the manifest) the digest depends only on names, sizes, labels and options, so two
+    copies of a source tree give byte-identical manifests."""
+    files = [(s.rel, s.size, s.key, s.wnid, *([s.mtime_ns] if mtimes else [])) for s in shard.sources]
+    body = json.dumps([asdict(options), classes, files, tool_version()])
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -338,6 +360,7 @@ def write_shard(
             writer.abort()
         else:
             size, sha = writer.commit()
+            result.index_sha256 = index_digest(format_index(writer.samples))
             result.record = asdict(ShardRecord(
                 shard_name(split, shard.index), index_name(split, shard.index), len(writer.samples), size, sha
             ))
@@ -394,7 +417,14 @@ def is_complete(store: Store, split: str, index: int, digest: str, sizes: dict[s
         return True
     if record["index"] not in sizes or sizes.get(record["name"]) != record["bytes"]:
         return False
+    # the index too: a kill between the renames of index and tar can leave another plan's index beside the tar
+    if result.get("index_sha256") != index_digest(store.read_text(record["index"])):
+        return False
     return store.sha256(record["name"]) == record["sha256"]
+
+
+def index_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_shards(
@@ -407,6 +437,7 @@ def write_shards(
     sizes = sink.store.sizes()
     todo = [s for s in shards if not is_complete(sink.store, options.split, s.index, digests[s.index], sizes)]
     skipped = len(shards) - len(todo)
+    workers = min(workers, max(len(todo), 1))  # a process per shard at most: forking more only costs
     total = sum(len(s.sources) for s in todo)
     kwargs = dict(src=src, spool=sink.spool, options=options, label_of=label_of, strict=strict)
     start = time.perf_counter()
@@ -476,9 +507,13 @@ def write_shard_in_worker(shard: ShardPlan, **kwargs) -> ShardResult:
 def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel queued shards and terminate the workers writing the others (their `.partial` files are
     overwritten by the next run)."""
+    # no public API before Python 3.14; read before shutdown(), which drops the table
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list(getattr(pool, "_processes", {}).values()):  # no public API before Python 3.14
+    for process in processes:
         process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 # --- manifest ---------------------------------------------------------------------------------------------
@@ -523,6 +558,7 @@ def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | Non
     """Build `<split>.manifest.json` in OUT (a folder or a store URL) from the plan and the per-shard records;
     None while shards are missing. Written last: its presence means every shard it lists is in OUT."""
     store = open_store(out)
+    check_split_name(split)
     try:
         plan = json.loads(store.read_text(_plan_name(split)))
     except FileNotFoundError:
@@ -608,8 +644,8 @@ def convert(
         raise ValueError(f"--max-size {max_size} must be >= 1 pixel")
     if max_pixels < 1:
         raise ValueError(f"--max-pixels {max_pixels} must be >= 1")
-    if workers is not None and workers < 1:
-        raise ValueError(f"--workers {workers} must be >= 1 (or leave it out: the usable CPU cores)")
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers {workers} must be in 1..{MAX_WORKERS} (or leave it out: the usable CPU cores)")
 
     reference = None
     if classes_file is None and split != "train" and store.exists(manifest_name("train")):
@@ -620,6 +656,10 @@ def convert(
                            max_size, quality, check, max_pixels)
 
     sources, discovery_rejected, folders = discover(src, labels_csv=Path(labels_csv) if labels_csv else None)
+    hidden = sorted(e.name for e in os.scandir(src) if e.name.startswith(".") and e.is_dir())
+    if hidden and labels_csv is None and classes_file is None and reference is None:
+        raise ValueError(f"{src / hidden[0]} is a hidden folder: torchvision's ImageFolder would make it a class "
+                         "and shift every index after it; remove it, or pin the classes with --classes")
     if strict and discovery_rejected:
         first = discovery_rejected[0]
         raise ValueError(f"{src / first['path']}: {first['reason']} (--strict)")
@@ -628,8 +668,12 @@ def convert(
                               reference_path=store.url(manifest_name("train")))
     plan = plan_shards(sources, options)
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
-    split_digest = hashlib.sha256(" ".join(digests[s.index] for s in plan).encode()).hexdigest()
+    content = " ".join(plan_digest(s, options, classes, mtimes=False) for s in plan)
+    split_digest = hashlib.sha256(content.encode()).hexdigest()
     store.prepare()
+    if store.local_dir is not None:  # plan, record and manifest temporaries of converter runs that were killed
+        for folder in (store.local_dir, store.local_dir / PARTS_DIR):
+            remove_stale_temporaries(folder)
     invalidate_other_manifest(store, split, split_digest, say=print if progress else None)
     store.put_bytes(_plan_name(split), json.dumps({
         "digests": [digests[s.index] for s in plan], "plan_digest": split_digest,
@@ -646,6 +690,10 @@ def convert(
     manifest = write_manifest(store, split)
     if progress:
         _print_summary(split, stats, manifest, job_index, num_jobs, len(mine))
+    if strict and manifest is not None and manifest.rejected:  # rejections of an earlier run without --strict
+        first = manifest.rejected[0]
+        raise ValueError(f"{src / first['path']}: {first['reason']} (--strict; listed in "
+                         f"{store.url(manifest_name(split))})")
     if manifest is not None:
         warn_empty_classes(manifest)
     return manifest

@@ -142,6 +142,8 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
 
     stats["samples"] counts the samples actually read and checked (a missing or unreadable shard's are not);
     stats["listed"] what the manifests promise. `progress` shows a bar in images/s (stderr)."""
+    if workers is not None and not 1 <= workers <= 4096:
+        raise ValueError(f"--workers {workers} must be in 1..4096 (or leave it out: the usable CPU cores)")
     store = open_store(shards_dir)
     store.check()
     shards_dir = str(store)  # what each worker process opens its own store from

@@ -176,7 +176,7 @@ def test_links_are_followed_once_and_unusable_ones_rejected(tmp_path):
     assert manifest.num_samples == 6 and manifest.wnids == ["n01", "n02", "n03"]
     reasons = {r["path"]: r["reason"] for r in manifest.rejected}
     assert reasons.keys() == {"n01/up", "n01/self", "n02/dangling.JPEG", "n02/again"}
-    assert reasons["n01/up"].startswith("link to a folder already in the tree (..)")
+    assert reasons["n01/up"].startswith("link to a folder already read (..)")
     assert "Too many levels of symbolic links" in reasons["n01/self"]
     assert reasons["n02/dangling.JPEG"] == "unusable link to missing.JPEG (No such file or directory)"
     assert manifest.discovered == manifest.num_samples + len(manifest.rejected)
@@ -254,8 +254,8 @@ def test_manifest_and_plan_follow_the_umask(tiny_imagenet, tmp_path):
 # --- 10. flags that slipped through ---------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (["--max-size", "0"], "--max-size 0 must be >= 1 pixel"),
-    (["--workers", "0"], "--workers 0 must be >= 1"),
-    (["--workers", "-3"], "--workers -3 must be >= 1"),
+    (["--workers", "0"], "--workers 0 must be in 1..4096"),
+    (["--workers", "-3"], "--workers -3 must be in 1..4096"),
     (["--max-pixels", "0"], "--max-pixels 0 must be >= 1"),
     (["--split", "../up"], "--split '../up': a split name is letters"),
 ])
@@ -316,3 +316,86 @@ def test_corrupt_data_is_rejected_also_when_the_image_would_be_converted(mode, s
     assert reason  # the premise: this image is converted, not passed through
     with pytest.raises(RejectedImage, match=r"^corrupt JPEG data \("):
         prepare_image(damaged, max_size=max_size)
+
+
+# --- found by a hostile review of the above -------------------------------------------------------------------
+def test_a_link_above_the_source_does_not_read_the_tree_again(tmp_path):
+    """`c1/up -> ../..` reaches SRC from above: the real folders inside the link are the tree itself."""
+    src = tree(tmp_path / "anc" / "data" / "train", {f"c{c}/{i}.JPEG": noisy_jpeg(10 * c + i, (32, 32))
+                                                     for c in (1, 2) for i in range(3)})
+    os.symlink("../..", src / "c1" / "up")
+    manifest = convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    assert manifest.num_samples == 6
+    assert {r["path"]: r["reason"] for r in manifest.rejected} == {
+        "c1/up/train": "folder already read through another path; each folder is read once"}
+
+
+def test_unreadable_folders_and_files_are_rejected_not_lost(tmp_path, monkeypatch):
+    src = tree(tmp_path / "src", {"a/x.JPEG": noisy_jpeg(0, (32, 32)), "a/locked/y.JPEG": noisy_jpeg(1, (32, 32)),
+                                  "b/z.JPEG": noisy_jpeg(2, (32, 32))})
+    real_walk, real_access = os.walk, os.access
+
+    def walk(top, **kwargs):  # what os.walk does for a folder it may not list (root can read anything)
+        for dirpath, dirnames, filenames in real_walk(top, **kwargs):
+            if dirpath.endswith("locked"):
+                if kwargs.get("onerror"):
+                    kwargs["onerror"](PermissionError(13, "Permission denied", dirpath))
+                continue
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", walk)
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("z.JPEG") and real_access(path, mode))
+    manifest = convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    assert manifest.num_samples == 1 and manifest.discovered == 3
+    assert {r["path"]: r["reason"] for r in manifest.rejected} == {
+        "a/locked": "unreadable folder (Permission denied)", "b/z.JPEG": "unreadable file (Permission denied)"}
+
+
+def test_strict_with_several_workers_is_one_line_and_stops_the_pool(tmp_path, capsys):
+    files = {f"n0{c}/{i}.JPEG": noisy_jpeg(100 * c + i, (64, 48)) for c in (1, 2) for i in range(8)}
+    files["n01/3.JPEG"] = corrupt_scan(noisy_jpeg(7, (160, 128)))
+    src = tree(tmp_path / "src", files)
+    argv = ["shards", "convert", str(src), str(tmp_path / "out"), "--split", "train", "--samples-per-shard", "2",
+            "--workers", "2", "--strict", "--no-progress"]
+    assert cli(argv) == 2  # was a 60-line AttributeError from the pool's shutdown
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n01/3.JPEG: corrupt JPEG data" in err[0] and "(--strict)" in err[0]
+    assert not psutil.Process().children(recursive=True)
+    assert cli([*argv[:-2], "--no-progress"]) == 0  # the same tree without --strict: rejected, listed
+    assert cli(argv) == 2  # a rerun with --strict over that conversion: its manifest lists the rejection
+    assert "listed in" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli([*argv, "--workers", "99999999999999999999"]) == 2
+    assert "--workers 99999999999999999999 must be in 1..4096" in capsys.readouterr().err
+
+
+def test_a_file_fixed_in_place_is_packed_on_rerun(tmp_path):
+    good = noisy_jpeg(5, (96, 64))
+    src = tree(tmp_path / "src", {"n01/a.JPEG": good, "n01/b.JPEG": corrupt_scan(good), "n02/c.JPEG": good})
+    first = convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    assert [r["path"] for r in first.rejected] == ["n01/b.JPEG"]
+    (src / "n01" / "b.JPEG").write_bytes(good)  # the same size: only its modification time says it changed
+    os.utime(src / "n01" / "b.JPEG", ns=(time.time_ns(), time.time_ns() + 10**9))
+    fixed = convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    assert fixed.rejected == [] and fixed.num_samples == 3
+    assert fixed.plan_digest == first.plan_digest  # names, sizes and labels are the same: one plan
+
+
+def test_another_plan_s_index_beside_a_complete_tar_is_rewritten(tiny_imagenet, tmp_path):
+    out = tmp_path / "out"
+    convert(tiny_imagenet / "val", out, split="val", samples_per_shard=8, workers=1, progress=False)
+    index = out / "val-000001.idx"
+    good = index.read_text()
+    head, *lines = good.splitlines()
+    index.write_text("\n".join([head, *reversed(lines)]) + "\n")  # a kill between the renames of another plan
+    convert(tiny_imagenet / "val", out, split="val", samples_per_shard=8, workers=1, progress=False)
+    assert index.read_text() == good and verify(out, workers=1)[0] == []
+
+
+def test_a_hidden_class_folder_is_refused_unless_classes_are_pinned(tmp_path):
+    src = tree(tmp_path / "src", {"n01/a.JPEG": noisy_jpeg(0, (32, 32)), ".ipynb_checkpoints/a.JPEG": b"x"})
+    with pytest.raises(ValueError, match=r"\.ipynb_checkpoints is a hidden folder: torchvision's ImageFolder would"):
+        convert(src, tmp_path / "out", split="train", workers=1, progress=False)
+    (tmp_path / "classes.txt").write_text("n01\n")
+    pinned = convert(src, tmp_path / "out", split="train", workers=1, classes_file=tmp_path / "classes.txt",
+                     progress=False)
+    assert pinned.wnids == ["n01"] and pinned.num_samples == 1

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"saturate {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was complete stays (shards, checkpoints), the rest is a rerun
+        print(f"saturate {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
