@@ -198,6 +198,7 @@ class Loader:
     batch_size: int
     num_samples: int  # samples this rank yields per full epoch
     num_classes: int
+    wnids: list[str] | None = None  # the manifest's classes in index order (None: synthetic data)
     device: Any  # torch.device
 
     def __init__(self) -> None:

@@ -226,7 +226,7 @@ class DaliLoader(Loader):
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.store = open_store(shards_dir)
-        self.num_classes = manifest.num_classes
+        self.num_classes, self.wnids = manifest.num_classes, manifest.wnids
         self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
         self.with_keys = bool(options["with_keys"])
         self.train = train

@@ -305,7 +305,7 @@ class PytorchLoader(Loader):
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area
         self.store = open_store(shards_dir)
-        self.num_classes = manifest.num_classes
+        self.num_classes, self.wnids = manifest.num_classes, manifest.wnids
         self.tars = [record.name for record in manifest.shards]  # names in the store; open_split checked them
         self.counts = [record.num_samples for record in manifest.shards]
         self.total = manifest.num_samples

@@ -277,3 +277,22 @@ def test_a_half_or_garbled_torchrun_environment_is_named(tiny_shards, monkeypatc
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=r"\$RANK=.* and \$WORLD_SIZE='2': torchrun sets both"):
         build_loader(tiny_shards, "val", train=False, batch_size=4, backend="dali-cpu")
+
+
+def test_train_and_val_with_shifted_class_lists_are_refused(tiny_imagenet, tmp_path, capsys):
+    """Same number of classes, other WNIDs: every val label would be scored against another class."""
+    import shutil
+
+    from shards.convert import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_imagenet, src)
+    (src / "train" / "n00000005").rename(src / "train" / "zz_renamed")
+    data = tmp_path / "data"
+    convert(src / "val", data, split="val", samples_per_shard=10, workers=1, progress=False)  # val first
+    convert(src / "train", data, split="train", samples_per_shard=10, workers=1, progress=False)
+    argv = ["train", "--data", str(data), "--backend", "dali-cpu", "--precision", "fp32", "--arch", "resnet18",
+            "--image-size", "32", "--batch-size", "8", "--num-threads", "1", "--run-dir", str(tmp_path / "run")]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "class 4 is zz_renamed in train but n00000005 in val" in err and not (tmp_path / "run").exists()

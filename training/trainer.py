@@ -68,9 +68,16 @@ class Trainer:
                 raise ConfigError(f"--num-classes: {num_classes}, but the shards have "
                                   f"{max(self.train_loader.num_classes, val_loader.num_classes)} classes (labels up to "
                                   "that index); leave it out to take the manifest's")
-            if cfg.num_classes is None and val_loader.num_classes != num_classes:
-                raise ConfigError(f"--data: {cfg.train_split} has {num_classes} classes but {cfg.val_split} has "
-                                  f"{val_loader.num_classes}; convert both splits with the same class list")
+            train_wnids, val_wnids = self.train_loader.wnids, val_loader.wnids
+            if train_wnids is not None and val_wnids is not None and train_wnids != val_wnids:
+                # the same count is not enough: index i must be the same class in both splits
+                pairs = zip(train_wnids, val_wnids, strict=False)  # the shorter list ends the comparison
+                index = next((i for i, (a, b) in enumerate(pairs) if a != b),
+                             min(len(train_wnids), len(val_wnids)))
+                got = [w[index] if index < len(w) else "none" for w in (train_wnids, val_wnids)]
+                raise ConfigError(f"--data: class {index} is {got[0]} in {cfg.train_split} but {got[1]} in "
+                                  f"{cfg.val_split} ({len(train_wnids)} and {len(val_wnids)} classes); convert "
+                                  f"{cfg.val_split} with --classes {cfg.train_split}.manifest.json")
             # len() of a loader resumed mid-epoch counts only the batches left in that epoch; the checkpoint
             # remembers the full length (it sets the LR schedule, so it must not change on resume).
             # Optimizer steps: the loader's micro-batches in groups of --grad-accum-steps (a remainder is read
