@@ -100,9 +100,10 @@ def _writer_alive(name: str) -> bool | None:
     return True
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(directory: str | os.PathLike, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:
     """Remove temporaries left in `directory` by writers that were killed (kill -9, OOM, a node failure);
-    returns what was removed. A temporary from another host is removed only after FOREIGN_STALE_AFTER."""
+    returns what was removed. A temporary from another host is removed once it is `foreign_after` seconds old
+    (its writer cannot be asked; a folder with a single writer, a run's checkpoints, can use a short time)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -113,7 +114,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
             continue
         alive = _writer_alive(entry.name)
         try:
-            stale = alive is False or (alive is None and now - entry.stat().st_mtime > FOREIGN_STALE_AFTER)
+            stale = alive is False or (alive is None and now - entry.stat().st_mtime > foreign_after)
             if stale:
                 entry.unlink()
                 removed.append(entry)

@@ -259,7 +259,7 @@ def resolve_classes(
             raise ValueError(f"class {unknown[0]} (of {len(unknown)} unknown) is not in --classes {classes_file}")
     else:
         wnids = present
-        _check_wnids(wnids, "class folders")
+        _check_wnids(wnids, "class folder")
     names = read_class_names(names_file) if names_file is not None else {}
     if names_file is None and reference is not None:
         names = {c["wnid"]: c["name"] for c in reference.classes}  # val keeps train's human-readable names too

@@ -211,6 +211,13 @@ def prepare_image(
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
             img.paste(rgba, mask=rgba.getchannel("A"))
+        elif img.mode.startswith("I"):
+            # 16-bit grayscale (PNG "I;16", or "I" holding 16-bit values): Pillow's convert("RGB") clips at 255
+            # and the image comes out nearly all white; keep the top 8 bits instead
+            import numpy as np
+
+            pixels = (np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(pixels, "L").convert("RGB")
         else:
             img = img.convert("RGB")
     out = io.BytesIO()

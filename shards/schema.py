@@ -310,7 +310,8 @@ def _check_wnids(wnids: Iterable[str], source: object) -> None:
     seen = set()
     for wnid in wnids:
         if not WNID_PATTERN.match(wnid):
-            raise ValueError(f"{source}: class id {wnid!r} is not a WNID-like name ([A-Za-z0-9_-])")
+            raise ValueError(f"{source} {wnid!r}: a class id is a WNID-like name of letters, digits, '_' and '-' "
+                             "(rename the folder, or give --labels)")
         if wnid in seen:
             raise ValueError(f"{source}: class {wnid} is listed twice")
         seen.add(wnid)

@@ -399,3 +399,15 @@ def test_a_hidden_class_folder_is_refused_unless_classes_are_pinned(tmp_path):
     pinned = convert(src, tmp_path / "out", split="train", workers=1, classes_file=tmp_path / "classes.txt",
                      progress=False)
     assert pinned.wnids == ["n01"] and pinned.num_samples == 1
+
+
+def test_a_16_bit_grayscale_png_keeps_its_tones():
+    """Pillow's convert("RGB") clips 16-bit values at 255: a gradient came out almost all white."""
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, format="PNG")
+    assert Image.open(io.BytesIO(out.getvalue())).mode == "I;16"
+    data, reason = prepare_image(out.getvalue())
+    pixels = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64)
+    assert reason == "PNG source" and pixels.shape == (48, 64, 3)
+    assert abs(pixels.mean() - 127.5) < 2 and pixels.min() <= 1 and pixels.max() >= 254

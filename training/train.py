@@ -92,7 +92,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
         # everything was built: the run directory may now be written
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temporaries(run_dir / checkpoint.CHECKPOINT_DIR):
+            # rank 0 is the only writer of checkpoints/: a temporary older than a slow write is a killed one,
+            # also when a requeued job's rank 0 runs on another node
+            for stale in remove_stale_temporaries(run_dir / checkpoint.CHECKPOINT_DIR, foreign_after=600):
                 say(f"removed {stale}, left by a checkpoint write that was killed")
             if ckpt is not None and not cfg.evaluate_only:
                 dropped = log.drop_after(ckpt["step"])
