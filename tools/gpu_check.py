@@ -10,8 +10,11 @@ own report under OUT/<stage>/ and its log to OUT/<stage>.log): `corpus` (`satura
 ~110 KB at ~400x350), `convert`, `tests` (`pytest -m gpu`), `loader` (dali-gpu at 2/4/8/16 threads x
 hw_decoder_load 0/0.65/1, then dali-gpu, dali-cpu and pytorch at 16 in one run for the ratio), `e2e`
 (ResNet-50 bf16 channels_last: the synthetic ceiling eager and compiled, dali-gpu at 4 threads and pytorch at 16
-end to end), `augment` (every policy, loader alone, dali-gpu and pytorch), `s3` (loader rows from a local S3
-server, when the machine has the client and server packages). The corpus and shards live in --work (default
+end to end), `augment` (every policy, loader alone, dali-gpu and pytorch), `s3` (the val shards' loader rows
+from disk and from a local S3 server, tools/local_s3.py; skipped when the machine lacks boto3 and moto, which
+the GPU image does not have: carry them like DALI, e.g. `pip download --only-binary=:all: --python-version 3.12
+--platform manylinux2014_x86_64 -d extras boto3 moto flask flask-cors werkzeug xmltodict responses` into a
+chunk). The corpus and shards live in --work (default
 /tmp/gpu-check), which survives between calls while the machine stays warm, so a later call skips them.
 OUT/summary.md holds each stage's status and time and the issue's goals against the measured figures.
 """
@@ -60,7 +63,7 @@ class Plan:
     @staticmethod
     def for_machine(cpu_dry_run: bool) -> Plan:
         if cpu_dry_run:
-            return Plan("dali-cpu", 4, 24, 4, 16, 64, "resnet18", "fp32", (1, 2), 2, 1, (0.65,), 0.5, "off")
+            return Plan("dali-cpu", 4, 24, 12, 16, 64, "resnet18", "fp32", (1, 2), 2, 1, (0.65,), 0.5, "off")
         return Plan("dali-gpu", 100, 200, 10, 256, 224, "resnet50", "bf16", (2, 4, 8, 16), 16, 4, (0.0, 0.65, 1.0),
                     4.0, "off,on")
 
@@ -114,9 +117,13 @@ def stage_commands(stage: str, plan: Plan, *, work: Path, out: Path) -> list[lis
                              f"{plan.gpu_backend},pytorch", "--threads", many, "--augment",
                              "rrc-flip,autoaugment,randaugment,trivialaugment")]
     if stage == "s3":
-        return [[sys.executable, "-m", "tools.gpu_check_s3", str(shards), str(out / "s3"), "--backends",
-                 f"{plan.gpu_backend},pytorch", "--threads", many, "--batch-size", str(plan.batch),
-                 "--image-size", str(plan.image_size), "--duration", str(plan.duration)]]
+        # the val split's shards (smaller: moto reads a whole object per ranged GET) served from a local S3
+        # server, loader alone, next to the same shards on disk in one run each
+        local = profile_args(plan, shards, out / "s3" / "disk", "--modes", "loader", "--backends",
+                             f"{plan.gpu_backend},pytorch", "--threads", many, "--split", "val")
+        store = profile_args(plan, Path("{url}"), out / "s3" / "store", "--modes", "loader", "--backends",
+                             f"{plan.gpu_backend},pytorch", "--threads", many, "--split", "val")
+        return [local, [sys.executable, "-m", "tools.local_s3", str(shards), "--", *store]]
     raise ValueError(f"--stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
 
 
