@@ -300,3 +300,19 @@ def test_node_rows_give_per_rank_mean_total_and_scaling():
 
 def test_single_process_agrees_with_itself():
     assert SingleProcess().all_true(True, False) == (True, False)
+
+
+def test_an_unstable_model_row_is_not_the_ceiling_when_a_stable_one_exists():
+    """`make demo` on 2 busy cores: the model at 2 threads spread 7-61 img/s (median 35), at 1 thread a steady
+    33. The steady row is the yardstick; e2e rows are not flagged for the other one's noise."""
+    from dataclasses import replace
+
+    two = rated("model", "synthetic", 35.0, precision="fp32", windows=[7.0, 35.0, 61.0])
+    one = rated("model", "synthetic", 33.0, precision="fp32", windows=[32.0, 33.0, 34.0])
+    two.config, one.config = replace(two.config, model_threads=2), replace(one.config, model_threads=1)
+    e2e = rated("e2e", "dali-cpu", 32.0, threads=1, precision="fp32", windows=[32.0, 32.0, 33.0])
+    loader = rated("loader", "dali-cpu", 640.0, threads=1)
+    rows = [two, one, loader, e2e]
+    add_ratios(rows)
+    assert two.unstable and one.stable and e2e.stable and loader.stable
+    assert e2e.vs_ceiling == pytest.approx(32.0 / 33.0) and loader.vs_ceiling == pytest.approx(640.0 / 33.0)

@@ -16,22 +16,26 @@ BASELINE_BACKEND = "pytorch"
 
 
 def ceiling_rows(rows: Sequence[ProfileRow]) -> dict[tuple, ProfileRow]:
-    """Ceiling key (batch, image size, precision, compile) -> the fastest model row measured for it (on the
-    CPU there is one per model thread count)."""
+    """Ceiling key (batch, image size, precision, compile) -> the model row to compare with: the fastest stable
+    one (on the CPU there is one per model thread count), else the fastest. An unstable pass (two model threads
+    fighting other processes for two cores) must not become the yardstick of rows that measured fine."""
     best: dict[tuple, ProfileRow] = {}
     for r in rows:
         key = r.config.ceiling_key()
         if r.ok and r.config.mode == "model" and (
-                key not in best or r.images_per_sec_per_gpu > best[key].images_per_sec_per_gpu):
+                key not in best or (r.stable, r.images_per_sec_per_gpu) > (best[key].stable,
+                                                                            best[key].images_per_sec_per_gpu)):
             best[key] = r
     return best
 
 
 def fastest_ceiling(rows: Sequence[ProfileRow], *, batch_size: int, image_size: int) -> float | None:
-    """The model ceiling (images/s per GPU) for a loader at this batch and image size: the fastest step."""
-    rates = [r.images_per_sec_per_gpu for r in rows if r.ok and r.config.mode == "model"
-             and (r.config.batch_size, r.config.image_size) == (batch_size, image_size)]
-    return max(rates) if rates else None
+    """The model ceiling (images/s per GPU) for a loader at this batch and image size: the fastest step (stable
+    rows first, as in `ceiling_rows`)."""
+    candidates = [r for r in ceiling_rows(rows).values()
+                  if (r.config.batch_size, r.config.image_size) == (batch_size, image_size)]
+    stable = [r for r in candidates if r.stable] or candidates
+    return max((r.images_per_sec_per_gpu for r in stable), default=None)
 
 
 def threads_needed(ceiling: float, images_per_sec: float, threads: int) -> tuple[int, str | None]:
@@ -51,6 +55,8 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
                 ca.compile) == (cb.mode, cb.batch_size, cb.image_size, cb.threads, cb.prefetch, cb.augment,
                                 cb.precision, cb.compile)
 
+    # a model row's own measurement decides whether it may be a ceiling: judge those first
+    flag_unstable([r for r in rows if r.config.mode == "model"], {})
     ceilings = ceiling_rows(rows)
     baselines = [r for r in rows if r.ok and r.config.backend == BASELINE_BACKEND]
     for row in rows:
