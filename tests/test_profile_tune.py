@@ -240,3 +240,13 @@ def test_an_entry_tuned_for_another_augmentation_policy_does_not_match(tiny_shar
         tuning.resolve_auto(policy, world_size=1, is_main=True, say=print)
     tuning.add_entry(tmp_path / "tune.json", an_entry(policy, threads=2))
     assert tuning.resolve_auto(policy, world_size=1, is_main=True, say=print).num_threads == 2
+
+
+def test_an_entry_written_before_the_policy_was_matched_still_serves_the_default_policy(tiny_shards, tmp_path):
+    cfg = auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json"))
+    old = an_entry(cfg)
+    del old["match"]["augment"]  # tune.json files from before the policy was part of the match
+    tuning.add_entry(tmp_path / "tune.json", old)
+    assert tuning.find_entry(tmp_path / "tune.json", tuning.run_key(cfg, world_size=1)) is not None
+    policy = auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json"), augment="trivialaugment")
+    assert tuning.find_entry(tmp_path / "tune.json", tuning.run_key(policy, world_size=1)) is None

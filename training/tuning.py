@@ -90,7 +90,12 @@ def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def find_entry(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any] | None:
-    return next((e for e in reversed(read_entries(path)) if e.get("match") == key), None)
+    """The newest entry whose match is `key`. Entries written before the augmentation policy was part of the
+    match were tuned with the default policy, and still match runs that use it."""
+    def match(entry: dict[str, Any]) -> dict[str, Any]:
+        return {"augment": DEFAULT_POLICY, **entry.get("match", {})}
+
+    return next((e for e in reversed(read_entries(path)) if match(e) == key), None)
 
 
 def add_entry(path: str | os.PathLike, entry: dict[str, Any]) -> Path:
