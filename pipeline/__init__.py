@@ -9,7 +9,8 @@
 Backends: `dali-gpu` and `dali-cpu` (pipeline.dali), `pytorch` (pipeline.pytorch_loader: torch DataLoader +
 webdataset + Pillow, the strong baseline), `synthetic` (pipeline.synthetic: the model's ceiling).
 Augmentation and normalisation constants live in pipeline.constants; the augmentation policies
-(`augment=`: rrc-flip, autoaugment, randaugment, trivialaugment, plus random erasing) in pipeline.augment;
+(`augment=`: rrc-flip, autoaugment, autoaugment-v0, randaugment, trivialaugment, plus random erasing) in
+pipeline.augment;
 the rank's share of a split, the epoch length and the resume-state checks in pipeline.base.
 """
 
@@ -62,10 +63,12 @@ def build_loader(
     world_size/seed); None starts at epoch 0.
     crop_area: train random-resized-crop area range, fractions of the source image.
     augment: train augmentation policy after the crop and flip, one of POLICIES: "rrc-flip" (nothing more),
-    "autoaugment" (ImageNet policy), "randaugment" (`randaugment_n` ops at magnitude `randaugment_m` of 31),
-    "trivialaugment" (wide). random_erasing: probability of erasing one box per image (0: off). The same
-    semantics on every real backend (pipeline.augment says where DALI and torchvision differ); only for
-    train=True, never for `synthetic`. A bad value raises PolicyError (a ValueError) naming the keyword.
+    "autoaugment" (the AutoAugment paper's ImageNet table, torchvision's), "autoaugment-v0" (the TF/EfficientNet
+    v0 ImageNet policy of DALI and DLE; DALI backends only), "randaugment" (`randaugment_n` ops at magnitude
+    `randaugment_m` of 31), "trivialaugment" (wide). random_erasing: probability of erasing one box per image
+    (0: off). One name is one policy on every real backend that runs it (pipeline.augment says where DALI's and
+    torchvision's operators differ); only for train=True, never for `synthetic`. A bad value, or a policy the
+    backend cannot run, raises PolicyError (a ValueError) naming the keyword.
     backend_options: per backend, see DALI_OPTIONS (pipeline.dali), PYTORCH_OPTIONS
     (pipeline.pytorch_loader), SYNTHETIC_OPTIONS (pipeline.synthetic).
     """

@@ -1,20 +1,33 @@
 """Augmentation policies (pipeline/augment.py) on `dali-cpu` and `pytorch`, on the session's `tiny_shards`:
 the batch contract holds with every policy, a policy changes pixels and is reproducible for a seed, random
-erasing erases the expected share of images, and a mid-epoch resume with a policy on is exact."""
+erasing erases the expected share of images, and a mid-epoch resume with a policy on is exact. One name is one
+policy: DALI's `autoaugment` is torchvision's table with torchvision's magnitudes, `autoaugment-v0` is DLE's
+policy and is refused where torchvision would have to stand in for it."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_pipeline import SIZE, THREADS, epoch, read_split, take
 
 from pipeline import PolicyError, build_loader
-from pipeline.augment import NO_BOX, TorchvisionPolicy, erase_boxes_, make_policy
+from pipeline.augment import (
+    AUTOAUGMENT_BINS,
+    NO_BOX,
+    TorchvisionPolicy,
+    autoaugment_space,
+    dali_autoaugment_policy,
+    erase_boxes_,
+    make_policy,
+)
 
 READERS = ("dali-cpu", "pytorch")
-POLICIES = ("autoaugment", "randaugment", "trivialaugment")
+POLICIES = ("autoaugment", "autoaugment-v0", "randaugment", "trivialaugment")
+#: (backend, policy) pairs that run: autoaugment-v0 exists on the DALI backends only
+RUNS = [(b, p) for p in POLICIES for b in READERS if (b, p) != ("pytorch", "autoaugment-v0")]
 
 
 def train_loader(shards, backend, **kwargs):
@@ -48,8 +61,7 @@ def erased_boxes(images: torch.Tensor) -> list[tuple[int, int] | None]:
 
 
 # --- every policy keeps the contract, changes pixels, and is reproducible ---------------------------------
-@pytest.mark.parametrize("backend", READERS)
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("backend", "policy"), RUNS)
 def test_policy_keeps_the_contract_and_is_reproducible(tiny_shards, backend, policy):
     truth = read_split(tiny_shards, "train")
     options = dict(seed=7, augment=policy, randaugment_n=2, randaugment_m=9)
@@ -119,11 +131,13 @@ def test_torchvision_policy_is_seeded_per_sample_and_leaves_the_global_rng_alone
 
 
 # --- resume -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", READERS)
-def test_resume_with_a_policy_continues_exactly(tiny_shards, backend):
-    """DALI's checkpoint covers the conditional graph of nvidia.dali.auto_aug; the pytorch backend seeds the
-    torchvision ops per sample. Either way a state taken mid-epoch continues with the same pixels."""
-    options = dict(batch_size=4, seed=3, augment="trivialaugment", random_erasing=0.5)
+@pytest.mark.parametrize(("backend", "policy"), [*((b, "trivialaugment") for b in READERS),
+                                                  ("dali-cpu", "autoaugment")])
+def test_resume_with_a_policy_continues_exactly(tiny_shards, backend, policy):
+    """DALI's checkpoint covers the conditional graph of nvidia.dali.auto_aug (its own policies and our
+    AutoAugment Policy); the pytorch backend seeds the torchvision ops per sample. Either way a state taken
+    mid-epoch continues with the same pixels."""
+    options = dict(batch_size=4, seed=3, augment=policy, random_erasing=0.5)
     with train_loader(tiny_shards, backend, **options) as ldr:
         per_epoch = len(ldr)
         total = per_epoch + 3  # into the second epoch
@@ -133,7 +147,7 @@ def test_resume_with_a_policy_continues_exactly(tiny_shards, backend):
         consumed = take(first, k)
         state = first.state_dict()
         first.close()
-        assert state["augment"] == "trivialaugment+random_erasing(0.5)"
+        assert state["augment"] == f"{policy}+random_erasing(0.5)"
         with train_loader(tiny_shards, backend, state=state, **options) as resumed:
             rest = take(resumed, total - k)
         for got, want in zip(consumed + rest, reference, strict=True):
@@ -149,6 +163,151 @@ def test_a_state_from_another_policy_is_refused(tiny_shards):
     with train_loader(tiny_shards, "pytorch") as ldr:
         old = {k: v for k, v in ldr.state_dict().items() if k != "augment"}
     train_loader(tiny_shards, "pytorch", state=old).close()  # states saved before the key existed: rrc-flip
+
+
+# --- one name, one policy -----------------------------------------------------------------------------------
+def torchvision_autoaugment():
+    """torchvision's ImageNet AutoAugment as the pytorch backend runs it: its sub-policy table and its
+    augmentation space (op -> (magnitudes(bins, height, width), signed)); private attributes, read only here
+    so that a torchvision release that changes them fails this comparison instead of drifting silently."""
+    from torchvision.transforms import v2
+
+    op = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
+    return op._policies, op._AUGMENTATION_SPACE
+
+
+def table(policy) -> list[list[tuple]]:
+    """A DALI Policy's sub-policies as (op name, probability, bin) lists."""
+    return [[(aug.name, p, m) for aug, p, m in sub] for sub in policy.sub_policies]
+
+
+@pytest.mark.parametrize("side", [32, 224, 331])
+def test_autoaugment_magnitudes_are_torchvisions(side):
+    """autoaugment_space (what the DALI policy is built from) equals torchvision's AutoAugment space at 10
+    bins, op by op: the same ops, the same random signs, the same magnitudes (float32 precision for the
+    continuous ones; exactly what the pixels see for the discrete ones: whole-pixel shifts, bits kept, and the
+    first pixel value solarize inverts)."""
+    _, space = torchvision_autoaugment()
+    ours = autoaugment_space(side)
+    assert sorted(ours) == sorted(space)
+    for op, (magnitudes_of, signed) in space.items():
+        want = magnitudes_of(AUTOAUGMENT_BINS, side, side)
+        got, got_signed = ours[op]
+        assert got_signed == signed, op
+        if want is None:
+            assert got is None, op
+            continue
+        want = [float(m) for m in want]
+        if op.startswith("Translate"):
+            assert got == tuple(float(int(m)) for m in want), op  # torchvision's translate=[int(magnitude), 0]
+        elif op == "Posterize":
+            assert got == tuple(want), op
+        elif op == "Solarize":  # torchvision (Pillow) inverts pixel values v >= 255 * m
+            assert [sum(v >= 255.0 * m for v in range(256)) for m in want] == [256 - t for t in got], op
+        else:
+            assert np.allclose(got, want, rtol=1e-6, atol=0), op
+
+
+def test_dali_autoaugment_is_the_table_torchvision_runs():
+    """The DALI policy behind augment='autoaugment': torchvision's 25 sub-policies (op, probability, bin),
+    each op a DALI augmentation carrying autoaugment_space's per-bin magnitudes and torchvision's sign rule."""
+    policy = dali_autoaugment_policy("autoaugment", image_size=224)
+    assert policy.num_magnitude_bins == AUTOAUGMENT_BINS == 10
+    assert table(policy) == [list(sub) for sub in torchvision_autoaugment()[0]]
+    space = autoaugment_space(224)
+    for name, aug in policy.augmentations.items():
+        magnitudes, signed = space[name]
+        assert aug.randomly_negate == signed, name
+        want = None if magnitudes is None else np.array(magnitudes, dtype=np.float32)  # what DALI's ops take
+        assert (aug.mag_range is None) if want is None else np.array_equal(aug.mag_range, want), name
+
+
+def test_dali_posterize_and_solarize_give_torchvisions_pixels():
+    """The discrete ops end to end: every pixel value 0-255 through DALI's Posterize/Solarize of the
+    autoaugment policy at each of the 10 bins equals torchvision's (Pillow's) result at that bin's magnitude,
+    computed as torchvision's AutoAugment does (bits=int(m); threshold=255 * m)."""
+    from nvidia.dali import fn, pipeline_def
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    _, space = torchvision_autoaugment()
+    pixels = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)  # every value once
+    policy = dali_autoaugment_policy("autoaugment", image_size=16)
+
+    @pipeline_def(batch_size=AUTOAUGMENT_BINS, num_threads=1, device_id=None)
+    def ops():
+        images = fn.external_source(source=lambda: [pixels] * AUTOAUGMENT_BINS, batch=True, layout="HWC")
+        bins = fn.external_source(source=lambda: [np.int32(b) for b in range(AUTOAUGMENT_BINS)], batch=True)
+        return tuple(policy.augmentations[op](images, magnitude_bin=bins, num_magnitude_bins=AUTOAUGMENT_BINS)
+                     for op in ("Posterize", "Solarize"))
+
+    pipe = ops()
+    pipe.build()
+    posterized, solarized = (out.as_array() for out in pipe.run())
+    image = Image.fromarray(pixels)
+    for b, (bits, level) in enumerate(zip(space["Posterize"][0](10, 16, 16), space["Solarize"][0](10, 16, 16),
+                                          strict=True)):
+        assert np.array_equal(posterized[b], np.asarray(F.posterize(image, bits=int(bits)))), b
+        assert np.array_equal(solarized[b], np.asarray(F.solarize(image, threshold=255.0 * float(level)))), b
+
+
+# DLE's AutoaugmentImageNetPolicy (DeepLearningExamples @ 729963dd, PyTorch/Classification/ConvNets/
+# image_classification/autoaugment.py): SubPolicy(p1, op1, bin1, p2, op2, bin2), 11 bins, in DALI's op names.
+DLE_V0 = [
+    (0.8, "equalize", 1, 0.8, "shear_y", 4), (0.4, "color", 9, 0.6, "equalize", 3),
+    (0.4, "color", 1, 0.6, "rotate", 8), (0.8, "solarize", 3, 0.4, "equalize", 7),
+    (0.4, "solarize", 2, 0.6, "solarize", 2), (0.2, "color", 0, 0.8, "equalize", 8),
+    (0.4, "equalize", 8, 0.8, "solarize_add", 3), (0.2, "shear_x", 9, 0.6, "rotate", 8),
+    (0.6, "color", 1, 1.0, "equalize", 2), (0.4, "invert", 9, 0.6, "rotate", 0),
+    (1.0, "equalize", 9, 0.6, "shear_y", 3), (0.4, "color", 7, 0.6, "equalize", 0),
+    (0.4, "posterize", 6, 0.4, "auto_contrast", 7), (0.6, "solarize", 8, 0.6, "color", 9),
+    (0.2, "solarize", 4, 0.8, "rotate", 9), (1.0, "rotate", 7, 0.8, "translate_y", 9),
+    (0.0, "shear_x", 0, 0.8, "solarize", 4), (0.8, "shear_y", 0, 0.6, "color", 4),
+    (1.0, "color", 0, 0.6, "rotate", 2), (0.8, "equalize", 4, 0.0, "equalize", 8),
+    (1.0, "equalize", 4, 0.6, "auto_contrast", 2), (0.4, "shear_y", 7, 0.6, "solarize_add", 7),
+    (0.8, "posterize", 2, 0.6, "solarize", 10), (0.6, "solarize", 8, 0.6, "equalize", 1),
+    (0.8, "color", 6, 0.4, "rotate", 5),
+]
+#: DLE's magnitude ranges (OperationFactory.ranges, np.linspace(lo, hi, 11)) of the ops v0 uses
+DLE_RANGES = {"shear_x": (0, 0.3), "shear_y": (0, 0.3), "translate_y": (0, 250), "rotate": (0, 30),
+              "color": (0.1, 1.9), "posterize": (0, 4), "solarize": (0, 256), "solarize_add": (0, 110)}
+
+
+def dle_v0_table() -> list[list[tuple]]:
+    """DLE_V0 as (DALI op name, probability, bin) sub-policies; ops DLE runs with probability 0 left out."""
+    return [[(op, p, m if op in DLE_RANGES else None) for p, op, m in (row[:3], row[3:]) if p > 0] for row in DLE_V0]
+
+
+def test_autoaugment_v0_is_dles_policy():
+    """augment='autoaugment-v0' on DALI is DLE's AutoaugmentImageNetPolicy: its 25 sub-policies, 11 bins, and
+    its ranges, translations included (DLE: 0-250 px, not a fraction of the image)."""
+    policy = dali_autoaugment_policy("autoaugment-v0", image_size=224)
+    assert policy.num_magnitude_bins == 11 and table(policy) == dle_v0_table()
+    for name, aug in policy.augmentations.items():
+        assert (aug.mag_range is None) if name not in DLE_RANGES else (tuple(aug.mag_range) == DLE_RANGES[name])
+
+
+@pytest.mark.parametrize("policy", ["autoaugment", "autoaugment-v0"])
+def test_the_dali_graph_runs_the_policy_its_name_says(tiny_shards, monkeypatch, policy):
+    """What the dali-cpu loader's graph applies: torchvision's table for 'autoaugment', DLE's for
+    'autoaugment-v0' (nvidia.dali.auto_aug's apply_auto_augment is watched while the graph is built)."""
+    from nvidia.dali.auto_aug import auto_augment
+
+    applied, apply = [], auto_augment.apply_auto_augment
+    monkeypatch.setattr(auto_augment, "apply_auto_augment", lambda p, *a, **k: applied.append(p) or apply(p, *a, **k))
+    with train_loader(tiny_shards, "dali-cpu", augment=policy) as ldr:
+        images, labels, _ = next(iter(ldr))
+    assert len(applied) == 1 and images.shape == (8, 3, SIZE, SIZE)
+    want = [list(s) for s in torchvision_autoaugment()[0]] if policy == "autoaugment" else dle_v0_table()
+    assert table(applied[0]) == want
+
+
+def test_autoaugment_v0_is_refused_where_torchvision_would_stand_in(tiny_shards):
+    """torchvision has no v0 policy: the pytorch backend says so instead of running its paper table."""
+    with pytest.raises(PolicyError, match="augment='autoaugment-v0': backend 'pytorch': torchvision has no v0"):
+        train_loader(tiny_shards, "pytorch", augment="autoaugment-v0")
+    with pytest.raises(PolicyError, match="torchvision has no v0 policy"):
+        TorchvisionPolicy(make_policy(augment="autoaugment-v0"))
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ def test_on_the_cpu_the_model_is_measured_at_each_thread_count_training_would_gi
     ({"prefetch_depths": (0,)}, "--prefetch"),
     ({"precisions": ("int8",)}, "--precision"),
     ({"augments": ("mixup",)}, "--augment"),
+    ({"augments": ("autoaugment-v0",)}, "--augment: autoaugment-v0 runs on dali-gpu/dali-cpu only"),
     ({"steps": 3, "duration": 1.0}, "--steps or --duration"),
     ({"steps": 0}, "--steps"),
     ({"duration": -1.0}, "--duration"),

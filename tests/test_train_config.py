@@ -62,7 +62,7 @@ def test_every_recipe_loads_through_the_cli_and_names_its_source(tmp_path, capsy
     assert (dle["momentum"], dle["nesterov"], dle["weight_decay"], dle["warmup_epochs"], dle["base_lr"] * 8) == (
         0.875, False, 1 / 32768, 8, 2.048)  # DLE's DGX A100 recipe: lr 2.048 at 8 x 256
     assert (loaded["rn50_dle_250ep"]["mixup"], loaded["rn50_dle_250ep"]["augment"]) == (0.2, "rrc-flip")
-    assert loaded["rn50_dle_250ep_autoaugment"]["augment"] == "autoaugment"
+    assert loaded["rn50_dle_250ep_autoaugment"]["augment"] == "autoaugment-v0"  # DLE's policy is TF's v0
     for epochs, ramp in ((16, (11, 13)), (88, (65, 76))):
         ffcv = build_config(file=RECIPES / f"rn50_ffcv_{epochs}ep.yaml", overrides={"data": str(tmp_path)})
         assert ffcv.epochs == epochs and (ffcv.start_ramp, ffcv.end_ramp) == ramp and ffcv.eval_image_size == 256
@@ -106,10 +106,12 @@ def test_progressive_resizing_follows_ffcv_ramp():
         ({"resume": "/no/such.pt"}, "--resume: must be 'auto' or an existing checkpoint file"),
         ({"pretrained": "/no/such.pt"}, "--pretrained: file does not exist"),
         ({"batchsize": 3}, "unknown option 'batchsize'"),
-        ({"augment": "autoaug"}, "--augment: unknown policy; choose one of rrc-flip, autoaugment, randaugment, "),
+        ({"augment": "autoaug"}, "--augment: unknown policy; choose one of rrc-flip, autoaugment, autoaugment-v0, "),
         ({"randaugment_m": 31}, "--randaugment-m: must be an integer magnitude bin in [0, 31), got 31"),
         ({"random_erasing": 1.5}, "--random-erasing: must be a probability in [0, 1], got 1.5"),
         ({"augment": "randaugment"}, "--augment: backend 'synthetic' yields random tensors"),
+        ({"augment": "autoaugment-v0", "backend": "pytorch"},
+         "--augment: backend 'pytorch': torchvision has no v0 policy"),
         ({"mixup": -0.2}, "--mixup: must be >= 0 (0: off), got -0.2"),
         ({"mixup_switch_prob": 2}, "--mixup-switch-prob: must be a probability in [0, 1], got 2.0"),
         ({"ema_decay": 1.0}, "--ema-decay: must be in (0, 1), got 1.0"),

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from pipeline.augment import POLICIES  # light: pulls in neither torch nor DALI
+from pipeline.augment import DALI_ONLY, POLICIES  # light: pulls in neither torch nor DALI
 from training.config import PRECISIONS
 
 MODES: tuple[str, ...] = ("loader", "model", "e2e")
@@ -150,6 +150,9 @@ def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warm
          f"--prefetch: integers >= 1 (batches), got {list(s.prefetch_depths)}")
     need(bool(s.augments) and all(a is None or a in POLICIES for a in s.augments),
          f"--augment: choose from {', '.join(POLICIES)}, got {list(s.augments)}")
+    for policy in set(s.augments) & set(DALI_ONLY):  # a sweep row must never run a stand-in policy
+        need("pytorch" not in s.backends, f"--augment: {policy} runs on dali-gpu/dali-cpu only "
+             f"({DALI_ONLY[policy].split(';')[0]}); profile it without pytorch in --backends")
     need(bool(s.precisions) and set(s.precisions) <= set(PRECISIONS),
          f"--precision: choose from {', '.join(PRECISIONS)}, got {list(s.precisions)}")
     need(steps is None or duration is None, "give --steps or --duration, not both")
