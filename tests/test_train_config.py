@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.augment import MAGNITUDE_BINS
 from training import checkpoint
 from training.config import ConfigError, TrainConfig, build_config, from_dict, validate_environment
 from training.model import build_model
@@ -71,7 +72,9 @@ def test_every_recipe_loads_through_the_cli_and_names_its_source(tmp_path, capsy
     convnext = build_config(file=RECIPES / "convnext_tiny_timm_style.yaml", overrides={"data": str(tmp_path)})
     assert (convnext.global_batch(8), convnext.per_process_batch(8), convnext.peak_lr(8)) == (4096, 128, 4e-3)
     assert (convnext.augment_policy().spec, convnext.mixup, convnext.cutmix, convnext.ema_decay) == (
-        "randaugment(n=2,m=9)+random_erasing(0.25)", 0.8, 1.0, 0.9999)
+        "randaugment(n=2,m=27)+random_erasing(0.25)", 0.8, 1.0, 0.9999)
+    # timm's rand-m9 is 9 / _LEVEL_DENOM (10) of each op's range; our bins span the range in MAGNITUDE_BINS - 1 steps
+    assert convnext.randaugment_m / (MAGNITUDE_BINS - 1) == 9 / 10
 
 
 def test_gradient_accumulation_keeps_the_global_batch():
