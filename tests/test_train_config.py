@@ -215,6 +215,20 @@ def test_no_weight_decay_on_bn_and_bias():
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
 
 
+def test_convnext_layer_scale_gets_no_weight_decay():
+    """torchvision's ConvNeXt stores layer scale as (dim, 1, 1); ConvNeXt's own code (a 1-D gamma) never decays
+    it, so it is exempt by name, next to every 1-D parameter (LayerNorm, biases)."""
+    model = build_model("convnext_tiny", num_classes=10)
+    decay, no_decay = build_optimizer(model, lr=1e-3, name="adamw", weight_decay=0.05).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    layer_scales = [n for n, p in model.named_parameters() if n.endswith(".layer_scale")]
+    assert len(layer_scales) == 18 and all(model.get_parameter(n).ndim == 3 for n in layer_scales)  # 3+3+9+3 blocks
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert set(layer_scales) <= exempt
+    assert exempt == {n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".layer_scale")}
+    assert all(names[id(p)].endswith("weight") and p.ndim in (2, 4) for p in decay["params"])
+
+
 # --- model ----------------------------------------------------------------------------------------------
 def test_pretrained_fine_tuning_replaces_the_head(tmp_path):
     torch.manual_seed(0)

@@ -104,8 +104,8 @@ class TrainConfig:
     nesterov: bool = _opt(True, "Nesterov momentum")
     adam_betas: tuple[float, ...] = _opt((0.9, 0.999), "AdamW betas")
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
-    weight_decay: float = _opt(5e-5, "weight decay (L2 for SGD, decoupled for AdamW; not on BN/LN parameters "
-                               "and biases)")
+    weight_decay: float = _opt(5e-5, "weight decay (L2 for SGD, decoupled for AdamW; not on BN/LN parameters, "
+                               "biases and ConvNeXt's layer scale)")
     clip_grad_norm: float | None = _opt(None, "clip the global L2 norm of the gradients to this (off when unset)")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     epochs: int = _opt(90, "epochs; the LR schedule spans this many epochs")

@@ -14,14 +14,22 @@ import math
 import torch
 from torch import nn
 
+#: Parameters that get no weight decay whatever their shape, by the last part of their name: torchvision's
+#: ConvNeXt keeps each block's layer scale as a (dim, 1, 1) tensor where ConvNeXt's own code has a 1-D `gamma`,
+#: which its optim_factory (1-D parameters and biases get no decay) exempts.
+NO_DECAY_NAMES: tuple[str, ...] = ("layer_scale",)
+
 
 def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
-    """Two groups: weights of conv/linear layers get `weight_decay`; BN/LayerNorm parameters and all biases
-    (every tensor with fewer than 2 dims) get none, as in DLE and FFCV (decaying BN scales hurts accuracy)."""
+    """Two groups: conv/linear weights get `weight_decay`; every tensor with fewer than 2 dims (BN/LayerNorm
+    parameters, biases) and the parameters named in NO_DECAY_NAMES get none (decaying BN scales hurts
+    accuracy). This is ConvNeXt's and timm's rule. DLE and FFCV exempt the parameters whose name contains
+    "bn" instead, so on a ResNet they also decay the downsample BNs and the fc bias (the recipes say so)."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
+            exempt = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+            (no_decay if exempt else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
