@@ -64,6 +64,9 @@ def test_every_recipe_loads_through_the_cli_and_names_its_source(tmp_path, capsy
         0.875, False, 1 / 32768, 8, 2.048)  # DLE's DGX A100 recipe: lr 2.048 at 8 x 256
     assert (loaded["rn50_dle_250ep"]["mixup"], loaded["rn50_dle_250ep"]["augment"]) == (0.2, "rrc-flip")
     assert loaded["rn50_dle_250ep_autoaugment"]["augment"] == "autoaugment-v0"  # DLE's policy is TF's v0
+    # neither DLE (last_bn_0_init=False) nor FFCV (torchvision's default) zero-inits the residual branches
+    assert {name: c["zero_init_residual"] for name, c in loaded.items() if c["arch"] == "resnet50"} == {
+        name: False for name in loaded if name.startswith("rn50_")}
     for epochs, ramp in ((16, (11, 13)), (88, (65, 76))):
         ffcv = build_config(file=RECIPES / f"rn50_ffcv_{epochs}ep.yaml", overrides={"data": str(tmp_path)})
         assert ffcv.epochs == epochs and (ffcv.start_ramp, ffcv.end_ramp) == ramp and ffcv.eval_image_size == 256

@@ -92,7 +92,8 @@ class TrainConfig:
     channels_last: bool = _opt(True, "keep weights and activations in NHWC memory layout")
     compile: bool = _opt(False, "wrap the model in torch.compile")
     precision: str = _opt("bf16", f"autocast precision, one of {', '.join(PRECISIONS)}")
-    zero_init_residual: bool = _opt(True, "ResNets: start each residual branch's last BN at zero (DLE)")
+    zero_init_residual: bool = _opt(True, "ResNets: start each residual branch's last BN at zero (Goyal et al. "
+                                    "2017; DLE's and FFCV's recipes do not)")
     # --- optimisation (per-256 values; scaled with the global batch) --------------------------------------
     batch_size: int = _opt(256, "batch per process (per GPU) and micro-batch")
     global_batch_size: int | None = _opt(None, "images per optimizer step over all processes and accumulation "

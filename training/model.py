@@ -30,8 +30,9 @@ def build_model(
     used); it is read with `weights_only=True` and nothing is downloaded. Tensors whose shape differs from the
     new model (the classifier head when `num_classes` differs) are left at their fresh initialisation, so
     fine-tuning on another label set works; any other missing or unexpected key is an error.
-    `zero_init_residual` starts the last BN of each ResNet residual branch at zero (Goyal et al. 2017, DLE),
-    which matters at large batch; it is ignored for other families and when `pretrained` is given.
+    `zero_init_residual` starts the last BN of each ResNet residual branch at zero (Goyal et al. 2017), which
+    helps at large batch; DLE (last_bn_0_init=False) and FFCV (torchvision's default) do not, so their recipes
+    turn it off. It is ignored for other families and when `pretrained` is given.
     """
     if not is_classifier(arch):
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
