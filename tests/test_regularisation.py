@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from training.ema import WeightEMA, ema_weights
+from training.evaluate import evaluate, evaluate_models, with_ema
 from training.mix import BatchMix
 from training.optim import build_optimizer, build_scheduler, lr_factor
 from training.step import TrainStep
@@ -113,6 +114,36 @@ def test_ema_is_the_hand_computed_average():
     restored.load_state_dict(ema.state_dict())
     assert restored.optimizer_steps == 4 and torch.equal(restored.module[0].weight, ema.module[0].weight)
     assert ema_weights(ema.state_dict()).keys() == model.state_dict().keys()
+
+
+def test_model_and_ema_are_evaluated_in_one_pass_with_exact_counts():
+    """The val split is read once per evaluation however many models see it; each model's counts are what
+    evaluating it alone gives, and the flat record keeps the model's keys plus `ema_`-prefixed ones."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(5, 3, 2, 2), torch.randint(0, CLASSES, (5,))) for _ in range(3)]
+
+    class ValSplit:  # counts the passes over it
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(batches)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, CLASSES))
+    ema = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, CLASSES))
+    split = ValSplit()
+    results = evaluate_models({"model": model, "ema": ema}, split, device=torch.device("cpu"), precision="fp32")
+    assert split.passes == 1
+    for name, net in (("model", model), ("ema", ema)):
+        logits = torch.cat([net(images) for images, _ in batches])
+        labels = torch.cat([labels for _, labels in batches])
+        assert results[name]["correct1"] == int((logits.argmax(1) == labels).sum())
+        assert results[name]["correct5"] == int((logits.topk(5, 1).indices == labels[:, None]).any(1).sum())
+        assert results[name] == evaluate(net, batches, device=torch.device("cpu"), precision="fp32")
+    record = with_ema(results)
+    assert sorted(record) == sorted([*results["model"], "ema_correct1", "ema_correct5", "ema_top1", "ema_top5",
+                                     "ema_loss"])
+    assert record["total"] == 15 and record["ema_correct1"] == results["ema"]["correct1"]
 
 
 # --- the step: accumulation, clipping -------------------------------------------------------------------------

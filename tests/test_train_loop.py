@@ -113,6 +113,55 @@ def test_resume_with_policy_mixup_and_ema_is_exact(tiny_shards, tmp_path):
     assert [r["step"] for r in evals if r["kind"] == "eval" and "ema_top1" in r] == [3, 7, 9]
 
 
+def test_ema_evaluation_reads_the_val_split_once(tmp_path, monkeypatch, capsys):
+    """Each evaluation of a run with --ema-decay (and --evaluate-only of its checkpoint) is one pass over the
+    val loader, which serves the model and its EMA; resuming that run without --ema-decay says that the EMA is
+    dropped, in one line."""
+    import training.train
+
+    passes: list[int] = []
+
+    class CountingLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            passes[-1] += 1
+            return iter(self.loader)
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+    real_make_loader = training.train.make_loader
+
+    def make_loader(cfg, info, *, train, **kwargs):  # the val loader of each run, counted
+        loader = real_make_loader(cfg, info, train=train, **kwargs)
+        if train:
+            return loader
+        passes.append(0)
+        return CountingLoader(loader)
+
+    monkeypatch.setattr(training.train, "make_loader", make_loader)
+    synthetic = dict(backend="synthetic", arch="resnet18", image_size=32, precision="fp32", batch_size=4,
+                     synthetic_samples=8, synthetic_val_samples=6, num_classes=3, log_every=2, progress=False,
+                     checkpoint_minutes=0, run_dir=str(tmp_path / "run"))
+    summary = train(build_config(overrides=dict(synthetic, epochs=2, ema_decay=0.5)))
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert len(evals) == 2 and passes == [2]  # two evaluations of model + EMA, one val pass each
+    assert all(r["total"] == 6 and r["ema_correct1"] <= r["ema_correct5"] <= 6 for r in evals)
+    assert summary["final_ema_top1"] == evals[-1]["ema_top1"]
+
+    result = train(build_config(overrides=dict(synthetic, evaluate_only=True, resume="auto")))
+    assert passes == [2, 1] and result["ema_correct5"] == evals[-1]["ema_correct5"]
+    capsys.readouterr()
+    train(build_config(overrides=dict(synthetic, epochs=3, resume="auto")))
+    warned = [line for line in capsys.readouterr().out.splitlines() if "holds an EMA" in line]
+    assert warned == [f"warning: {tmp_path / 'run' / 'checkpoints' / 'step-00000004.pt'} holds an EMA of the "
+                      "weights but --ema-decay is not set: this run drops it (pass --ema-decay 0.5 to keep "
+                      "averaging)"]
+
+
 def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -13,6 +13,7 @@ an impossible batch size fails with one line and leaves no run directory behind.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
@@ -29,7 +30,7 @@ from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig, validate_environment
 from training.data import make_loader
 from training.ema import ema_weights
-from training.evaluate import evaluate
+from training.evaluate import evaluate_models, with_ema
 from training.metrics import MetricsLog, write_json
 from training.resume import load_checkpoint
 from training.trainer import Trainer, eval_line, model_for_run, say_on_main
@@ -115,12 +116,12 @@ def evaluate_only(cfg: TrainConfig, info: dist.DistInfo, *, ckpt: dict | None, v
     """Top-1/top-5 of the --resume or --pretrained weights on the val split (and of the checkpoint's EMA
     weights, `ema_*`, when it holds them); writes RUN_DIR/eval.json."""
     model = model_for_run(cfg, cfg.num_classes or val_loader.num_classes, ckpt, info.device)
+    models = {"model": model}
+    if ckpt is not None and ckpt.get("ema") is not None:  # the checkpoint's EMA weights too, in the same pass
+        models["ema"] = copy.deepcopy(model)
+        models["ema"].load_state_dict(ema_weights(ckpt["ema"]))
     start = time.perf_counter()
-    result = evaluate(model, val_loader, device=info.device, precision=cfg.precision)
-    if ckpt is not None and ckpt.get("ema") is not None:  # the checkpoint's EMA weights too
-        model.load_state_dict(ema_weights(ckpt["ema"]))
-        ema = evaluate(model, val_loader, device=info.device, precision=cfg.precision)
-        result.update({f"ema_{key}": value for key, value in ema.items() if key != "total"})
+    result = with_ema(evaluate_models(models, val_loader, device=info.device, precision=cfg.precision))
     result = {
         "kind": "eval",
         "checkpoint": ckpt["path"] if ckpt else None,

@@ -20,7 +20,7 @@ from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig
 from training.data import make_loader
 from training.ema import WeightEMA
-from training.evaluate import evaluate
+from training.evaluate import evaluate_models, with_ema
 from training.metrics import MetricsLog, ThroughputMeter, Window, plot_curves, read_metrics, write_json
 from training.mix import BatchMix
 from training.model import build_model
@@ -140,6 +140,10 @@ class Trainer:
                     self.ema.load_state_dict(ckpt["ema"])
                 else:
                     say(f"--ema-decay: {ckpt['path']} holds no EMA; the average starts from its weights")
+            elif ckpt.get("ema") is not None:
+                saved = ckpt.get("config", {}).get("ema_decay")
+                say(f"warning: {ckpt['path']} holds an EMA of the weights but --ema-decay is not set: this run "
+                    f"drops it (pass --ema-decay {saved} to keep averaging)")
         self.last_checkpoint_time = time.monotonic()
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -279,16 +283,15 @@ class Trainer:
         return save_flag > 0, stop_flag > 0
 
     def run_eval(self, epoch: float) -> dict:
-        """The model on the whole val split, and its EMA when there is one (keys prefixed `ema_`); best.pt
-        follows the model's top-1."""
+        """The model on the whole val split, and its EMA when there is one (keys prefixed `ema_`), in one pass
+        over the val loader; best.pt follows the model's top-1."""
         self.pending_eval = None
-        result = evaluate(self.raw_model, self.val_loader, device=self.device, precision=self.cfg.precision)
-        if self.ema is not None:
-            ema = evaluate(self.ema.module, self.val_loader, device=self.device, precision=self.cfg.precision)
-            result.update({f"ema_{key}": value for key, value in ema.items() if key != "total"})
-            if ema["top1"] > self.best_ema["top1"]:
-                self.best_ema = {"top1": ema["top1"], "top5": ema["top5"], "step": self.step}
-        result = {"kind": "eval", "epoch": epoch, "step": self.step, **result}
+        models = {"model": self.raw_model, **({"ema": self.ema.module} if self.ema is not None else {})}
+        results = evaluate_models(models, self.val_loader, device=self.device, precision=self.cfg.precision)
+        if "ema" in results and results["ema"]["top1"] > self.best_ema["top1"]:
+            ema = results["ema"]
+            self.best_ema = {"top1": ema["top1"], "top5": ema["top5"], "step": self.step}
+        result = {"kind": "eval", "epoch": epoch, "step": self.step, **with_ema(results)}
         self.log.write(result)
         self.say(eval_line(result))
         self.is_best = result["top1"] > self.best["top1"]
