@@ -3,6 +3,7 @@ schedule, optimizer groups, model building and fine-tuning, the train step, atom
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -44,8 +45,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 
 
 def test_every_recipe_loads_through_the_cli_and_names_its_source(tmp_path, capsys):
-    """`saturate train --config training/recipes/<name>.yaml --print-config` for each recipe; each file starts
-    with a comment giving its source and what the source reports."""
+    """`saturate train --config training/recipes/<name>.yaml --print-config` for each recipe, on a machine
+    without the data (no --data); each file starts with a comment giving its source and what it reports."""
     import json
 
     from tools.cli import main
@@ -55,8 +56,9 @@ def test_every_recipe_loads_through_the_cli_and_names_its_source(tmp_path, capsy
         header = recipe.read_text().split("\n")
         assert header[0].startswith("# ") and any(line.startswith("# Source: ") for line in header), recipe
         assert any(line.startswith("# Reported") for line in header), recipe
-        assert main(["train", "--config", str(recipe), "--data", str(tmp_path), "--print-config"]) == 0
+        assert main(["train", "--config", str(recipe), "--print-config"]) == 0
         loaded[recipe.stem] = json.loads(capsys.readouterr().out)
+        assert loaded[recipe.stem]["data"] is None
     assert sorted(loaded) == ["convnext_tiny_timm_style", "rn50_dle_250ep", "rn50_dle_250ep_autoaugment",
                               "rn50_dle_90ep", "rn50_ffcv_16ep", "rn50_ffcv_88ep"]
     dle = loaded["rn50_dle_90ep"]
@@ -193,6 +195,24 @@ def test_cli_print_config(capsys):
     assert main(["--backend", "synthetic", "--arch", "resnet18", "--no-channels-last", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert '"arch": "resnet18"' in printed and '"channels_last": false' in printed
+
+
+def test_print_config_needs_no_run_time_paths(capsys, tmp_path):
+    """--print-config shows a config whose data, checkpoint and weights live elsewhere; a run with the same
+    flags still stops at the first missing one, and bad values are still refused when printing."""
+    from training.cli import main
+
+    elsewhere = ["--data", "/no/such/shards", "--resume", "/no/such.pt", "--pretrained", "/no/such.pth"]
+    assert main([*elsewhere, "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["data"], printed["resume"], printed["pretrained"]) == ("/no/such/shards", "/no/such.pt",
+                                                                           "/no/such.pth")
+    assert main(["--backend", "dali-cpu", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] is None
+    assert main([*elsewhere, "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("train: error: --data: directory does not exist")
+    assert main(["--base-lr", "-1", "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith("train: error: --base-lr: must be > 0")
 
 
 # --- schedule and optimizer -----------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of option: value pairs")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (--data, --resume, --pretrained need not exist)")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     add_config_flags(parser)
     parser.set_defaults(func=run)
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from training.config import FIELDS, build_config
 
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    config = build_config(file=args.config, overrides=overrides)
+    # printing needs no data: what exists only at run time (--data, --resume, --pretrained) is checked by a run
+    config = build_config(file=args.config, overrides=overrides, check_paths=not args.print_config)
     if args.print_config:
         print(config.to_json())
         return 0

@@ -234,8 +234,11 @@ def load_file(path: str | os.PathLike) -> dict:
     return body
 
 
-def build_config(*, file: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults <- file <- overrides (the CLI), each key checked against the fields, then validated."""
+def build_config(*, file: str | os.PathLike | None = None, overrides: dict | None = None,
+                 check_paths: bool = True) -> TrainConfig:
+    """Defaults <- file <- overrides (the CLI), each key checked against the fields, then validated.
+    check_paths=False leaves out the checks of what a run reads only when it starts (--data, --resume,
+    --pretrained): `--print-config` shows a recipe on a machine without the data."""
     values: dict = {}
     layers = [(load_file(file), f"from {file}")] if file else []
     layers.append((overrides or {}, "from the command line"))
@@ -246,7 +249,7 @@ def build_config(*, file: str | os.PathLike | None = None, overrides: dict | Non
                 raise ConfigError(f"unknown option {key!r} ({source}); see `saturate train --help`")
             values[name] = _coerce(name, value, source)
     config = TrainConfig(**values)
-    validate(config)
+    validate(config, check_paths=check_paths)
     return config
 
 
@@ -255,8 +258,9 @@ def from_dict(body: dict) -> TrainConfig:
     return build_config(overrides=body)
 
 
-def validate(config: TrainConfig) -> None:
-    """Checks that need no hardware: each failure is one line that starts with the flag to fix."""
+def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
+    """Checks that need no hardware: each failure is one line that starts with the flag to fix. check_paths:
+    also that --data is given and exists and that --resume/--pretrained files exist (off for printing)."""
     c = config
 
     def need(ok: bool, name: str, why: str) -> None:
@@ -327,20 +331,21 @@ def validate(config: TrainConfig) -> None:
     need(0 < c.lr_gamma <= 1, "lr_gamma", "must be in (0, 1]")
     need(list(c.lr_milestones) == sorted(c.lr_milestones), "lr_milestones", "must be increasing")
     if c.backend != "synthetic":
-        need(c.data is not None, "data", f"is required with --backend {c.backend}")
-        if is_store_url(c.data):  # the store is reached when the loaders open it; here only the URL's form
-            try:
+        if check_paths:
+            need(c.data is not None, "data", f"is required with --backend {c.backend}")
+        if c.data is not None and is_store_url(c.data):  # the store is reached when the loaders open it; here
+            try:  # only the URL's form
                 open_store(c.data)
             except ValueError as err:
                 raise ConfigError(f"--data: {err}") from None
-        else:
+        elif check_paths:
             need(Path(c.data).is_dir(), "data", "directory does not exist")
     if c.evaluate_only:
         need(c.resume is not None or c.pretrained is not None, "evaluate_only",
              "needs --resume PATH|auto or --pretrained PATH")
-    if c.pretrained is not None:
+    if check_paths and c.pretrained is not None:
         need(Path(c.pretrained).is_file(), "pretrained", "file does not exist")
-    if c.resume not in (None, "auto"):
+    if check_paths and c.resume not in (None, "auto"):
         need(Path(c.resume).is_file(), "resume", "must be 'auto' or an existing checkpoint file")
 
 
