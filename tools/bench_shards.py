@@ -1,6 +1,7 @@
-"""Benchmark of the converter on this machine: pass-through throughput beside `tar -cf` of the same tree in the
-same run, peak RSS of the whole process tree for a small and a 10x larger input, and `verify --decode` images/s
-per core. Prints a markdown block for docs/benchmarks.md.
+"""Benchmark of the converter on this machine: throughput with the default strict decode check (`--check
+decode`) and with the header check (`--check header`) beside `tar -cf` of the same tree in the same run, peak
+RSS of the whole process tree for a small and a 10x larger input, and `verify --decode` images/s per core.
+Prints a markdown block for docs/benchmarks.md.
 
     python -m tools.bench_shards --images 2000 --work /tmp/bench
 
@@ -82,33 +83,39 @@ def main(argv: list[str] | None = None) -> int:
         generate(src, classes=args.classes, train_per_class=n // args.classes, val_per_class=0, seed=0,
                  workers=args.workers, progress=False)
         files, nbytes = tree_stats(src / "train")
-        convert = [*saturate, "shards", "convert", str(src / "train"), str(work / f"out-{n}"), "--split", "train",
-                   "--workers", str(args.workers), "--shard-size", args.shard_size, "--no-progress"]
         tar = ["tar", "-cf", str(work / f"tree-{n}.tar"), "-C", str(src), "train"]
-        times: dict[str, list[float]] = {"tar": [], "convert": []}
+        times: dict[str, list[float]] = {"tar": [], "decode": [], "header": []}
         peaks = []
         for _ in range(2):
             times["tar"].append(run_measured(tar)[0])
-            shutil.rmtree(work / f"out-{n}", ignore_errors=True)
-            wall, peak = run_measured(convert)
-            times["convert"].append(wall)
-            peaks.append(peak)
+            for check in ("decode", "header"):
+                shutil.rmtree(work / f"out-{n}", ignore_errors=True)
+                wall, peak = run_measured([*saturate, "shards", "convert", str(src / "train"), str(work / f"out-{n}"),
+                                           "--split", "train", "--workers", str(args.workers), "--shard-size",
+                                           args.shard_size, "--check", check, "--no-progress"])
+                times[check].append(wall)
+                peaks.append(peak)
         verify_out = subprocess.run([*saturate, "shards", "verify", str(work / f"out-{n}"), "--decode",
                                      "--workers", str(args.workers)], capture_output=True, text=True, check=True)
-        rows.append({"images": files, "mb": nbytes / 1e6, "tar": times["tar"], "convert": times["convert"],
-                     "peak_rss_mb": max(peaks) / 1e6, "verify": verify_out.stdout.strip().splitlines()[-1]})
+        rows.append({"images": files, "mb": nbytes / 1e6, **times, "peak_rss_mb": max(peaks) / 1e6,
+                     "verify": verify_out.stdout.strip().splitlines()[-1]})
         (work / f"tree-{n}.tar").unlink()
 
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; converter --workers {args.workers} --shard-size {args.shard_size}\n")
-    print("| input | tar -cf (best / other) | convert (best / other) | convert / tar | peak RSS (tree) |")
-    print("|---|---|---|---|---|")
+    print("| input | tar -cf (best / other) | convert --check decode (best / other) | / tar "
+          "| convert --check header (best / other) | / tar | peak RSS (tree) |")
+    print("|---|---|---|---|---|---|---|")
+
+    def rate(r: dict, key: str) -> str:
+        best, other = min(r[key]), max(r[key])
+        return (f"{r['mb'] / best:.0f} MB/s ({r['images'] / best:.0f} img/s) / {r['mb'] / other:.0f} MB/s")
+
     for r in rows:
-        best_tar, best_conv = min(r["tar"]), min(r["convert"])
-        print(f"| {r['images']} images, {r['mb']:.0f} MB | {r['mb'] / best_tar:.0f} MB/s "
-              f"({r['images'] / best_tar:.0f} img/s) / {r['mb'] / max(r['tar']):.0f} MB/s "
-              f"| {r['mb'] / best_conv:.0f} MB/s ({r['images'] / best_conv:.0f} img/s) / "
-              f"{r['mb'] / max(r['convert']):.0f} MB/s | {best_tar / best_conv:.2f}x | {r['peak_rss_mb']:.0f} MB |")
+        best_tar = min(r["tar"])
+        print(f"| {r['images']} images, {r['mb']:.0f} MB | {rate(r, 'tar')} | {rate(r, 'decode')} | "
+              f"{best_tar / min(r['decode']):.2f}x | {rate(r, 'header')} | {best_tar / min(r['header']):.2f}x | "
+              f"{r['peak_rss_mb']:.0f} MB |")
     print()
     for r in rows:
         print(f"- verify --decode, {r['images']} images: {r['verify']}")
