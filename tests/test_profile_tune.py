@@ -12,7 +12,7 @@ import pytest
 from tools.cli import main as cli_main
 from tools.profiler.autotune import tune
 from tools.profiler.measure import Timing
-from tools.profiler.tune import Setting, search
+from tools.profiler.tune import NOISE, Setting, search
 from training import tuning
 from training.config import ConfigError, build_config
 
@@ -118,9 +118,13 @@ def test_a_real_short_tune(tiny_shards, backend, deeper):
     assert entry["match"] == tuning.match_key(arch="resnet18", batch_size=8, image_size=32, precision="fp32",
                                               compile=False, backend=backend, processes_per_node=1,
                                               machine=tuning.machine_key())
-    best = max(entry["trials"], key=lambda t: t["fraction"]) if not entry["reached_target"] else None
-    if best is not None:  # not reached: the best reachable is the answer
-        assert entry["setting"]["num_threads"] == best["threads"] and entry["fraction_of_ceiling"] == best["fraction"]
+    if not entry["reached_target"]:  # not reached: the cheapest trial within noise of the best reachable
+        top = max(t["fraction"] for t in entry["trials"])
+        near = [t for t in entry["trials"] if t["fraction"] >= top - NOISE]
+        cheapest = min(near, key=lambda t: (t["threads"], t["prefetch"]))
+        assert (entry["setting"]["num_threads"], entry["setting"]["prefetch_depth"]) == (
+            cheapest["threads"], cheapest["prefetch"])
+        assert entry["fraction_of_ceiling"] == cheapest["fraction"]
     assert entry["flags"] == (f"--backend {backend} --num-threads {entry['setting']['num_threads']} "
                               f"--prefetch-depth {entry['setting']['prefetch_depth']}")
 
