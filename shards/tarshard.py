@@ -146,18 +146,23 @@ def index_tar(path: str | os.PathLike) -> list[list[IndexedMember]]:
     try:
         with tarfile.open(path, "r:") as archive:
             for info in archive:
-                if not info.isreg():
-                    continue
-                key, ext = split_member_name(info.name)
-                if not key:
-                    continue
-                if key != last_key:
-                    samples.append([])
-                    last_key = key
-                samples[-1].append(IndexedMember(ext, info.offset_data, info.size, info.name))
+                if info.isreg():
+                    last_key = _add_member(samples, info, last_key)
     except tarfile.TarError as err:
         raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
     return samples
+
+
+def _add_member(samples: list[list[IndexedMember]], info: tarfile.TarInfo, last_key: str | None) -> str | None:
+    """Append a regular member to its sample (consecutive members with one key form a sample, as webdataset
+    groups them); members without a key are not samples. Returns the key of the sample now last."""
+    key, ext = split_member_name(info.name)
+    if not key:
+        return last_key
+    if key != last_key:
+        samples.append([])
+    samples[-1].append(IndexedMember(ext, info.offset_data, info.size, info.name))
+    return key
 
 
 class _Hashing(io.RawIOBase):
@@ -193,13 +198,7 @@ def scan_tar(stream: BinaryIO, where: str | os.PathLike) -> tuple[list[list[Inde
                 if not info.isreg():
                     continue
                 members.append((info.name, archive.extractfile(info).read()))
-                key, ext = split_member_name(info.name)
-                if not key:
-                    continue
-                if key != last_key:
-                    samples.append([])
-                    last_key = key
-                samples[-1].append(IndexedMember(ext, info.offset_data, info.size, info.name))
+                last_key = _add_member(samples, info, last_key)
         while hashing.read(1 << 20):  # the end-of-archive blocks and any padding belong to the hash too
             pass
     except tarfile.TarError as err:
