@@ -95,11 +95,15 @@ def test_on_the_cpu_the_model_is_measured_at_each_thread_count_training_would_gi
     ({"steps": 3, "duration": 1.0}, "--steps or --duration"),
     ({"steps": 0}, "--steps"),
     ({"duration": -1.0}, "--duration"),
+    ({"duration": float("inf")}, "--duration"),  # timed one window for ever
     ({"warmup": -1}, "--warmup"),
     ({"windows": 0}, "--windows"),
+    ({"max_warmup": float("nan")}, "--max-warmup"),
+    ({"threads": (2, 2)}, r"--threads: each value once, got \[2, 2\]"),  # was two rows of one configuration
+    ({"batch_sizes": (8, 8)}, "--batch-size: each value once"),
 ])
 def test_bad_sweep_names_the_flag(change, flag):
-    timing = {k: change.pop(k) for k in list(change) if k in ("steps", "duration", "warmup", "windows")}
+    timing = {k: change.pop(k) for k in list(change) if k in ("steps", "duration", "warmup", "windows", "max_warmup")}
     bounds = {**dict(steps=None, duration=None, warmup=0, windows=1), **timing}
     good = dict(modes=("loader",), backends=("pytorch",))
     check_sweep(sweep(**good), steps=None, duration=None, warmup=0, windows=1)  # the unchanged sweep is valid

@@ -210,6 +210,28 @@ def test_auto_without_a_match_tunes_first_or_says_what_to_run(tiny_shards, tmp_p
     assert tuning.find_entry(tmp_path / "tune.json", tuning.run_key(cfg, world_size=1))["setting"]["num_threads"] == 2
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-trials", "0"], "--max-trials: an integer >= 1, got 0"),
+    (["--time-budget", "nan"], "--time-budget: seconds > 0, got nan"),
+    (["--max-threads", "0"], "--max-threads: an integer >= 1 (loader threads per GPU), got 0"),
+    (["--threads", "4"], "--threads: --tune searches the loader threads and prefetch depth itself"),
+    (["--backends", "foo"], "--backends: choose from"),
+    (["--duration", "inf"], "--duration: seconds > 0, got inf"),
+    (["--warmup", "-1"], "--warmup: steps >= 0, got -1"),
+    (["--target", "nan"], "--target: a fraction of the ceiling in (0, 1], got nan"),
+])
+def test_bad_tune_flags_are_one_line_and_write_nothing(tiny_shards, tmp_path, capsys, flags, message):
+    """--tune took these unchecked: a KeyError traceback, 'no trial produced a figure', or a tune.json written
+    from settings that were never asked for (--max-threads 0, --threads ignored)."""
+    out = tmp_path / "prof"
+    argv = ["profile", str(tiny_shards), "--out", str(out), "--tune", "--arch", "resnet18", "--batch-size", "2",
+            "--image-size", "32", "--no-progress", *flags]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
 def test_a_missing_split_is_found_before_tuning(tiny_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

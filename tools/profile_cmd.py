@@ -172,8 +172,10 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
                     compile=one("--compile", args.compile), augment=one("--augment", args.augment) or "rrc-flip",
                     randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m,
                     random_erasing=args.random_erasing)
-    if not 0 < args.target <= 1:
-        raise ValueError(f"--target: a fraction of the ceiling in (0, 1], got {args.target}")
+    for flag, given in (("--threads", args.threads is not None), ("--prefetch", args.prefetch != [None])):
+        if given:  # the search picks these; a value here was silently ignored
+            raise ValueError(f"{flag}: --tune searches the loader threads and prefetch depth itself "
+                             "(bound the threads with --max-threads)")
     timing = Timing(args.steps, args.duration if args.steps is None else None, args.windows, args.warmup,
                     args.max_warmup)
     if timing.steps is None and timing.duration is None:

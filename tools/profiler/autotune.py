@@ -9,6 +9,7 @@ uncertain.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import replace
@@ -82,6 +83,9 @@ def run_tune(
     from tools.profiler.sweep import augment_keywords
     from training.tuning import machine_key, match_key, processes_per_node
 
+    check_tune(backend=backend, arch=arch, batch_size=batch_size, image_size=image_size, precision=precision,
+               compile=compile, augment=augment, timing=timing, max_threads=max_threads, max_trials=max_trials,
+               time_budget=time_budget, target=target)
     ranks = ranks_of(info)
     say = print if progress and ranks.rank == 0 else (lambda *_, **__: None)
     augment_options = augment_keywords(randaugment_n=randaugment_n, randaugment_m=randaugment_m,
@@ -145,6 +149,32 @@ def run_tune(
               "search_seconds": sum(t.seconds for t in result.trials)}
     return entry_for(result, match=match, ceiling=(before, after, fastest), target=target, backend=backend,
                      corpus=corpus, machine=describe_machine(), budget=budget, notes=notes)
+
+
+def check_tune(*, backend: str, arch: str, batch_size: int, image_size: int, precision: str, compile: bool,
+               augment: str, timing: Timing, max_threads: int | None, max_trials: int, time_budget: float,
+               target: float) -> None:
+    """Reject a bad tune before anything is measured (the profile's own checks on its one configuration, then
+    the search's bounds); each message names the flag to fix. Without it `--max-trials 0` ended in 'no trial
+    produced a figure', `--backends foo` in a KeyError and `--max-threads 0` wrote a tune.json."""
+    from pipeline.constants import HW_DECODER_LOAD
+    from tools.profiler.plan import Sweep, check_sweep
+    from training.model import is_classifier
+
+    sweep = Sweep(("e2e",), (backend,), (batch_size,), (image_size,), (1,), (HW_DECODER_LOAD,), (precision,),
+                  (compile,), (None,), (augment,))
+    check_sweep(sweep, steps=timing.steps, duration=timing.duration, warmup=timing.warmup, windows=timing.windows,
+                max_warmup=timing.max_warmup)
+    if max_threads is not None and max_threads < 1:
+        raise ValueError(f"--max-threads: an integer >= 1 (loader threads per GPU), got {max_threads}")
+    if max_trials < 1:
+        raise ValueError(f"--max-trials: an integer >= 1, got {max_trials}")
+    if not (math.isfinite(time_budget) and time_budget > 0):
+        raise ValueError(f"--time-budget: seconds > 0, got {time_budget}")
+    if not 0 < target <= 1:  # NaN fails this too
+        raise ValueError(f"--target: a fraction of the ceiling in (0, 1], got {target}")
+    if not is_classifier(arch):
+        raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
 
 
 def write_entry(entry: dict[str, Any], *, out_dir: str | os.PathLike, shards_dir: str | os.PathLike) -> list[str]:

@@ -12,6 +12,7 @@ augmentation policy (`--augment rrc-flip,randaugment`) was added that way.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -127,13 +128,23 @@ def with_cpu_model_threads(configs: list[ProfileConfig], split: Callable[[int], 
     return out
 
 
-def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warmup: int, windows: int) -> None:
+#: Sweep field -> the flag that sets it, for messages.
+FLAGS = {"modes": "--modes", "backends": "--backends", "batch_sizes": "--batch-size", "image_sizes": "--image-size",
+         "threads": "--threads", "hw_decoder_loads": "--hw-decoder-load", "precisions": "--precision",
+         "compile_modes": "--compile", "prefetch_depths": "--prefetch", "augments": "--augment"}
+
+
+def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warmup: int, windows: int,
+                max_warmup: float = 0.0) -> None:
     """Reject a bad sweep before anything is built; each message names the flag to fix."""
     def need(condition: bool, message: str) -> None:
         if not condition:
             raise ValueError(message)
 
     s = sweep
+    for name, flag in FLAGS.items():  # `--threads 4,4` would measure one configuration twice as two rows
+        values = list(getattr(s, name))
+        need(len(set(values)) == len(values), f"{flag}: each value once, got {values}")
     need(bool(s.modes) and set(s.modes) <= set(MODES), f"--modes: choose from {', '.join(MODES)}, got {list(s.modes)}")
     need(set(s.backends) <= set(DATA_BACKENDS),
          f"--backends: choose from {', '.join(DATA_BACKENDS)} (synthetic is the model mode), got {list(s.backends)}")
@@ -157,9 +168,11 @@ def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warm
          f"--precision: choose from {', '.join(PRECISIONS)}, got {list(s.precisions)}")
     need(steps is None or duration is None, "give --steps or --duration, not both")
     need(steps is None or steps >= 1, f"--steps: an integer >= 1, got {steps}")
-    need(duration is None or duration > 0, f"--duration: seconds > 0, got {duration}")
+    # finite: `--duration inf` would time one window for ever, and NaN passes every comparison
+    need(duration is None or (math.isfinite(duration) and duration > 0), f"--duration: seconds > 0, got {duration}")
     need(warmup >= 0, f"--warmup: steps >= 0, got {warmup}")
     need(windows >= 1, f"--windows: an integer >= 1, got {windows}")
+    need(math.isfinite(max_warmup) and max_warmup >= 0, f"--max-warmup: seconds >= 0, got {max_warmup}")
 
 
 def sweep_dict(sweep: Sweep) -> dict[str, list]:

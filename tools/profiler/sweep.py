@@ -185,9 +185,7 @@ def run_profile(
     sweep = Sweep(tuple(modes), tuple(backends), tuple(batch_sizes), tuple(image_sizes), tuple(threads),
                   tuple(hw_decoder_loads), tuple(precisions), tuple(compile_modes), tuple(prefetch_depths),
                   tuple(augments))
-    check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows)
-    if max_warmup < 0:
-        raise ValueError(f"--max-warmup: seconds >= 0, got {max_warmup}")
+    check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows, max_warmup=max_warmup)
     from tqdm import tqdm
 
     from shards.schema import check_split_name
