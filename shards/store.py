@@ -66,7 +66,14 @@ def open_store(location: str | os.PathLike) -> Store:
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise ValueError(f"{location}: expected s3://BUCKET/PREFIX")
-        return S3Store(bucket, prefix.strip("/"))
+        prefix = prefix.strip("/")
+        # boto3 writes such keys as given, but DALI's reader parses the URL it is handed: it cuts a key at '#'
+        # or '?' and folds '//' into '/', so it would look for other objects than the converter wrote
+        odd = next((part for part in ("#", "?", "//") if part in prefix), None)
+        if odd is not None:
+            raise ValueError(f"{location}: {odd!r} in the key prefix cannot be read back by DALI's S3 reader; "
+                             "use letters, digits and - _ . / in PREFIX")
+        return S3Store(bucket, prefix)
     if scheme == "gs":
         raise ValueError(f"{location}: gs:// is not supported (DALI's GCS reader could not be run and tested "
                          "here); use s3://BUCKET/PREFIX, see the README's 'Many nodes' section")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -222,6 +223,26 @@ def test_train_config_takes_a_store_url():
     assert build_config(overrides={"data": URL, "backend": "pytorch"}).data == URL
     with pytest.raises(ConfigError, match="--data: gs://b/p: gs:// is not supported"):
         build_config(overrides={"data": "gs://b/p", "backend": "dali-cpu"})
+
+
+@pytest.mark.parametrize("url, bucket, prefix", [
+    ("s3://b/p/", "b", "p"), ("s3://b", "b", ""), ("s3://b/", "b", ""), ("s3://b/a b+c%20/é", "b", "a b+c%20/é"),
+])
+def test_store_urls_parse_to_bucket_and_prefix(url, bucket, prefix):
+    store = open_store(url)
+    assert (store.bucket, store.prefix, store.url("x.tar")) == (bucket, prefix, f"s3://{bucket}/{prefix}/x.tar"
+                                                                  if prefix else f"s3://{bucket}/x.tar")
+
+
+@pytest.mark.parametrize("url, part", [("s3://b/h#1", "#"), ("s3://b/q?x", "?"), ("s3://b/a//b", "//")])
+def test_a_prefix_dali_cannot_read_back_is_refused_before_anything_is_written(url, part, tmp_path, capsys):
+    """boto3 wrote these keys as given and pytorch read them, but DALI cut the key at '#'/'?' and folded '//':
+    'S3 Object not found' after a whole conversion (reproduced on dali-cpu)."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"{url}: {part!r} in the key prefix cannot be read back")):
+        open_store(url)
+    assert cli(["shards", "convert", str(tmp_path / "no-src"), url, "--split", "val"]) == 2
+    assert capsys.readouterr().err == (f"saturate shards: error: {url}: {part!r} in the key prefix cannot be read "
+                                       "back by DALI's S3 reader; use letters, digits and - _ . / in PREFIX\n")
 
 
 # --- the loaders ------------------------------------------------------------------------------------------
