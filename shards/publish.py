@@ -8,19 +8,42 @@ shards without records, which the next run rewrites.
 
 Spool disk stays bounded: `publish` blocks while `uploads` shards wait for their upload, and the converter
 keeps at most `workers` shards being written, so the spool never holds more than `workers + uploads` shards.
+A private spool is named `saturate-spool.tmp-<host>-<pid>-<random>` (shards.atomic's temporary naming), so the
+next converter run removes the spool of one that was killed (`kill -9`, OOM) instead of leaving its shards,
+up to `workers + uploads` of them at 512 MB each, in the temporary folder for good.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from shards.atomic import FOREIGN_STALE_AFTER, TMP_MARK, _host, _writer_alive
 from shards.store import Store
 
 UPLOADS_IN_FLIGHT = 4  # shards uploading at once (each in up to shards.store.UPLOAD_THREADS parts)
+SPOOL_NAME = "saturate-spool"
+
+
+def remove_stale_spools(parent: str | Path, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:
+    """Remove the private spools in `parent` whose converter no longer runs (same rule as the atomic writers'
+    temporaries: a spool of another host goes once it is `foreign_after` seconds old); returns what went."""
+    removed = []
+    for entry in Path(parent).glob(f"{SPOOL_NAME}{TMP_MARK}*"):
+        alive = _writer_alive(entry.name)
+        try:
+            if entry.is_dir() and (alive is False or (alive is None and
+                                                      time.time() - entry.stat().st_mtime > foreign_after)):
+                shutil.rmtree(entry)
+                removed.append(entry)
+        except FileNotFoundError:  # another run removed it first
+            continue
+    return removed
 
 
 class ShardSink:
@@ -31,9 +54,11 @@ class ShardSink:
         self.store = store
         self._own_spool = store.local_dir is None
         if self._own_spool:
-            if spool_dir is not None:
-                Path(spool_dir).mkdir(parents=True, exist_ok=True)
-            self.spool = Path(tempfile.mkdtemp(prefix="saturate-spool-", dir=spool_dir))
+            parent = Path(spool_dir if spool_dir is not None else tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_spools(parent)
+            # mkdtemp's random tail has no '-', so the name parses as <host>-<pid>-<random>
+            self.spool = Path(tempfile.mkdtemp(prefix=f"{SPOOL_NAME}{TMP_MARK}{_host()}-{os.getpid()}-", dir=parent))
         else:
             self.spool = store.local_dir
         self._slots = threading.BoundedSemaphore(uploads)

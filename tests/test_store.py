@@ -245,6 +245,27 @@ def test_a_prefix_dali_cannot_read_back_is_refused_before_anything_is_written(ur
                                        "back by DALI's S3 reader; use letters, digits and - _ . / in PREFIX\n")
 
 
+def test_a_killed_converters_spool_is_removed_by_the_next_run(tmp_path):
+    """A `kill -9` of a convert to s3:// left its spool (up to workers + uploads shards) in the temporary
+    folder for good; the next run removes spools whose converter is gone, and only those."""
+    from shards.atomic import _host
+    from shards.publish import ShardSink
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    spools = {name: tmp_path / f"saturate-spool.tmp-{name}" for name in
+              (f"{_host()}-{dead.pid}-abc", f"{_host()}-{os.getpid()}-def", f"otherhost-{dead.pid}-ghi")}
+    for spool in spools.values():
+        spool.mkdir()
+        (spool / "train-000000.tar").write_bytes(b"x" * 100)
+    with ShardSink(S3Store("bucket", "prefix"), spool_dir=tmp_path) as sink:
+        mine = sink.spool
+        assert mine.parent == tmp_path and mine.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir() if p != mine) == sorted(
+            spools[name].name for name in (f"{_host()}-{os.getpid()}-def", f"otherhost-{dead.pid}-ghi"))
+    assert not mine.exists()
+
+
 # --- the loaders ------------------------------------------------------------------------------------------
 def raw_samples_dali(pairs) -> dict[str, tuple[bytes, int]]:
     """key -> (JPEG bytes, label) as DALI's webdataset reader returns them for these (tar, idx) paths/URLs."""
