@@ -256,6 +256,41 @@ def test_a_damaged_tune_file_names_itself(tiny_shards, tmp_path):
                             is_main=True, say=print)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e.update(setting=None), "is not a tune result (entry 0 has no 'match' and 'setting' objects)"),
+    (lambda e: e.update(match=[1]), "is not a tune result (entry 0 has no 'match' and 'setting' objects)"),
+    (lambda e: e["setting"].update(num_threads=0), "setting num_threads must be an integer in 1..1024, got 0"),
+    (lambda e: e["setting"].update(num_threads="8"), "setting num_threads must be an integer in 1..1024, got '8'"),
+    (lambda e: e["setting"].pop("num_threads"), "setting num_threads must be an integer in 1..1024, got None"),
+    (lambda e: e["setting"].update(prefetch_depth=0), "setting prefetch_depth must be an integer >= 1 or null, got 0"),
+    (lambda e: e["setting"].update(hw_decoder_load=float("nan")), "setting hw_decoder_load must be a number in [0, 1]"),
+])
+def test_a_hand_edited_tune_entry_is_a_clear_error(tiny_shards, tmp_path, edit, message):
+    """Each was a KeyError/TypeError traceback, or (num_threads 0, '8', prefetch 0) handed to the loader as is."""
+    path = tmp_path / "tune.json"
+    cfg = auto_config(tiny_shards, tune_file=str(path))
+    entry = an_entry(cfg)
+    edit(entry)
+    path.write_text(json.dumps({"format": tuning.FORMAT, "entries": [entry]}))
+    with pytest.raises(ConfigError) as caught:
+        tuning.resolve_auto(cfg, world_size=1, is_main=True, say=print)
+    assert str(caught.value).startswith(f"--tune-file: {path}") and message in str(caught.value)
+
+
+def test_an_entry_without_its_figures_still_applies(tiny_shards, tmp_path):
+    """The figures are only words in the log line: a hand edit that drops them is no reason to stop."""
+    path = tmp_path / "tune.json"
+    cfg = auto_config(tiny_shards, tune_file=str(path))
+    entry = {k: v for k, v in an_entry(cfg).items() if k not in ("ceiling_images_per_sec_per_gpu", "target")}
+    entry["fraction_of_ceiling"] = None
+    path.write_text(json.dumps({"format": tuning.FORMAT, "entries": [entry]}))
+    said = []
+    resolved = tuning.resolve_auto(cfg, world_size=1, is_main=True, say=said.append)
+    assert (resolved.num_threads, resolved.prefetch_depth) == (3, 4)
+    assert said == [f"loader 'auto': --num-threads 3, --prefetch-depth 4 (e2e ? of the ceiling ? img/s/GPU, the "
+                    f"cheapest setting measured to reach ?); from {path}, tuned 2030-01-01T00:00:00+00:00"]
+
+
 def test_an_entry_tuned_for_another_augmentation_policy_does_not_match(tiny_shards, tmp_path):
     """RandAugment costs a CPU loader several times a plain crop: its threads are not rrc-flip's."""
     plain = auto_config(tiny_shards, tune_file=str(tmp_path / "tune.json"))

@@ -25,7 +25,7 @@ from pipeline.constants import HW_DECODER_LOAD
 from shards.cpus import cpu_model, usable_cpus
 from shards.schema import load_manifest
 from shards.store import is_store_url
-from training.config import AUTO, ConfigError, TrainConfig
+from training.config import AUTO, MAX_THREADS, ConfigError, TrainConfig
 
 TUNE_FILE = "tune.json"
 FORMAT = "saturate-tune/1"
@@ -84,6 +84,10 @@ def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:
         body = json.loads(path.read_text())
         if body.get("format") != FORMAT or not isinstance(body.get("entries"), list):
             raise ValueError(f"not a {FORMAT} file")
+        for number, entry in enumerate(body["entries"]):  # a hand edit must not end in a traceback later
+            if not (isinstance(entry, dict) and isinstance(entry.get("match"), dict)
+                    and isinstance(entry.get("setting"), dict)):
+                raise ValueError(f"entry {number} has no 'match' and 'setting' objects")
     except (ValueError, AttributeError) as err:
         raise ConfigError(f"--tune-file: {path} is not a tune result ({err}); delete it or pass another") from err
     return body["entries"]
@@ -110,9 +114,32 @@ def needs_tune(cfg: TrainConfig) -> bool:
     return AUTO in (cfg.num_threads, cfg.hw_decoder_load)
 
 
-def apply_entry(cfg: TrainConfig, entry: dict[str, Any]) -> tuple[TrainConfig, str]:
-    """The config with its 'auto' loader options set from `entry`, and what was chosen, in words."""
+def check_setting(setting: dict[str, Any], *, source: str | os.PathLike) -> None:
+    """A tune entry's setting as the loader takes it, else a ConfigError naming `source` (the tune file) and
+    the field: a hand-edited `"num_threads": 0` or `"abc"` was handed to the loader as it stood."""
+    def need(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"--tune-file: {source}: setting {name} {why}, got {setting.get(name)!r}; "
+                              "delete the entry, tune again or give numbers")
+
+    threads, depth, load = (setting.get(name) for name in TUNED_FIELDS)
+    need(type(threads) is int and 1 <= threads <= MAX_THREADS, "num_threads", f"must be an integer in 1..{MAX_THREADS}")
+    need(depth is None or (type(depth) is int and depth >= 1), "prefetch_depth", "must be an integer >= 1 or null")
+    need(load is None or (type(load) in (int, float) and 0 <= load <= 1), "hw_decoder_load",
+         "must be a number in [0, 1] or null")
+
+
+def _figure(value: Any, spec: str) -> str:
+    """`value` formatted with `spec` when it is a number; '?' for what a hand edit left (null, text)."""
+    return format(value, spec) if type(value) in (int, float) else "?"
+
+
+def apply_entry(cfg: TrainConfig, entry: dict[str, Any], *, source: str | os.PathLike = "the tune") -> tuple[
+        TrainConfig, str]:
+    """The config with its 'auto' loader options set from `entry`, and what was chosen, in words; `source`
+    names where the entry came from in errors."""
     setting = entry["setting"]
+    check_setting(setting, source=source)
     changes: dict[str, Any] = {}
     if cfg.num_threads == AUTO:
         changes["num_threads"] = setting["num_threads"]
@@ -123,10 +150,10 @@ def apply_entry(cfg: TrainConfig, entry: dict[str, Any]) -> tuple[TrainConfig, s
         changes["hw_decoder_load"] = load if load is not None else HW_DECODER_LOAD
     chosen = ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
                        for k, v in changes.items())
-    reached = entry.get("fraction_of_ceiling")
-    why = (f"e2e {reached:.2f} of the ceiling {entry['ceiling_images_per_sec_per_gpu']:.0f} img/s/GPU, "
+    why = (f"e2e {_figure(entry.get('fraction_of_ceiling'), '.2f')} of the ceiling "
+           f"{_figure(entry.get('ceiling_images_per_sec_per_gpu'), '.0f')} img/s/GPU, "
            + ("the cheapest setting measured to reach " if entry.get("reached_target") else
-              "the best reachable: no setting tried reached ") + f"{entry.get('target', 0):.2f}")
+              "the best reachable: no setting tried reached ") + _figure(entry.get("target"), ".2f"))
     return dataclasses.replace(cfg, **changes), f"{chosen} ({why})"
 
 
@@ -144,7 +171,7 @@ def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Calla
     path, key = tune_path(cfg), run_key(cfg, world_size=world_size)
     entry = find_entry(path, key)
     if entry is not None:
-        cfg, chosen = apply_entry(cfg, entry)
+        cfg, chosen = apply_entry(cfg, entry, source=path)
         say(f"loader 'auto': {chosen}; from {path}, tuned {entry.get('tuned_at', '?')}")
         return cfg
     wanted = (f"{cfg.arch} batch {key['batch_size']} {cfg.image_size}px {cfg.precision} {cfg.backend} "
