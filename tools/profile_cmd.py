@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace, *, main: bool) -> int:
     """--tune: one configuration (each list flag one value), the search, tune.json, the flags to train with."""
-    from tools.profiler.autotune import tune, write_entry
+    from tools.profiler.autotune import check_tune_files, tune, write_entry
     from tools.profiler.measure import Timing
     from tools.profiler.sweep import default_backends
 
@@ -180,6 +180,7 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
                     args.max_warmup)
     if timing.steps is None and timing.duration is None:
         timing = Timing(None, DEFAULT_DURATION, args.windows, args.warmup, args.max_warmup)
+    check_tune_files(out_dir=args.out, shards_dir=args.shards)  # now, not after the minutes of the tune
     entry = tune(args.shards, backend=backend, split=args.split, timing=timing, max_threads=args.max_threads,
                  max_trials=args.max_trials, time_budget=args.time_budget, target=args.target,
                  progress=not args.no_progress, **settings)

@@ -75,6 +75,14 @@ def tune_path(cfg: TrainConfig) -> Path:
     return (Path(cfg.run_dir) if is_store_url(cfg.data or "") else Path(cfg.data or ".")) / TUNE_FILE
 
 
+class TuneFileError(ConfigError):
+    """A tune file that cannot be read as one; `path` and `reason` let the profiler say it in its own words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"--tune-file: {path} is not a tune result ({reason}); delete it or pass another")
+        self.path, self.reason = path, reason
+
+
 def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The entries of a tune file; [] when it does not exist; a damaged file is an error naming it."""
     path = Path(path)
@@ -89,7 +97,7 @@ def read_entries(path: str | os.PathLike) -> list[dict[str, Any]]:
                     and isinstance(entry.get("setting"), dict)):
                 raise ValueError(f"entry {number} has no 'match' and 'setting' objects")
     except (ValueError, AttributeError) as err:
-        raise ConfigError(f"--tune-file: {path} is not a tune result ({err}); delete it or pass another") from err
+        raise TuneFileError(path, str(err)) from err
     return body["entries"]
 
 

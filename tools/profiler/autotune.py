@@ -177,23 +177,46 @@ def check_tune(*, backend: str, arch: str, batch_size: int, image_size: int, pre
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
 
 
+def tune_files(*, out_dir: str | os.PathLike, shards_dir: str | os.PathLike) -> list[Path]:
+    """Where a tune's entry goes: OUT/tune.json, and SHARDS/tune.json when the shards are a local folder."""
+    from shards.store import is_store_url
+    from training.tuning import TUNE_FILE
+
+    return [Path(out_dir) / TUNE_FILE] + ([] if is_store_url(shards_dir) else [Path(shards_dir) / TUNE_FILE])
+
+
+def check_tune_files(*, out_dir: str | os.PathLike, shards_dir: str | os.PathLike) -> None:
+    """Before measuring: a tune.json the entry would be merged into must be readable, else a ValueError naming
+    it. Found only when writing, it cost the whole tune's result (minutes of measurement)."""
+    from training.tuning import TuneFileError, read_entries
+
+    for path in tune_files(out_dir=out_dir, shards_dir=shards_dir):
+        try:
+            read_entries(path)
+        except TuneFileError as err:
+            raise ValueError(f"{path}: not a tune file this tune can be added to ({err.reason}); move it away "
+                             "first") from None
+
+
 def write_entry(entry: dict[str, Any], *, out_dir: str | os.PathLike, shards_dir: str | os.PathLike) -> list[str]:
     """Write the entry to OUT/tune.json and into SHARDS/tune.json (where `--num-threads auto` looks);
     returns what was written or why not, one line each."""
     from shards.store import is_store_url
+    from training.config import ConfigError
     from training.tuning import TUNE_FILE, add_entry
 
     lines = []
     if is_store_url(shards_dir):  # tune.json is a local file; saturate train looks in RUN_DIR for store data
         lines.append(f"not written beside the shards in {shards_dir} (an object store): pass --tune-file "
                      f"{Path(out_dir) / TUNE_FILE} to saturate train, or copy it into its --run-dir")
-    for folder in [Path(out_dir)] + ([] if is_store_url(shards_dir) else [Path(shards_dir)]):
-        folder.mkdir(parents=True, exist_ok=True)
+    for path in tune_files(out_dir=out_dir, shards_dir=shards_dir):
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            lines.append(f"wrote {add_entry(folder / TUNE_FILE, entry)}")
-        except OSError as err:
-            lines.append(f"could not write {folder / TUNE_FILE} ({err}); pass --tune-file {Path(out_dir) / TUNE_FILE}"
-                         " to saturate train")
+            lines.append(f"wrote {add_entry(path, entry)}")
+        except (OSError, ConfigError) as err:  # read-only, or damaged since the check: the other may still work
+            elsewhere = Path(out_dir) / TUNE_FILE
+            lines.append(f"could not write {path} ({err})" + ("" if path == elsewhere else
+                                                               f"; pass --tune-file {elsewhere} to saturate train"))
     return lines
 
 
