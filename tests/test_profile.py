@@ -229,6 +229,22 @@ def test_cli_bad_values_are_one_line_errors(tiny_shards, tmp_path, capsys, argv,
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.parametrize("tune", [[], ["--tune"]])
+def test_an_out_that_cannot_be_written_is_found_before_measuring(tiny_shards, tmp_path, capsys, monkeypatch, tune):
+    """A file in --out's place was found by the report's (or tune.json's) write, after every measurement, as
+    '[Errno 17] File exists'."""
+    from tools.profiler import sweep
+
+    monkeypatch.setattr(sweep.Session, "measure", lambda *a: pytest.fail("measured before --out was checked"))
+    out = tmp_path / "taken"
+    out.write_text("a file")
+    status = cli_main(["profile", str(tiny_shards), "--out", str(out), "--arch", "resnet18", "--backends", "pytorch",
+                       "--steps", "1", "--no-progress", *tune])
+    assert status == 2
+    assert capsys.readouterr().err == f"saturate profile: error: --out {out}: cannot write there (File exists)\n"
+    assert out.read_text() == "a file"
+
+
 def test_nproc_relaunches_the_same_command_without_itself(tmp_path, capsys):
     from tools.profile_cmd import _without_nproc
 

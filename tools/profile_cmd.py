@@ -159,6 +159,7 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
     """--tune: one configuration (each list flag one value), the search, tune.json, the flags to train with."""
     from tools.profiler.autotune import check_tune_files, tune, write_entry
     from tools.profiler.measure import Timing
+    from tools.profiler.report import Report
     from tools.profiler.sweep import default_backends
 
     def one(flag: str, values: list) -> Any:
@@ -180,10 +181,15 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
                     args.max_warmup)
     if timing.steps is None and timing.duration is None:
         timing = Timing(None, DEFAULT_DURATION, args.windows, args.warmup, args.max_warmup)
-    check_tune_files(out_dir=args.out, shards_dir=args.shards)  # now, not after the minutes of the tune
+
+    def ready() -> None:  # the flags are valid: is there somewhere to write? Now, not after the minutes of the tune
+        if main:
+            Report.prepare(args.out)
+            check_tune_files(out_dir=args.out, shards_dir=args.shards)
+
     entry = tune(args.shards, backend=backend, split=args.split, timing=timing, max_threads=args.max_threads,
                  max_trials=args.max_trials, time_budget=args.time_budget, target=args.target,
-                 progress=not args.no_progress, **settings)
+                 progress=not args.no_progress, before_measuring=ready, **settings)
     if not main:
         return 0
     print()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,13 @@ def run_tune(
     time_budget: float = DEFAULT_TIME_BUDGET,
     target: float = TARGET,
     progress: bool = True,
+    before_measuring: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the ceiling, search the loader knobs, measure the ceiling again; returns the tune.json entry.
     max_threads: the most loader threads per GPU to try (default: CPU cores per GPU). augment and its knobs:
-    the training run's augmentation policy (pipeline.augment), which the loader setting must afford."""
+    the training run's augmentation policy (pipeline.augment), which the loader setting must afford.
+    before_measuring: called once every option and the corpus have been checked (the command line checks
+    there that it can write its result)."""
     from pipeline.augment import make_policy
     from tools.profiler.corpus import describe_corpus, describe_machine
     from tools.profiler.node import ranks_of
@@ -92,6 +96,8 @@ def run_tune(
                                        random_erasing=random_erasing)
     policy = make_policy(augment=augment, **augment_options)
     corpus = describe_corpus(shards_dir, split)
+    if before_measuring is not None:
+        before_measuring()
     session = Session(ranks, Workload(shards_dir, split, arch, corpus["num_classes"], augment_options), info.device,
                       timing, GpuMonitor(info.device))
     model = ProfileConfig("model", "synthetic", batch_size, image_size, precision=precision, compile=compile)

@@ -116,6 +116,22 @@ class Report:
             out += ["## Per rank (images/s per GPU)", "", self.rank_table_markdown(), NODE_LEGEND, ""]
         return "\n".join(out)
 
+    @staticmethod
+    def prepare(out_dir: str | os.PathLike) -> Path:
+        """Create `out_dir` before anything is measured, else a ValueError naming --out: found only by `write`,
+        a file in its place or a folder that cannot be written cost every measurement of the run."""
+        from shards.atomic import atomic_write
+
+        out_dir = Path(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write-check"
+            atomic_write(probe, "")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"--out {out_dir}: cannot write there ({err.strerror or err})") from None
+        return out_dir
+
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write report.json, report.md and report.png into `out_dir` (created); returns their paths."""
         from shards.atomic import atomic_write

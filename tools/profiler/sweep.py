@@ -197,6 +197,8 @@ def run_profile(
         # checked once here rather than as one error row per training configuration
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
     corpus = describe_corpus(shards_dir, split)
+    if out_dir is not None and main:
+        Report.prepare(out_dir)
     machine = describe_machine()
     configs = plan_configs(sweep)
     model_threads = cpu_split(info.device)
