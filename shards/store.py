@@ -38,7 +38,11 @@ RETRY_BACKOFF = 0.5  # seconds
 #: botocore's own retries per request (standard mode: throttling, 5xx, connection errors), and its timeouts.
 REQUEST_ATTEMPTS = 3
 CONNECT_TIMEOUT = 10  # seconds
-READ_TIMEOUT = 60  # seconds without a byte before a request counts as failed
+READ_TIMEOUT = 60  # seconds without a byte before a data request (a shard's GET, an upload) counts as failed
+#: Listings, HEADs and small objects answer in milliseconds on a working store: an endpoint that takes the
+#: connection and never answers (a wrong port, a proxy) fails in REQUEST_ATTEMPTS + 1 tries of this, not of
+#: READ_TIMEOUT (4 minutes before any message).
+CONTROL_READ_TIMEOUT = 10  # seconds
 #: Uploads: objects above MULTIPART_BYTES go up in MULTIPART_BYTES parts, UPLOAD_THREADS parts at once.
 MULTIPART_BYTES = 64 * 2**20  # bytes
 UPLOAD_THREADS = 4
@@ -216,14 +220,14 @@ class S3Store(Store):
 
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket, self.prefix = bucket, prefix
-        self._client: Any = None
+        self._clients: dict[int, Any] = {}  # read timeout (seconds) -> client
         self._client_pid = -1
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def __getstate__(self) -> dict:
-        return {"bucket": self.bucket, "prefix": self.prefix, "_client": None, "_client_pid": -1}
+        return {"bucket": self.bucket, "prefix": self.prefix, "_clients": {}, "_client_pid": -1}
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -231,17 +235,27 @@ class S3Store(Store):
     def url(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(name)}"
 
-    @property
-    def client(self) -> Any:
-        if self._client is None or self._client_pid != os.getpid():
+    def _client_with(self, read_timeout: int) -> Any:
+        if self._client_pid != os.getpid():
+            self._clients, self._client_pid = {}, os.getpid()
+        if read_timeout not in self._clients:
             import boto3
             from botocore.config import Config
 
             config = Config(retries={"max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
-                            connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT)
-            self._client = boto3.session.Session().client("s3", config=config)
-            self._client_pid = os.getpid()
-        return self._client
+                            connect_timeout=CONNECT_TIMEOUT, read_timeout=read_timeout)
+            self._clients[read_timeout] = boto3.session.Session().client("s3", config=config)
+        return self._clients[read_timeout]
+
+    @property
+    def client(self) -> Any:
+        """For data: shard GETs and uploads (READ_TIMEOUT)."""
+        return self._client_with(READ_TIMEOUT)
+
+    @property
+    def control(self) -> Any:
+        """For listings, HEADs, deletes and small objects (CONTROL_READ_TIMEOUT)."""
+        return self._client_with(CONTROL_READ_TIMEOUT)
 
     def _call(self, name: str | None, request: Callable[[], Any]) -> Any:
         """Run one boto3 request; its exceptions become one-line errors that name the URL (see `failure`)."""
@@ -273,7 +287,7 @@ class S3Store(Store):
     def check(self) -> None:
         # one listing page of the prefix's top level: proves bucket, credentials and endpoint in one request (no
         # MaxKeys=1: s3rver, a local test server, fails on truncated listings)
-        self._call(None, lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(""), Delimiter="/"))
+        self._call(None, lambda: self.control.list_objects_v2(Bucket=self.bucket, Prefix=self.key(""), Delimiter="/"))
 
     def prepare(self) -> None:
         self.check()
@@ -281,7 +295,7 @@ class S3Store(Store):
     def sizes(self, folder: str = "") -> dict[str, int]:
         start = self.key(f"{folder}/" if folder else "")
         found: dict[str, int] = {}
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start, Delimiter="/")
+        pages = self.control.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start, Delimiter="/")
         for page in self._call(None, lambda: list(pages)):
             for item in page.get("Contents", []):
                 found[item["Key"][len(start):]] = int(item["Size"])
@@ -289,7 +303,7 @@ class S3Store(Store):
 
     def _head(self, name: str) -> dict | None:
         try:
-            return self._call(name, lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)))
+            return self._call(name, lambda: self.control.head_object(Bucket=self.bucket, Key=self.key(name)))
         except FileNotFoundError:
             return None
 
@@ -315,7 +329,7 @@ class S3Store(Store):
 
     def put_bytes(self, name: str, data: str | bytes) -> None:
         body = data.encode("utf-8") if isinstance(data, str) else data
-        self._call(name, lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=body))
+        self._call(name, lambda: self.control.put_object(Bucket=self.bucket, Key=self.key(name), Body=body))
 
     def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -327,7 +341,7 @@ class S3Store(Store):
                                                           ExtraArgs=extra, Config=config))
 
     def delete(self, name: str) -> None:
-        self._call(name, lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key(name)))
+        self._call(name, lambda: self.control.delete_object(Bucket=self.bucket, Key=self.key(name)))
 
 
 class _ObjectStream(io.RawIOBase):

@@ -245,6 +245,34 @@ def test_a_prefix_dali_cannot_read_back_is_refused_before_anything_is_written(ur
                                        "back by DALI's S3 reader; use letters, digits and - _ . / in PREFIX\n")
 
 
+def test_an_endpoint_that_never_answers_fails_at_the_control_timeout(monkeypatch, tmp_path):
+    """A port that takes connections and never answers held every command for 4 x READ_TIMEOUT (4 minutes,
+    measured) before its one line; listings and HEADs now wait CONTROL_READ_TIMEOUT, shard reads still the long
+    one. Shortened here, the rule is the same."""
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in range(16)], daemon=True).start()
+    for name, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}"),
+                        ("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_REGION", "us-east-1"),
+                        ("AWS_CONFIG_FILE", str(tmp_path / "none")), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(store_module, "CONTROL_READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(store_module, "REQUEST_ATTEMPTS", 1)
+    store = open_store("s3://bucket/prefix")
+    assert store.client.meta.config.read_timeout == store_module.READ_TIMEOUT
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"^s3://bucket/prefix: Read timeout on endpoint URL"):
+        store.check()
+    assert time.monotonic() - started < 5
+    silent.close()
+    for connection in held:
+        connection.close()
+
+
 def test_a_killed_converters_spool_is_removed_by_the_next_run(tmp_path):
     """A `kill -9` of a convert to s3:// left its spool (up to workers + uploads shards) in the temporary
     folder for good; the next run removes spools whose converter is gone, and only those."""
