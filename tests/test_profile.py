@@ -205,15 +205,20 @@ def test_cli_prints_the_table_and_exits_zero(tiny_shards, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threads", "2,x"], "--threads"),
+    (["--threads", "2,x"], "--threads: '2,x' is not a comma list of int"),
+    (["--threads", ","], "--threads: empty list"),
     (["--compile", "maybe"], "--compile"),
     (["--steps", "3", "--duration", "2"], "not allowed with argument"),
 ])
 def test_cli_rejects_bad_flags(tiny_shards, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["profile", str(tiny_shards), "--out", str(tmp_path), *argv])
+        cli_main(["profile", str(tiny_shards), "--out", str(tmp_path / "out"), *argv])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # one line: argparse's 15-line usage before it buried the flag
+    assert err.count("\n") == 1 and err.startswith("saturate profile: error: argument ") and message in err
+    assert err.endswith(" (see saturate profile --help)\n")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

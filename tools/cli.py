@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 #: sub-command -> module that registers it
 COMMANDS = {
@@ -19,8 +20,16 @@ COMMANDS = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as one line, like every other user error: the usage it prints first (15 lines for
+    `saturate profile`) buried the line that names the flag. Sub-command parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="saturate",
         description="ImageNet-class training from plain JPEGs at the GPU's ceiling.",
     )

@@ -20,16 +20,16 @@ from tools.profiler.plan import MODES
 from tools.profiler.tune import DEFAULT_MAX_TRIALS, DEFAULT_TIME_BUDGET, TARGET
 
 
-def comma_list(convert: Callable[[str], Any], flag: str) -> Callable[[str], list]:
-    """argparse type for `--flag a,b,c`: each item converted, the error naming the flag and the item."""
+def comma_list(convert: Callable[[str], Any]) -> Callable[[str], list]:
+    """argparse type for `--flag a,b,c`: each item converted; argparse puts the flag before the error."""
     def parse(text: str) -> list:
         items = [item.strip() for item in text.split(",") if item.strip()]
         if not items:
-            raise argparse.ArgumentTypeError(f"{flag}: empty list")
+            raise argparse.ArgumentTypeError("empty list")
         try:
             return [convert(item) for item in items]
         except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a comma list of {convert.__name__}") from err
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {convert.__name__}") from err
     return parse
 
 
@@ -58,32 +58,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("shards", help="shard folder or s3://BUCKET/PREFIX holding <split>.manifest.json and its "
                                        "shards")
     parser.add_argument("--out", required=True, help="folder for report.json/.md/.png (or tune.json with --tune)")
-    parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str, "--modes"), default=list(MODES),
+    parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str), default=list(MODES),
                         help="any of loader,model,e2e (default: all three)")
-    parser.add_argument("--backends", metavar="BACKEND[,...]", type=comma_list(str, "--backends"),
+    parser.add_argument("--backends", metavar="BACKEND[,...]", type=comma_list(str),
                         help="data backends: dali-gpu,dali-cpu,pytorch (default: dali-gpu,pytorch; "
                              "dali-cpu,pytorch without a GPU)")
-    parser.add_argument("--batch-size", metavar="N[,N...]", type=comma_list(int, "--batch-size"), default=[256],
+    parser.add_argument("--batch-size", metavar="N[,N...]", type=comma_list(int), default=[256],
                         help="images per step per GPU (default 256)")
-    parser.add_argument("--image-size", metavar="PX[,PX...]", type=comma_list(int, "--image-size"), default=[224],
+    parser.add_argument("--image-size", metavar="PX[,PX...]", type=comma_list(int), default=[224],
                         help="pixels (default 224)")
-    parser.add_argument("--threads", metavar="N[,N...]", type=comma_list(int, "--threads"),
+    parser.add_argument("--threads", metavar="N[,N...]", type=comma_list(int),
                         help="DALI CPU threads / pytorch DataLoader workers (default: CPU cores per GPU)")
-    parser.add_argument("--hw-decoder-load", metavar="X[,X...]", type=comma_list(float, "--hw-decoder-load"),
+    parser.add_argument("--hw-decoder-load", metavar="X[,X...]", type=comma_list(float),
                         default=[HW_DECODER_LOAD],
                         help=f"dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default {HW_DECODER_LOAD})")
-    parser.add_argument("--prefetch", metavar="N[,N...]", type=comma_list(int, "--prefetch"), default=[None],
+    parser.add_argument("--prefetch", metavar="N[,N...]", type=comma_list(int), default=[None],
                         help="batches prefetched: DALI queue depth, per worker for pytorch (default: the backend's)")
-    parser.add_argument("--augment", metavar="POLICY[,...]", type=comma_list(str, "--augment"), default=[None],
+    parser.add_argument("--augment", metavar="POLICY[,...]", type=comma_list(str), default=[None],
                         help=f"data backends: augmentation policies to sweep, any of {','.join(POLICIES)} "
                              "(default: the loaders' default, rrc-flip, and no augment column)")
     parser.add_argument("--randaugment-n", type=int, metavar="N", help="--augment randaugment: ops per image")
     parser.add_argument("--randaugment-m", type=int, metavar="M", help="--augment randaugment: magnitude bin")
     parser.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
                         help="probability of erasing a box per image, on top of every --augment policy")
-    parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str, "--precision"), default=["bf16"],
+    parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str), default=["bf16"],
                         help="bf16,fp16,fp32 (default bf16)")
-    parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off, "--compile"), default=[False],
+    parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off), default=[False],
                         help="torch.compile off,on (default off)")
     parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--split", default="train", help="split to read (default train)")
