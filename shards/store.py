@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -282,7 +283,7 @@ class S3Store(Store):
         if isinstance(err, NoCredentialsError):
             return StoreError(f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                               "or AWS_PROFILE")
-        return StoreError(f"{url}: {err}")
+        return StoreError(f"{url}: {_without_userinfo(str(err))}")
 
     def check(self) -> None:
         # one listing page of the prefix's top level: proves bucket, credentials and endpoint in one request (no
@@ -344,6 +345,12 @@ class S3Store(Store):
         self._call(name, lambda: self.control.delete_object(Bucket=self.bucket, Key=self.key(name)))
 
 
+def _without_userinfo(text: str) -> str:
+    """`text` with the `user:password@` of any URL in it masked: botocore quotes the endpoint URL it could not
+    reach, and an AWS_ENDPOINT_URL that carries credentials would put them in logs."""
+    return re.sub(r"(://)[^/@\s\"']+@", r"\1***@", text)
+
+
 class _ObjectStream(io.RawIOBase):
     """An S3 object read front to back. A read that breaks mid-object is resumed with a ranged GET from the
     byte reached, at most READ_RETRIES times with backoff, then a StoreError names the URL, the byte and the
@@ -389,7 +396,7 @@ class _ObjectStream(io.RawIOBase):
                 self._body = None
                 if attempt == READ_RETRIES:
                     raise StoreError(f"{self.store.url(self.name)}: reading stopped at byte {self._position} after "
-                                     f"{READ_RETRIES + 1} attempts ({err})") from None
+                                     f"{READ_RETRIES + 1} attempts ({_without_userinfo(str(err))})") from None
                 time.sleep(RETRY_BACKOFF * 2**attempt)
             except Exception as err:  # the store answered (no such object, access denied) or no credentials
                 self._body = None

@@ -273,6 +273,20 @@ def test_an_endpoint_that_never_answers_fails_at_the_control_timeout(monkeypatch
         connection.close()
 
 
+def test_credentials_in_the_endpoint_url_are_not_printed(monkeypatch, tmp_path, capsys):
+    """botocore quotes the endpoint it could not reach, user:password included."""
+    port = free_port()  # nothing listens there
+    for name, value in (("AWS_ENDPOINT_URL", f"http://user:the-secret@127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "k"),
+                        ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_REGION", "us-east-1"),
+                        ("AWS_CONFIG_FILE", str(tmp_path / "none")), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(store_module, "REQUEST_ATTEMPTS", 0)
+    assert cli(["shards", "verify", "s3://bucket/prefix"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saturate shards: error: s3://bucket/prefix: Could not connect to the endpoint URL: "
+                          f'"http://***@127.0.0.1:{port}/bucket?') and "the-secret" not in err
+
+
 def test_a_killed_converters_spool_is_removed_by_the_next_run(tmp_path):
     """A `kill -9` of a convert to s3:// left its spool (up to workers + uploads shards) in the temporary
     folder for good; the next run removes spools whose converter is gone, and only those."""
