@@ -221,7 +221,7 @@ class S3Store(Store):
 
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket, self.prefix = bucket, prefix
-        self._clients: dict[int, Any] = {}  # read timeout (seconds) -> client
+        self._clients: dict[float, Any] = {}  # read timeout (seconds) -> client
         self._client_pid = -1
 
     def __str__(self) -> str:
@@ -236,7 +236,7 @@ class S3Store(Store):
     def url(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(name)}"
 
-    def _client_with(self, read_timeout: int) -> Any:
+    def _client_with(self, read_timeout: float) -> Any:
         if self._client_pid != os.getpid():
             self._clients, self._client_pid = {}, os.getpid()
         if read_timeout not in self._clients:

@@ -236,14 +236,14 @@ def test_bad_tune_flags_are_one_line_and_write_nothing(tiny_shards, tmp_path, ca
 def test_a_damaged_tune_file_in_the_way_is_found_before_tuning(tiny_shards, tmp_path, capsys, monkeypatch, where):
     """The entry is merged into OUT/tune.json and SHARDS/tune.json: a damaged one was found only when writing,
     after the whole tune (its result lost)."""
-    from tools.profiler import autotune
+    from tools.profiler import sweep
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
     damaged = (tmp_path / "prof" if where == "out" else shards) / "tune.json"
     damaged.parent.mkdir(exist_ok=True)
     damaged.write_text("{not json")
-    monkeypatch.setattr(autotune, "tune", lambda *a, **k: pytest.fail("tuned before the tune files were checked"))
+    monkeypatch.setattr(sweep.Session, "measure", lambda *a: pytest.fail("measured before the tune files were checked"))
     argv = ["profile", str(shards), "--out", str(tmp_path / "prof"), "--tune", "--arch", "resnet18", "--no-progress"]
     assert cli_main(argv) == 2
     assert capsys.readouterr().err == (f"saturate profile: error: {damaged}: not a tune file this tune can be added "
