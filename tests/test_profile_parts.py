@@ -321,3 +321,5 @@ def test_an_unstable_model_row_is_not_the_ceiling_when_a_stable_one_exists():
     add_ratios(rows)
     assert two.unstable and one.stable and e2e.stable and loader.stable
     assert e2e.vs_ceiling == pytest.approx(32.0 / 33.0) and loader.vs_ceiling == pytest.approx(640.0 / 33.0)
+    # model rows against the fastest model row: never above 1 (the unstable one read 35/33 = 1.06x before)
+    assert two.vs_ceiling == 1.0 and one.vs_ceiling == pytest.approx(33.0 / 35.0)
