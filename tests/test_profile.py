@@ -298,3 +298,21 @@ def test_augment_is_a_sweep_axis_of_the_data_backends(tiny_shards, tmp_path, cap
     table = capsys.readouterr().out
     assert "| augment |" in table and "| trivialaugment |" in table
     assert cli_main(["profile", str(tiny_shards), "--out", str(tmp_path), "--augment", "mixup", "--no-progress"]) == 2
+
+
+def test_nproc_checks_out_and_tune_json_before_any_rank_starts(tmp_path, capsys, monkeypatch):
+    """Raised in rank 0 alone, the other ranks would wait in a collective until torchrun gave up."""
+    import tools.profiler.node as node
+
+    launched = []
+    monkeypatch.setattr(node, "launch", lambda nproc, argv: launched.append(argv) or 0)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert cli_main(["profile", str(tmp_path), "--out", str(blocked), "--nproc", "2"]) == 2
+    assert f"--out {blocked}: cannot write there" in capsys.readouterr().err
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tune.json").write_text("{not json")
+    assert cli_main(["profile", str(tmp_path), "--out", str(out), "--nproc", "2", "--tune"]) == 2
+    assert f"{out / 'tune.json'}: not a tune file" in capsys.readouterr().err
+    assert launched == []

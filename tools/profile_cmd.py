@@ -116,8 +116,14 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc: an integer >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from tools.profiler.autotune import check_tune_files
         from tools.profiler.node import launch
+        from tools.profiler.report import Report
 
+        # Here, before any rank starts: raised in rank 0 alone, the others would wait in a collective for it
+        Report.prepare(args.out)
+        if args.tune:
+            check_tune_files(out_dir=args.out, shards_dir=args.shards)
         return launch(args.nproc, _without_nproc(args.argv))
     main = int(os.environ.get("RANK", 0)) == 0
     if args.tune:
