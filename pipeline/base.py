@@ -123,7 +123,8 @@ DIAGNOSE_BUDGET = 30.0  # seconds
 def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget: float = DIAGNOSE_BUDGET) -> str:
     """After a read failure whose message does not name the sample (DALI's decoder reports only the sample's
     position in the batch): check the split's shards with `shards.verify.check_shard` (sizes, sha256,
-    index, structure, a Pillow decode of every image) until one has a problem or `budget` seconds pass."""
+    index, structure, a Pillow decode of every image) until one has a problem or `budget` seconds pass. The
+    text ends with what to do: re-convert a damaged shard; when every shard is sound, look at the read itself."""
     from shards.images import DEFAULT_MAX_PIXELS
     from shards.store import StoreError
     from shards.verify import check_shard
@@ -141,8 +142,10 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
         except StoreError as err:  # the store itself failed (gone, refusing): that is the diagnosis
             return f"the shards could not be checked: {err}"
         if problems:
-            return "damaged: " + "; ".join(problems[:5])
-    return f"all {len(manifest.shards)} shards of the {manifest.split} split pass `shards verify --decode`"
+            return "damaged: " + "; ".join(problems[:5]) + "; re-convert the damaged shard"
+    return (f"all {len(manifest.shards)} shards of the {manifest.split} split pass `shards verify --decode`, so "
+            "the shards are sound and the read itself failed (for a store: the endpoint or the object URL DALI "
+            "used; see DALI's message)")
 
 
 def local_cuda_device(device_id: int | None) -> int:

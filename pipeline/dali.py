@@ -295,8 +295,8 @@ class DaliLoader(Loader):
             diagnosis = diagnose_shards(self.store, self.manifest)
             raise ShardReadError(
                 f"{self.backend}: {doing} the {self.split} shards in {self.store} "
-                f"(rank {self.rank} of {self.world_size}) failed: {diagnosis}. Re-convert the damaged "
-                f"shard; undecodable samples are never skipped. DALI said: {dali_message(err)}"
+                f"(rank {self.rank} of {self.world_size}) failed: {diagnosis}. Undecodable samples are never "
+                f"skipped. DALI said: {dali_message(err)}"
             ) from err
 
     def _next_dali(self) -> dict:

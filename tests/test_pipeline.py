@@ -328,6 +328,19 @@ def test_undecodable_jpeg_fails_naming_shard_and_sample(damaged_copy, backend):
             pass
 
 
+def test_a_failed_read_is_diagnosed_as_damage_only_when_a_shard_is_damaged(damaged_copy):
+    """DALI's decoder and S3 reader name no sample: the loader checks the shards and says what it found. Sound
+    shards must not be blamed (an S3 key DALI could not fetch once read 'Re-convert the damaged shard')."""
+    from pipeline.base import diagnose_shards
+
+    sound = diagnose_shards(damaged_copy, load_manifest(damaged_copy, "val"))
+    assert sound.startswith("all 4 shards of the val split pass `shards verify --decode`, so the shards are sound")
+    assert "re-convert" not in sound
+    key = _overwrite_image(damaged_copy, "val-000001.tar", 2)
+    damaged = diagnose_shards(damaged_copy, load_manifest(damaged_copy, "val"))
+    assert damaged.startswith("damaged: ") and key in damaged and damaged.endswith("; re-convert the damaged shard")
+
+
 @pytest.mark.parametrize("backend", READERS)
 def test_truncated_tar_fails_naming_the_shard(damaged_copy, backend):
     tar = damaged_copy / "val-000002.tar"
