@@ -168,7 +168,8 @@ def test_warmup_that_never_settles_is_bounded_and_said():
     assert m.discarded == [[2.0, 4.0]]  # the timed windows spread as widely, measured again, and did again
     row = summarise(ProfileConfig("model", "synthetic", BATCH, 32, precision="fp32", compile=False), [m])
     add_ratios([row])
-    assert row.unstable == ["step time not steady after 10 s of warm-up",
+    assert row.unstable == ["step time not steady after 7 warm-up steps (10 s, the pipeline's start and first steps "
+                            "included)",
                             "windows spread 2-4 img/s, 67% of the median (limit 30%)"]
     assert row.notes == ["measured again: a pass's windows spread 2-4 img/s"]
 

@@ -29,7 +29,11 @@ def window_spread(row: ProfileRow) -> str | None:
 def not_settled(row: ProfileRow) -> str | None:
     if row.settled is not False:
         return None
-    return f"step time not steady after {row.warmup_seconds:.0f} s of warm-up"
+    # The seconds count everything before timing: the pipeline's start and the first --warmup steps too (they can
+    # outlast --max-warmup, which bounds only the search for a steady step time), and every pass of the row
+    over = f" over {len(row.passes)} passes" if len(row.passes) > 1 else ""
+    return (f"step time not steady after {row.warmup_steps} warm-up steps{over} "
+            f"({row.warmup_seconds:.0f} s, the pipeline's start and first steps included)")
 
 
 def ceiling_drift(row: ProfileRow) -> str | None:
