@@ -7,7 +7,9 @@ NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,19 @@ def shutdown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
     _INFO = None
+
+
+@contextlib.contextmanager
+def session() -> Iterator[DistInfo]:
+    """`init()` for a piece of work that may run alone or inside a caller's process group (the profiler's sweep
+    and tune): on exit the group is shut down only if this call started it; a caller's group is left running."""
+    owns = not (tdist.is_available() and tdist.is_initialized())
+    info = init()
+    try:
+        yield info
+    finally:
+        if owns:
+            shutdown()
 
 
 def active() -> bool:

@@ -40,17 +40,10 @@ SHORT_TUNE = dict(timing=Timing(steps=None, duration=4.0, windows=2, warmup=5, m
 
 def tune(shards_dir: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """`run_tune` in this process's process group (started here under torchrun, and ended if started here)."""
-    import torch.distributed as tdist
-
     from training import dist
 
-    owns = not (tdist.is_available() and tdist.is_initialized())
-    info = dist.init()
-    try:
+    with dist.session() as info:
         return run_tune(shards_dir, info=info, **options)
-    finally:
-        if owns:
-            dist.shutdown()
 
 
 def run_tune(

@@ -120,17 +120,10 @@ def default_threads(ranks: Any) -> int:
 def profile(shards_dir: str | os.PathLike, **options: Any) -> Report:
     """Run the sweep over `<shards_dir>/<split>-*.tar` (see `run_profile` for the options); under torchrun,
     every rank calls this and rank 0 writes the report. Starts and ends the process group if it starts it."""
-    import torch.distributed as tdist
-
     from training import dist
 
-    owns = not (tdist.is_available() and tdist.is_initialized())
-    info = dist.init()
-    try:
+    with dist.session() as info:
         return run_profile(shards_dir, info=info, **options)
-    finally:
-        if owns:
-            dist.shutdown()
 
 
 def run_profile(
