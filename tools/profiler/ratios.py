@@ -29,10 +29,10 @@ def ceiling_rows(rows: Sequence[ProfileRow]) -> dict[tuple, ProfileRow]:
     return best
 
 
-def fastest_ceiling(rows: Sequence[ProfileRow], *, batch_size: int, image_size: int) -> float | None:
-    """The model ceiling (images/s per GPU) for a loader at this batch and image size: the fastest step (stable
-    rows first, as in `ceiling_rows`)."""
-    candidates = [r for r in ceiling_rows(rows).values()
+def fastest_ceiling(ceilings: dict[tuple, ProfileRow], *, batch_size: int, image_size: int) -> float | None:
+    """The model ceiling (images/s per GPU) for a loader at this batch and image size: the fastest of
+    `ceilings` (from `ceiling_rows`), stable rows first."""
+    candidates = [r for r in ceilings.values()
                   if (r.config.batch_size, r.config.image_size) == (batch_size, image_size)]
     stable = [r for r in candidates if r.stable] or candidates
     return max((r.images_per_sec_per_gpu for r in stable), default=None)
@@ -63,7 +63,6 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
         if not row.ok or not row.images_per_sec_per_gpu:
             continue
         c = row.config
-        fastest = fastest_ceiling(rows, batch_size=c.batch_size, image_size=c.image_size)
         if c.mode == "model":
             # against the fastest precision/compile/thread count at this batch and image size, stable or not:
             # 1.0 for it, the cost of others. (Against the stable-first ceiling, an unstable faster model row
@@ -72,8 +71,11 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
                 r.images_per_sec_per_gpu for r in rows if r.ok and r.config.mode == "model"
                 and (r.config.batch_size, r.config.image_size) == (c.batch_size, c.image_size))
             continue
-        own = ceilings.get(c.ceiling_key())
-        ceiling = (own.images_per_sec_per_gpu if own else None) if c.mode == "e2e" else fastest
+        if c.mode == "e2e":
+            own = ceilings.get(c.ceiling_key())
+            ceiling = own.images_per_sec_per_gpu if own else None
+        else:
+            ceiling = fastest_ceiling(ceilings, batch_size=c.batch_size, image_size=c.image_size)
         if ceiling:
             row.vs_ceiling = row.images_per_sec_per_gpu / ceiling
             if c.mode == "loader" and c.threads:
