@@ -47,6 +47,24 @@ class OtherRankFailed(RuntimeError):
     """Another process of a node-scale profile failed; this one stopped with it (its row says which)."""
 
 
+def agreed(ranks: Any, run: Callable[[], tuple], *, flags: int = 0,
+           failed: str = "failed during this configuration") -> tuple:
+    """Run on this rank, then agree with all ranks: `run` returns (result, *flags) and each flag comes back
+    and-ed over every rank. A failure anywhere stops every rank (this rank re-raises its own error, the others
+    raise OtherRankFailed saying the other rank `failed`), so no rank waits in a collective for one that died."""
+    try:
+        result, *held = run()
+        error = None
+    except Exception as err:
+        result, held, error = None, [False] * flags, err
+    ok, *held = ranks.all_true(error is None, *held)
+    if error is not None:
+        raise error
+    if not ok:
+        raise OtherRankFailed(f"another rank {failed} (see its row)")
+    return (result, *held)
+
+
 @dataclass(frozen=True)
 class Timing:
     """How long one configuration is measured."""
@@ -153,22 +171,6 @@ def measure(
         wall = clock() - start
         return Window(images, count, wall, wait, cpu_seconds_delta(cpu_start, cpu_seconds_snapshot()), util)
 
-    def agreed(run: Callable[[], tuple], flags: int = 0) -> tuple:
-        """Run on this rank, then agree with all ranks: `run` returns (result, *flags) and each flag comes back
-        and-ed over every rank. A failure anywhere stops every rank (this rank re-raises its own error, the
-        others raise OtherRankFailed)."""
-        try:
-            result, *held = run()
-            error = None
-        except Exception as err:
-            result, held, error = None, [False] * flags, err
-        ok, *held = ranks.all_true(error is None, *held)
-        if error is not None:
-            raise error
-        if not ok:
-            raise OtherRankFailed("another rank failed during this configuration (see its row)")
-        return (result, *held)
-
     def minimum_warmup() -> tuple:
         for _ in range(timing.warmup):
             feed(next(batches))
@@ -185,10 +187,11 @@ def measure(
     plan = timing.window_steps()
     bound = (plan[0], None) if plan else (None, timing.duration / timing.windows)
     warm_start = clock()
-    agreed(minimum_warmup)
+    agreed(ranks, minimum_warmup)
     warm_steps, settled, previous = timing.warmup, None, None
     while timing.max_warmup > 0:
-        w, steady, in_time = agreed(functools.partial(warm_window, previous, clock() - warm_start), flags=2)
+        w, steady, in_time = agreed(ranks, functools.partial(warm_window, previous, clock() - warm_start),
+                                    flags=2)
         warm_steps += w.steps
         previous = w.step_seconds
         if steady or not in_time:
@@ -200,7 +203,7 @@ def measure(
         windows = []
         for w in range(len(plan) if plan else timing.windows):
             run = functools.partial(window, plan[w] if plan else None, bound[1])
-            windows.append(agreed(lambda run=run: (run(),))[0])
+            windows.append(agreed(ranks, lambda run=run: (run(),))[0])
         rates = [w.images_per_sec for w in windows]
         (steady,) = ranks.all_true(spread_share(rates) <= SPREAD_LIMIT)
         if steady or len(discarded) >= timing.retries:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tools.profiler.gpu import GpuMonitor
-from tools.profiler.measure import Measurement, OtherRankFailed, SingleProcess, Timing, measure
+from tools.profiler.measure import Measurement, SingleProcess, Timing, agreed, measure
 from tools.profiler.plan import TRAINING_MODES, ProfileConfig
 
 
@@ -47,19 +47,16 @@ def run_config(
     ranks = ranks or SingleProcess()
     loader = step = None
     model_threads = torch.get_num_threads()
+
+    def build() -> tuple:
+        nonlocal loader, step  # set as built, so that `finally` closes a loader whose step then failed to build
+        loader = build_loader(config, workload=workload)
+        if config.mode in TRAINING_MODES:
+            step = build_step(config, arch=workload.arch, num_classes=loader.num_classes, device=device)
+        return (None,)
+
     try:
-        error = None
-        try:
-            loader = build_loader(config, workload=workload)
-            if config.mode in TRAINING_MODES:
-                step = build_step(config, arch=workload.arch, num_classes=loader.num_classes, device=device)
-        except Exception as err:
-            error = err
-        (ok,) = ranks.all_true(error is None)
-        if error is not None:
-            raise error
-        if not ok:
-            raise OtherRankFailed("another rank failed to build this configuration (see its row)")
+        agreed(ranks, build, failed="failed to build this configuration")
         if config.model_threads is not None:
             torch.set_num_threads(config.model_threads)
         if device.type == "cuda":
