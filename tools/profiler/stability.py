@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tools.profiler.measure import SPREAD_LIMIT
+from tools.profiler.measure import SPREAD_LIMIT, spread_share
 from tools.profiler.row import ProfileRow
 
 #: e2e above its own ceiling by more than this fraction cannot be true: something drifted between the rows.
@@ -19,11 +19,14 @@ DRIFT_LIMIT = 0.10
 
 
 def window_spread(row: ProfileRow) -> str | None:
-    low, high, mid = row.images_per_sec_min, row.images_per_sec_max, row.images_per_sec_per_gpu
-    if not mid or (high - low) / mid <= SPREAD_LIMIT:
+    """The measure a pass is retried on (`spread_share`), over the row's windows (one process's)."""
+    if not row.images_per_sec_per_gpu:
         return None
-    share = (high - low) / mid
-    return f"windows spread {low:.0f}-{high:.0f} img/s, {share:.0%} of the median (limit {SPREAD_LIMIT:.0%})"
+    share = spread_share(row.window_images_per_sec)
+    if share <= SPREAD_LIMIT:
+        return None
+    return (f"windows spread {row.images_per_sec_min:.0f}-{row.images_per_sec_max:.0f} img/s, {share:.0%} of the "
+            f"median (limit {SPREAD_LIMIT:.0%})")
 
 
 def not_settled(row: ProfileRow) -> str | None:
