@@ -188,9 +188,8 @@ def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Calla
     if run_tune is None:
         raise ConfigError(f"--num-threads/--hw-decoder-load auto: no entry of {path} matches {wanted}; run "
                           f"`saturate profile {cfg.data} --tune ...` with the same settings, or give numbers")
-    if cfg.backend != "synthetic":  # a missing split is found now, not after minutes of tuning
-        for split in (cfg.train_split, cfg.val_split):
-            load_manifest(cfg.data, split)
+    for split in (cfg.train_split, cfg.val_split):  # a missing split is found now, not after minutes of tuning
+        load_manifest(cfg.data, split)
     say(f"loader 'auto': no entry of {path} matches {wanted}; running a short tune first")
     entry = run_tune(cfg)
     cfg, chosen = apply_entry(cfg, entry)
