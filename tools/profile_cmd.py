@@ -183,10 +183,9 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
         if given:  # the search picks these; a value here was silently ignored
             raise ValueError(f"{flag}: --tune searches the loader threads and prefetch depth itself "
                              "(bound the threads with --max-threads)")
-    timing = Timing(args.steps, args.duration if args.steps is None else None, args.windows, args.warmup,
-                    args.max_warmup)
-    if timing.steps is None and timing.duration is None:
-        timing = Timing(None, DEFAULT_DURATION, args.windows, args.warmup, args.max_warmup)
+    # --steps and --duration exclude each other (argparse); neither: the profile's default duration
+    duration = DEFAULT_DURATION if args.steps is None and args.duration is None else args.duration
+    timing = Timing(args.steps, duration, args.windows, args.warmup, args.max_warmup)
 
     def ready() -> None:  # the flags are valid: is there somewhere to write? Now, not after the minutes of the tune
         if main:
