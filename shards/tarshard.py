@@ -13,7 +13,6 @@ import os
 import queue
 import tarfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -138,39 +137,12 @@ class ShardWriter:
             path.unlink(missing_ok=True)
 
 
-def index_tar(path: str | os.PathLike) -> list[list[IndexedMember]]:
-    """Index an existing tar the way DALI's `wds2idx` does: regular files grouped into samples by the
-    name up to the first dot, in tar order. Used by `verify` to check our written `.idx` files."""
-    samples: list[list[IndexedMember]] = []
-    last_key = None
-    try:
-        with tarfile.open(path, "r:") as archive:
-            for info in archive:
-                if info.isreg():
-                    last_key = _add_member(samples, info, last_key)
-    except tarfile.TarError as err:
-        raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
-    return samples
-
-
-def _add_member(samples: list[list[IndexedMember]], info: tarfile.TarInfo, last_key: str | None) -> str | None:
-    """Append a regular member to its sample (consecutive members with one key form a sample, as webdataset
-    groups them); members without a key are not samples. Returns the key of the sample now last."""
-    key, ext = split_member_name(info.name)
-    if not key:
-        return last_key
-    if key != last_key:
-        samples.append([])
-    samples[-1].append(IndexedMember(ext, info.offset_data, info.size, info.name))
-    return key
-
-
 class _Hashing(io.RawIOBase):
-    """Counts and hashes every byte read through it (verify reads a remote shard once, not three times)."""
+    """Hashes every byte read through it (verify reads a remote shard once, not three times)."""
 
     def __init__(self, stream: BinaryIO) -> None:
         super().__init__()
-        self.stream, self.sha, self.bytes = stream, hashlib.sha256(), 0
+        self.stream, self.sha = stream, hashlib.sha256()
 
     def readable(self) -> bool:
         return True
@@ -179,15 +151,15 @@ class _Hashing(io.RawIOBase):
         data = self.stream.read(len(buffer))
         buffer[: len(data)] = data
         self.sha.update(data)
-        self.bytes += len(data)
         return len(data)
 
 
 def scan_tar(stream: BinaryIO, where: str | os.PathLike) -> tuple[list[list[IndexedMember]], list[tuple[str, bytes]],
-                                                                 int, str]:
-    """One sequential pass over a tar stream: (the index `index_tar` would build, (member name, payload) of every
-    regular member in order, bytes, sha256 hex). Works on a local file and on an object store's stream alike;
-    errors name `where`."""
+                                                                 str]:
+    """One sequential pass over a tar stream: (its index as DALI's `wds2idx` builds it: regular members grouped
+    into samples by the name up to the first dot, in tar order; (member name, payload) of every regular member
+    in order; sha256 hex). Works on a local file and on an object store's stream alike; errors name `where`.
+    Used by `verify` to check our written `.idx` files and shard digests."""
     samples: list[list[IndexedMember]] = []
     members: list[tuple[str, bytes]] = []
     hashing = _Hashing(stream)
@@ -198,12 +170,18 @@ def scan_tar(stream: BinaryIO, where: str | os.PathLike) -> tuple[list[list[Inde
                 if not info.isreg():
                     continue
                 members.append((info.name, archive.extractfile(info).read()))
-                last_key = _add_member(samples, info, last_key)
+                key, ext = split_member_name(info.name)
+                if not key:  # not a sample's member
+                    continue
+                if key != last_key:
+                    samples.append([])
+                    last_key = key
+                samples[-1].append(IndexedMember(ext, info.offset_data, info.size, info.name))
         while hashing.read(1 << 20):  # the end-of-archive blocks and any padding belong to the hash too
             pass
     except tarfile.TarError as err:
         raise ShardFormatError(f"{where}: not a readable tar ({err})") from err
-    return samples, members, hashing.bytes, hashing.sha.hexdigest()
+    return samples, members, hashing.sha.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -215,15 +193,4 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
-    """(member name, payload) for every regular member, in order; errors name the shard."""
-    try:
-        with tarfile.open(path, "r:") as archive:
-            for info in archive:
-                if info.isreg():
-                    yield info.name, archive.extractfile(info).read()
-    except (tarfile.TarError, OSError) as err:
-        raise ShardFormatError(f"{path}: not a readable tar ({err})") from err
-
-
-__all__ = ["ShardWriter", "index_tar", "iter_members", "scan_tar", "sha256_file", "ustar_header"]
+__all__ = ["ShardWriter", "scan_tar", "sha256_file", "ustar_header"]

@@ -66,7 +66,7 @@ def check_shard(shards_dir: str | os.PathLike, record: ShardRecord, num_classes:
         check.problems.append(f"{tar}: {size} bytes, manifest says {record.bytes}")
     try:
         with store.open(record.name) as stream:
-            expected_index, payloads, _, sha = scan_tar(stream, tar)
+            expected_index, payloads, sha = scan_tar(stream, tar)
     except ShardFormatError as err:
         check.problems.append(str(err))
         return check
