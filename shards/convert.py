@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards.atomic import remove_stale_temporaries
-from shards.cpus import usable_cpus
+from shards.cpus import check_workers, usable_cpus
 from shards.images import CHECKS, DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
 from shards.publish import ShardSink
 from shards.schema import (
@@ -68,7 +68,6 @@ from shards.tarshard import ShardWriter
 DEFAULT_SHARD_BYTES = 512 * 10**6  # bytes; DALI and webdataset both read 256 MB - 1 GB shards efficiently
 PARTS_DIR = ".parts"  # per-shard records; what `merge` builds the manifest from
 _MAX_KEY_CHARS = 80  # ustar names hold 100 bytes: key + "-NNN" + ".json" must fit
-MAX_WORKERS = 4096  # processes; more is a typo (and each one is forked at once)
 
 
 def tool_version() -> str:
@@ -644,8 +643,7 @@ def convert(
         raise ValueError(f"--max-size {max_size} must be >= 1 pixel")
     if max_pixels < 1:
         raise ValueError(f"--max-pixels {max_pixels} must be >= 1")
-    if workers is not None and not 1 <= workers <= MAX_WORKERS:
-        raise ValueError(f"--workers {workers} must be in 1..{MAX_WORKERS} (or leave it out: the usable CPU cores)")
+    check_workers(workers)
 
     reference = None
     if classes_file is None and split != "train" and store.exists(manifest_name("train")):

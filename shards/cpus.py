@@ -47,6 +47,16 @@ def usable_cpus() -> int:
     return count
 
 
+#: Worker processes `convert` and `verify` accept at most; more is a typo (and each one is forked at once).
+MAX_WORKERS = 4096
+
+
+def check_workers(workers: int | None) -> None:
+    """A ValueError naming --workers unless it is None (the usable cores) or in 1..MAX_WORKERS."""
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers {workers} must be in 1..{MAX_WORKERS} (or leave it out: the usable CPU cores)")
+
+
 def cpu_model() -> str | None:
     """The CPU's model name (/proc/cpuinfo), for telling machines apart in profiles and tune results."""
     import platform

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from shards.cpus import usable_cpus
+from shards.cpus import check_workers, usable_cpus
 from shards.images import DEFAULT_MAX_PIXELS, plain_rgb_jpeg_size, strict_decode_problem
 from shards.schema import (
     IMAGE_EXT,
@@ -142,8 +142,7 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
 
     stats["samples"] counts the samples actually read and checked (a missing or unreadable shard's are not);
     stats["listed"] what the manifests promise. `progress` shows a bar in images/s (stderr)."""
-    if workers is not None and not 1 <= workers <= 4096:
-        raise ValueError(f"--workers {workers} must be in 1..4096 (or leave it out: the usable CPU cores)")
+    check_workers(workers)
     store = open_store(shards_dir)
     store.check()
     shards_dir = str(store)  # what each worker process opens its own store from
