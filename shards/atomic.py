@@ -100,6 +100,15 @@ def _writer_alive(name: str) -> bool | None:
     return True
 
 
+def is_stale(entry: Path, *, foreign_after: float = FOREIGN_STALE_AFTER, now: float | None = None) -> bool:
+    """Whether the temporary `entry` (named with its writer's host and pid) was left by a writer that no longer
+    runs: one of this host whose process is gone, or one of another host (which cannot be asked) once it is
+    `foreign_after` seconds old. FileNotFoundError when it went meanwhile."""
+    alive = _writer_alive(entry.name)
+    return alive is False or (alive is None and (time.time() if now is None else now) - entry.stat().st_mtime
+                              > foreign_after)
+
+
 def remove_stale_temporaries(directory: str | os.PathLike, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:
     """Remove temporaries left in `directory` by writers that were killed (kill -9, OOM, a node failure);
     returns what was removed. A temporary from another host is removed once it is `foreign_after` seconds old
@@ -112,10 +121,8 @@ def remove_stale_temporaries(directory: str | os.PathLike, *, foreign_after: flo
     for entry in directory.iterdir():
         if not entry.name.startswith(".") or TMP_MARK not in entry.name or not entry.is_file():
             continue
-        alive = _writer_alive(entry.name)
         try:
-            stale = alive is False or (alive is None and now - entry.stat().st_mtime > foreign_after)
-            if stale:
+            if is_stale(entry, foreign_after=foreign_after, now=now):
                 entry.unlink()
                 removed.append(entry)
         except FileNotFoundError:  # its writer finished (or another cleaner was faster)

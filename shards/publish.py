@@ -19,11 +19,10 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from shards.atomic import FOREIGN_STALE_AFTER, TMP_MARK, _host, _writer_alive
+from shards.atomic import FOREIGN_STALE_AFTER, TMP_MARK, _host, is_stale
 from shards.store import Store
 
 UPLOADS_IN_FLIGHT = 4  # shards uploading at once (each in up to shards.store.UPLOAD_THREADS parts)
@@ -35,10 +34,8 @@ def remove_stale_spools(parent: str | Path, *, foreign_after: float = FOREIGN_ST
     temporaries: a spool of another host goes once it is `foreign_after` seconds old); returns what went."""
     removed = []
     for entry in Path(parent).glob(f"{SPOOL_NAME}{TMP_MARK}*"):
-        alive = _writer_alive(entry.name)
         try:
-            if entry.is_dir() and (alive is False or (alive is None and
-                                                      time.time() - entry.stat().st_mtime > foreign_after)):
+            if entry.is_dir() and is_stale(entry, foreign_after=foreign_after):
                 shutil.rmtree(entry)
                 removed.append(entry)
         except FileNotFoundError:  # another run removed it first
