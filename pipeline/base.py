@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.schema import Manifest, ShardFormatError, check_split_name, load_manifest, shard_files
-from shards.store import open_store
+from shards.store import Store, open_store
 
 BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 #: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
@@ -95,21 +95,23 @@ def resolve_options(backend: str, given: dict[str, Any], defaults: dict[str, Any
 
 def open_split(
     shards_dir: str | os.PathLike | None, split: str
-) -> tuple[Manifest, list[tuple[Path | str, Path | str]]]:
-    """The split's manifest and its (tar, idx) paths or URLs (`shards_dir` is a folder or a store URL such as
-    s3://bucket/prefix), every shard checked cheaply against its record (exists, size, sample count:
-    `shards.schema.shard_files`). A shard that does not match is a ShardReadError naming it: training must never
-    start on shards that are not the ones the manifest describes."""
+) -> tuple[Store, Manifest, list[tuple[Path | str, Path | str]]]:
+    """The store (opened once: on S3 each opening builds boto3 clients), the split's manifest and its (tar, idx)
+    paths or URLs (`shards_dir` is a folder or a store URL such as s3://bucket/prefix), every shard checked
+    cheaply against its record (exists, size, sample count: `shards.schema.shard_files`). A shard that does
+    not match is a ShardReadError naming it: training must never start on shards that are not the ones the
+    manifest describes."""
     if shards_dir is None:
         raise ValueError("shards_dir is required for every backend but 'synthetic'")
-    manifest = load_manifest(shards_dir, split)
+    store = open_store(shards_dir)
+    manifest = load_manifest(store, split)
     try:
-        pairs = shard_files(shards_dir, manifest)
+        pairs = shard_files(store, manifest)
     except ShardFormatError as err:
         raise ShardReadError(str(err)) from err
     if manifest.num_samples < 1:
-        raise ValueError(f"{open_store(shards_dir)}: the {split} manifest lists no samples")
-    return manifest, pairs
+        raise ValueError(f"{store}: the {split} manifest lists no samples")
+    return store, manifest, pairs
 
 
 class ShardReadError(RuntimeError):

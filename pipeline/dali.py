@@ -60,7 +60,6 @@ from pipeline.base import (
     resolve_options,
 )
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
-from shards.store import open_store
 
 READER_NAME = "Reader"
 #: Backend options the DALI backends accept, with their defaults.
@@ -221,11 +220,10 @@ class DaliLoader(Loader):
 
         gpu = backend == "dali-gpu"
         dali_device = _device_id(gpu, device_id)
-        manifest, pairs = open_split(shards_dir, split)
+        self.store, manifest, pairs = open_split(shards_dir, split)
         self.manifest = manifest
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.store = open_store(shards_dir)
         self.num_classes, self.wnids = manifest.num_classes, manifest.wnids
         self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
         self.with_keys = bool(options["with_keys"])

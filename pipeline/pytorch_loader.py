@@ -58,7 +58,7 @@ from pipeline.base import (
     resolve_options,
 )
 from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label
-from shards.store import Store, StoreError, open_store
+from shards.store import Store, StoreError
 
 #: Backend options the `pytorch` backend accepts, with their defaults.
 PYTORCH_OPTIONS: dict[str, Any] = {
@@ -301,10 +301,9 @@ class PytorchLoader(Loader):
         import webdataset  # noqa: F401
 
         self.options = resolve_options(backend, backend_options, PYTORCH_OPTIONS)
-        manifest, _ = open_split(shards_dir, split)
+        self.store, manifest, _ = open_split(shards_dir, split)
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area
-        self.store = open_store(shards_dir)
         self.num_classes, self.wnids = manifest.num_classes, manifest.wnids
         self.tars = [record.name for record in manifest.shards]  # names in the store; open_split checked them
         self.counts = [record.num_samples for record in manifest.shards]
