@@ -535,9 +535,10 @@ def invalidate_other_manifest(store: Store, split: str, split_digest: str, *, sa
             say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
 
 
-def remove_unlisted_shards(store: Store, split: str, manifest: Manifest) -> list[Path | str]:
-    """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s and records) the new manifest does not
-    list: shards of an older, larger plan, or of a shard index whose samples this plan all rejected."""
+def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, planned: int) -> list[Path | str]:
+    """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s, and the records of shard indices at or
+    above `planned`, the plan's shard count) the new manifest does not list: shards of an older, larger plan,
+    or of a shard index whose samples this plan all rejected."""
     listed = {name for r in manifest.shards for name in (r.name, r.index)}
     pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.(tar|idx)(\.partial)?$")
     removed = []
@@ -546,7 +547,6 @@ def remove_unlisted_shards(store: Store, split: str, manifest: Manifest) -> list
             store.delete(name)
             removed.append(store.url(name))
     parts = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.json$")
-    planned = len(json.loads(store.read_text(_plan_name(split)))["digests"])
     for name in sorted(store.sizes(PARTS_DIR)):
         if (m := parts.match(name)) and int(m.group(1)) >= planned:
             store.delete(f"{PARTS_DIR}/{name}")
@@ -592,7 +592,7 @@ def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | Non
         raise RuntimeError(f"{split}: discovered {manifest.discovered} != packed {num_samples} + rejected "
                            f"{len(rejected)}; a shard record is inconsistent, rerun convert")
     store.put_bytes(manifest_name(split), manifest.to_json())
-    remove_unlisted_shards(store, split, manifest)
+    remove_unlisted_shards(store, split, manifest, planned=len(plan["digests"]))
     return manifest
 
 
