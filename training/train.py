@@ -34,7 +34,7 @@ from training.evaluate import evaluate_models, with_ema
 from training.metrics import MetricsLog, write_json
 from training.resume import load_checkpoint
 from training.trainer import Trainer, eval_line, model_for_run, say_on_main
-from training.tuning import resolve_auto
+from training.tuning import processes_per_node, resolve_auto
 
 
 def train(config: TrainConfig, *, run_tune: Callable[[TrainConfig], dict] | None = None) -> dict:
@@ -65,8 +65,7 @@ def cpu_model_threads(loader_threads: int) -> int:
     """Intra-op threads for the model when training on the CPU: this process's share of the cores minus the
     loader's threads. Oversubscribed OpenMP threads spin against the loader's and can make a step 5-10x slower.
     The profiler uses it too, so its CPU ceiling and e2e rows split the cores as training does."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, usable_cpus() // local_processes - loader_threads)
+    return max(1, usable_cpus() // processes_per_node() - loader_threads)
 
 
 def seed_and_backends(cfg: TrainConfig) -> None:
