@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.base import STATE_DEFAULTS
 from training import checkpoint
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, flag
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def load_checkpoint(cfg: TrainConfig, run_dir: Path, *, world_size: int, say: Ca
             name != "num_classes" or cfg.num_classes is not None
         ):
             raise ConfigError(
-                f"--{name.replace('_', '-')}: {path} was trained with {name}={saved[name]!r}, "
+                f"{flag(name)}: {path} was trained with {name}={saved[name]!r}, "
                 f"not {getattr(cfg, name)!r}"
             )
     if not cfg.evaluate_only and "batch_size" in saved:
@@ -80,7 +81,7 @@ def resume_point(ckpt: dict | None, cfg: TrainConfig, *, rank: int, world_size: 
     saved = ckpt.get("config", {})
     state = ckpt["loader_states"][rank] if ckpt["world_size"] == world_size else {}
     written = (ckpt["world_size"], ckpt["image_size"], saved.get("backend"), saved.get("num_threads"),
-               state.get("batch_size"), state.get("augment", "rrc-flip"))
+               state.get("batch_size"), state.get("augment", STATE_DEFAULTS["augment"]))
     wanted = (world_size, cfg.image_size_at(epoch), cfg.backend, cfg.num_threads, cfg.per_process_batch(world_size),
               cfg.augment_policy().spec)
     if written == wanted:

@@ -25,7 +25,7 @@ from pipeline.constants import HW_DECODER_LOAD
 from shards.cpus import cpu_model, usable_cpus
 from shards.schema import load_manifest
 from shards.store import is_store_url
-from training.config import AUTO, MAX_THREADS, ConfigError, TrainConfig
+from training.config import AUTO, MAX_THREADS, ConfigError, TrainConfig, flag
 
 TUNE_FILE = "tune.json"
 FORMAT = "saturate-tune/1"
@@ -156,8 +156,7 @@ def apply_entry(cfg: TrainConfig, entry: dict[str, Any], *, source: str | os.Pat
     if cfg.hw_decoder_load == AUTO:
         load = setting.get("hw_decoder_load")
         changes["hw_decoder_load"] = load if load is not None else HW_DECODER_LOAD
-    chosen = ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                       for k, v in changes.items())
+    chosen = ", ".join(f"{flag(k)} {v:g}" if isinstance(v, float) else f"{flag(k)} {v}" for k, v in changes.items())
     why = (f"e2e {_figure(entry.get('fraction_of_ceiling'), '.2f')} of the ceiling "
            f"{_figure(entry.get('ceiling_images_per_sec_per_gpu'), '.0f')} img/s/GPU, "
            + ("the cheapest setting measured to reach " if entry.get("reached_target") else

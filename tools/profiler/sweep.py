@@ -228,13 +228,14 @@ def augment_keywords(*, randaugment_n: int | None = None, randaugment_m: int | N
     """build_loader's augmentation knobs that differ from their defaults, checked (pipeline.augment names the
     keyword of a bad one)."""
     from pipeline.augment import PolicyError, make_policy
+    from training.config import flag
 
     given = {"randaugment_n": randaugment_n, "randaugment_m": randaugment_m, "random_erasing": random_erasing or None}
     options = {k: v for k, v in given.items() if v is not None}
     try:
         make_policy(**options)
     except PolicyError as err:  # the keyword becomes the flag a person typed
-        raise ValueError(f"--{err.keyword.replace('_', '-')}: {err.reason}, got {err.value!r}") from None
+        raise ValueError(f"{flag(err.keyword)}: {err.reason}, got {err.value!r}") from None
     return options
 
 
