@@ -51,7 +51,9 @@ Where the two backends differ (DALI's operators are not Pillow's, so pixels neve
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,8 +345,7 @@ class TorchvisionPolicy:
         import torch
 
         box = NO_BOX
-        with torch.random.fork_rng(devices=[]):  # torchvision uses the global RNG; restore the caller's after
-            torch.default_generator.manual_seed(seed)  # CPU only; torch.manual_seed would reseed CUDA too
+        with seeded_cpu_rng(seed):  # torchvision uses the global RNG
             if self.op is not None:
                 image = self.op(image)
             # RandomErasing's own coin (its forward: skip when torch.rand(1) >= p), then its own box sampler
@@ -353,6 +354,18 @@ class TorchvisionPolicy:
                 if params["v"] is not None:  # None: no box fitted in ERASE_ATTEMPTS tries
                     box = (params["i"], params["j"], params["h"], params["w"])
         return image, box
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """torch's global CPU RNG seeded with `seed` inside, the caller's restored after: torchvision's transforms
+    (policies here, mixup/cutmix in training.mix) draw from it. CPU only: torch.manual_seed would reseed every
+    CUDA generator too."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def erase_boxes_(images: Any, boxes: Any) -> Any:

@@ -7,7 +7,7 @@ targets), which is the same as smoothing first and mixing after. Cutmix's weight
 stayed, after the box was clipped to the image.
 
 torchvision draws lambda, the box and the mixup/cutmix choice on the CPU from torch's global RNG: each batch
-runs inside `torch.random.fork_rng` seeded from (seed, rank, micro-batch index), so a run is reproducible from
+runs inside `pipeline.augment.seeded_cpu_rng` seeded from (seed, rank, micro-batch index), so a run is reproducible from
 its seed, a resume continues the same sequence without saving any RNG state, and the caller's RNG is left as
 it was. Nothing is read back from the device: no host sync.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 
 import torch
+
+from pipeline.augment import seeded_cpu_rng
 
 
 class BatchMix:
@@ -42,6 +44,5 @@ class BatchMix:
         return random.Random(f"mix:{self.seed}:{self.rank}:{index}").getrandbits(63)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.random.fork_rng(devices=[]):  # CPU RNG only: torchvision samples on the CPU
-            torch.default_generator.manual_seed(self.batch_seed(index))  # not torch.manual_seed: it reseeds CUDA too
+        with seeded_cpu_rng(self.batch_seed(index)):  # torchvision samples on the CPU
             return self.transform(images, labels)
