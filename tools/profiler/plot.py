@@ -19,15 +19,12 @@ def plot_report(report: Any, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tools.profiler.ratios import fastest_model_rows
+
     panels = [m for m in ("loader", "e2e") if any(r.config.mode == m for r in report.rows)] or ["model"]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.6 * len(report.rows) + 3), 3.6 * len(panels)),
                              squeeze=False)
-    ceilings: dict[tuple[int, int], Any] = {}  # (batch, px) -> the fastest model row
-    for r in report.rows:
-        key = (r.config.batch_size, r.config.image_size)
-        if r.ok and r.config.mode == "model" and (
-                key not in ceilings or r.images_per_sec_per_gpu > ceilings[key].images_per_sec_per_gpu):
-            ceilings[key] = r
+    ceilings = fastest_model_rows(report.rows)  # (batch, px) -> the fastest model row
     for ax, mode in zip(axes[:, 0], panels, strict=True):
         rows = [r for r in report.rows if r.config.mode == mode]
         values = [r.images_per_sec_per_gpu if r.ok else 0.0 for r in rows]

@@ -29,6 +29,18 @@ def ceiling_rows(rows: Sequence[ProfileRow]) -> dict[tuple, ProfileRow]:
     return best
 
 
+def fastest_model_rows(rows: Sequence[ProfileRow]) -> dict[tuple[int, int], ProfileRow]:
+    """(batch, image size) -> the fastest model row, stable or not: what a model row's cost is against (1.0 for
+    it) and the plot's ceiling line. Loader and e2e rows use the stable-first `ceiling_rows` instead."""
+    fastest: dict[tuple[int, int], ProfileRow] = {}
+    for r in rows:
+        key = (r.config.batch_size, r.config.image_size)
+        if r.ok and r.config.mode == "model" and (
+                key not in fastest or r.images_per_sec_per_gpu > fastest[key].images_per_sec_per_gpu):
+            fastest[key] = r
+    return fastest
+
+
 def fastest_ceiling(ceilings: dict[tuple, ProfileRow], *, batch_size: int, image_size: int) -> float | None:
     """The model ceiling (images/s per GPU) for a loader at this batch and image size: the fastest of
     `ceilings` (from `ceiling_rows`), stable rows first."""
@@ -58,6 +70,7 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
     # a model row's own measurement decides whether it may be a ceiling: judge those first
     flag_unstable([r for r in rows if r.config.mode == "model"], {})
     ceilings = ceiling_rows(rows)
+    fastest_models = fastest_model_rows(rows)
     baselines = [r for r in rows if r.ok and r.config.backend == BASELINE_BACKEND]
     for row in rows:
         if not row.ok or not row.images_per_sec_per_gpu:
@@ -67,9 +80,8 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
             # against the fastest precision/compile/thread count at this batch and image size, stable or not:
             # 1.0 for it, the cost of others. (Against the stable-first ceiling, an unstable faster model row
             # read 1.27x "of the ceiling" on a busy machine: a ratio no model row can have.)
-            row.vs_ceiling = row.images_per_sec_per_gpu / max(
-                r.images_per_sec_per_gpu for r in rows if r.ok and r.config.mode == "model"
-                and (r.config.batch_size, r.config.image_size) == (c.batch_size, c.image_size))
+            fastest = fastest_models[c.batch_size, c.image_size]
+            row.vs_ceiling = row.images_per_sec_per_gpu / fastest.images_per_sec_per_gpu
             continue
         if c.mode == "e2e":
             own = ceilings.get(c.ceiling_key())
