@@ -33,17 +33,12 @@ from shards.store import S3Store, StoreError, open_store
 from shards.verify import verify
 from tools import synth
 from tools.cli import main as cli
+from tools.local_s3 import free_port, wait_for_port
 
 BUCKET = "shards"
 URL = f"s3://{BUCKET}/quirks"
 SIZE = 32  # pixels
 SPLITS = ("train", "val")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def die_with_pytest() -> None:
@@ -53,17 +48,6 @@ def die_with_pytest() -> None:
     import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 class Relay:
@@ -86,7 +70,7 @@ class Relay:
         command = [sys.executable, str(Path(__file__).with_name("s3_relay.py")), str(self.port), str(self.target),
                    "-" if budget is None else str(budget), str(self.count_file)]
         self._process = subprocess.Popen(command, preexec_fn=die_with_pytest)
-        wait_for_port(self.port)
+        wait_for_port(self.port, timeout=30.0)
 
     def stop(self) -> None:
         if self._process is not None:
@@ -110,7 +94,7 @@ def s3_server(tmp_path_factory):
         preexec_fn=die_with_pytest,
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=30.0)
         endpoint = f"http://127.0.0.1:{port}"
         iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup",
                            region_name="us-east-1")
