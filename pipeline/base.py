@@ -127,7 +127,6 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
     position in the batch): check the split's shards with `shards.verify.check_shard` (sizes, sha256,
     index, structure, a Pillow decode of every image) until one has a problem or `budget` seconds pass. The
     text ends with what to do: re-convert a damaged shard; when every shard is sound, look at the read itself."""
-    from shards.images import DEFAULT_MAX_PIXELS
     from shards.store import StoreError
     from shards.verify import check_shard
 
@@ -138,9 +137,9 @@ def diagnose_shards(shards_dir: str | os.PathLike, manifest: Manifest, *, budget
                 f"no damaged shard among the first {checked} of {len(manifest.shards)} within {budget:.0f} s; "
                 f"run `saturate shards verify {shards_dir} --decode` to check them all"
             )
-        max_pixels = manifest.options.get("max_pixels", DEFAULT_MAX_PIXELS)
         try:
-            problems = check_shard(shards_dir, record, manifest.num_classes, True, max_pixels=max_pixels).problems
+            problems = check_shard(shards_dir, record, manifest.num_classes, True,
+                                   max_pixels=manifest.max_pixels).problems
         except StoreError as err:  # the store itself failed (gone, refusing): that is the diagnosis
             return f"the shards could not be checked: {err}"
         if problems:

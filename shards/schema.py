@@ -201,6 +201,14 @@ class Manifest:
         return len(self.classes)
 
     @property
+    def max_pixels(self) -> int:
+        """The pixel limit the split was converted with (manifests from before the option: the default), which
+        `verify` and a loader's diagnosis check again."""
+        from shards.images import DEFAULT_MAX_PIXELS
+
+        return self.options.get("max_pixels", DEFAULT_MAX_PIXELS)
+
+    @property
     def wnids(self) -> list[str]:
         return [c["wnid"] for c in self.classes]
 

@@ -169,8 +169,8 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
                    desc=f"verify {split}" + (" --decode" if decode else ""))
         present = store.sizes()  # one listing for every shard's existence and size, and for unlisted ones
         with ProcessPoolExecutor(max_workers=workers or usable_cpus()) as pool:
-            max_pixels = manifest.options.get("max_pixels", DEFAULT_MAX_PIXELS)
-            futures = {pool.submit(check_shard, shards_dir, r, manifest.num_classes, decode, max_pixels=max_pixels,
+            futures = {pool.submit(check_shard, shards_dir, r, manifest.num_classes, decode,
+                                   max_pixels=manifest.max_pixels,
                                    sizes=(present.get(r.name), present.get(r.index))): r
                        for r in manifest.shards}
             for future in as_completed(futures):
