@@ -22,9 +22,18 @@ from typing import Any
 from pipeline import augment as _augment
 from pipeline import constants
 from pipeline.augment import POLICIES, PolicyError
-from pipeline.base import BACKENDS, Loader, ShardReadError, check_arguments, resolve_rank
+from pipeline.base import (
+    BACKENDS,
+    Loader,
+    LoaderOptionError,
+    ShardReadError,
+    check_arguments,
+    check_loader_knobs,
+    resolve_rank,
+)
 
-__all__ = ["BACKENDS", "POLICIES", "Loader", "PolicyError", "ShardReadError", "build_loader", "constants"]
+__all__ = ["BACKENDS", "POLICIES", "Loader", "LoaderOptionError", "PolicyError", "ShardReadError", "build_loader",
+           "check_loader_knobs", "constants"]
 
 
 def build_loader(
@@ -38,6 +47,8 @@ def build_loader(
     rank: int | None = None,
     world_size: int | None = None,
     num_threads: int = 4,
+    prefetch_depth: int | None = None,
+    hw_decoder_load: float | None = None,
     seed: int = 0,
     device_id: int | None = None,
     state: dict[str, Any] | None = None,
@@ -57,6 +68,10 @@ def build_loader(
     1; values that disagree with those are refused.
     batch_size: samples per batch per rank. image_size: side of the square output (pixels).
     num_threads: DALI CPU threads, or DataLoader worker processes for `pytorch`.
+    prefetch_depth: batches kept in flight (DALI's prefetch queue depth; per worker for `pytorch`); None: the
+    backend's default (2). hw_decoder_load: `dali-gpu` only, the share of JPEGs sent to the GPU's hardware JPEG
+    decoder (the rest go to the CUDA decoder); None: pipeline.constants.HW_DECODER_LOAD. A backend without the
+    knob refuses a value (LoaderOptionError, a ValueError naming the keyword).
     seed: the same on every rank (shard order is global; augmentation streams differ per rank).
     device_id: CUDA device for GPU backends; default $LOCAL_RANK, else the current device.
     state: a `loader.state_dict()` to continue from (same backend/split/batch_size/image_size/rank/
@@ -73,6 +88,7 @@ def build_loader(
     (pipeline.pytorch_loader), SYNTHETIC_OPTIONS (pipeline.synthetic).
     """
     rank, world_size = resolve_rank(rank, world_size)
+    check_loader_knobs(backend, prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
     check_arguments(
         split=split, train=train, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
         world_size=world_size, crop_area=crop_area,
@@ -82,17 +98,17 @@ def build_loader(
     _augment.check_policy_use(policy, train=train, backend=backend)
     common = dict(
         train=train, batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
-        num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area),
-        policy=policy,
+        num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area), policy=policy,
     )
+    knobs = dict(prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
     if backend in ("dali-gpu", "dali-cpu"):
         from pipeline.dali import DaliLoader
 
-        return DaliLoader(shards_dir, split, **common, **backend_options)
+        return DaliLoader(shards_dir, split, **common, **knobs, **backend_options)
     if backend == "pytorch":
         from pipeline.pytorch_loader import PytorchLoader
 
-        return PytorchLoader(shards_dir, split, **common, **backend_options)
+        return PytorchLoader(shards_dir, split, **common, prefetch_depth=prefetch_depth, **backend_options)
     from pipeline.synthetic import SyntheticLoader
 
     return SyntheticLoader(shards_dir, split, **common, **backend_options)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shards.process import environment_place, job_place, under_torchrun
 from shards.schema import Manifest, ShardFormatError, check_split_name, load_manifest, shard_files
 from shards.store import Store, open_store
 
@@ -51,23 +52,47 @@ def check_arguments(
         raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1 (fractions of image area), got {crop_area}")
 
 
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world_size) of this process. Unset, they come from the initialised torch.distributed process
-    group, else from torchrun's $RANK/$WORLD_SIZE, else (0, 1). Values given that disagree with the group or
-    the environment are refused: under torchrun, a loader that silently read the whole split on every rank
-    would train on each sample W times per epoch."""
-    import torch.distributed as tdist
+class LoaderOptionError(ValueError):
+    """A loader knob a person has to fix (like pipeline.augment.PolicyError); `keyword` is the build_loader
+    argument that sets it."""
 
-    if tdist.is_available() and tdist.is_initialized():
-        actual, source = (tdist.get_rank(), tdist.get_world_size()), "the initialised process group"
-    elif "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-        env = {name: os.environ.get(name, "") for name in ("RANK", "WORLD_SIZE")}
-        if not all(value.isdigit() for value in env.values()):
-            raise ValueError(f"$RANK={env['RANK']!r} and $WORLD_SIZE={env['WORLD_SIZE']!r}: torchrun sets both to "
-                             "integers; unset them, or set both")
-        actual, source = (int(env["RANK"]), int(env["WORLD_SIZE"])), "$RANK/$WORLD_SIZE"
-    else:
-        actual, source = (0, 1), None
+    def __init__(self, keyword: str, value: object, reason: str) -> None:
+        super().__init__(f"{keyword}={value!r}: {reason}")
+        self.keyword, self.value, self.reason = keyword, value, reason
+
+
+#: build_loader's speed knobs and the backends that have them; the others refuse a value (None: the default).
+KNOB_BACKENDS: dict[str, tuple[str, ...]] = {
+    "prefetch_depth": ("dali-gpu", "dali-cpu", "pytorch"),  # batches in flight (per worker for pytorch)
+    "hw_decoder_load": ("dali-gpu",),  # share of JPEGs for the GPU's hardware decoder
+}
+
+
+def check_loader_knobs(backend: str, *, prefetch_depth: int | None = None,
+                       hw_decoder_load: float | None = None) -> None:
+    """The one check of the speed knobs: in range, and only for a backend that has the knob (a value the
+    backend would ignore is refused, as a policy is). Raises LoaderOptionError naming the keyword."""
+    given = {"prefetch_depth": prefetch_depth, "hw_decoder_load": hw_decoder_load}
+    for keyword, value in given.items():
+        if value is not None and backend not in KNOB_BACKENDS[keyword]:
+            raise LoaderOptionError(keyword, value, f"backend {backend!r} has no such knob; it applies to "
+                                    f"{', '.join(KNOB_BACKENDS[keyword])} (leave it unset)")
+    if prefetch_depth is not None and (isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int)
+                                       or prefetch_depth < 1):
+        raise LoaderOptionError("prefetch_depth", prefetch_depth, "must be an integer >= 1 (batches)")
+    if hw_decoder_load is not None and (isinstance(hw_decoder_load, bool)
+                                        or not isinstance(hw_decoder_load, (int, float))
+                                        or not 0.0 <= hw_decoder_load <= 1.0):
+        raise LoaderOptionError("hw_decoder_load", hw_decoder_load, "must be a fraction in [0, 1]")
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) of this process. Unset, they come from shards.process.job_place (the initialised
+    process group, else torchrun's environment, else 0 of 1). Values given that disagree with the group or the
+    environment are refused: under torchrun, a loader that silently read the whole split on every rank would
+    train on each sample W times per epoch."""
+    place, source = job_place()
+    actual = (place.rank, place.world_size)
     if rank is None and world_size is None:
         return actual
     if rank is None or world_size is None:
@@ -155,7 +180,7 @@ def local_cuda_device(device_id: int | None) -> int:
 
     if device_id is not None:
         return device_id
-    return int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    return environment_place().local_rank if under_torchrun() else torch.cuda.current_device()
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:

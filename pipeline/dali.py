@@ -62,15 +62,16 @@ from pipeline.base import (
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
 
 READER_NAME = "Reader"
-#: Backend options the DALI backends accept, with their defaults.
+#: Batches DALI keeps in flight when build_loader's `prefetch_depth` is None (DALI's own default).
+PREFETCH_DEPTH = 2
+#: Backend options the DALI backends accept, with their defaults (the speed knobs `prefetch_depth` and
+#: `hw_decoder_load` are build_loader keywords).
 DALI_OPTIONS: dict[str, Any] = {
-    "hw_decoder_load": C.HW_DECODER_LOAD,
     "device_memory_padding": C.DEVICE_MEMORY_PADDING,
     "host_memory_padding": C.HOST_MEMORY_PADDING,
     "preallocate_width_hint": C.PREALLOCATE_WIDTH_HINT,
     "preallocate_height_hint": C.PREALLOCATE_HEIGHT_HINT,
     "shuffle_buffer": C.SHUFFLE_BUFFER,  # samples
-    "prefetch_queue_depth": 2,  # batches
     "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
 }
 
@@ -210,6 +211,8 @@ class DaliLoader(Loader):
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
+        prefetch_depth: int | None = None,
+        hw_decoder_load: float | None = None,
         **backend_options: Any,
     ) -> None:
         super().__init__()
@@ -256,13 +259,14 @@ class DaliLoader(Loader):
             policy=policy,
             shuffle_buffer=options["shuffle_buffer"],
             with_keys=self.with_keys,
-            **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_load", "_padding", "_hint"))},
+            hw_decoder_load=C.HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
+            **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_padding", "_hint"))},
             # the Pipeline's own arguments
             batch_size=batch_size,
             num_threads=num_threads,
             device_id=dali_device,
             seed=rank_seed(seed, rank),  # distinct augmentation streams per rank
-            prefetch_queue_depth=options["prefetch_queue_depth"],
+            prefetch_queue_depth=PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth,
             enable_checkpointing=True,
             checkpoint=checkpoint,
         )

@@ -60,10 +60,11 @@ from pipeline.base import (
 from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label
 from shards.store import Store, StoreError
 
+#: Batches in flight per DataLoader worker when build_loader's `prefetch_depth` is None (torch's default).
+PREFETCH_DEPTH = 2
 #: Backend options the `pytorch` backend accepts, with their defaults.
 PYTORCH_OPTIONS: dict[str, Any] = {
     "shuffle_buffer": C.SHUFFLE_BUFFER,  # samples per rank, shared out among its workers
-    "prefetch_factor": 2,  # batches in flight per worker
     "with_keys": False,  # test/debug: also yield the list of sample keys of each batch
 }
 
@@ -292,6 +293,7 @@ class PytorchLoader(Loader):
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
+        prefetch_depth: int | None = None,
         **backend_options: Any,
     ) -> None:
         super().__init__()
@@ -301,6 +303,7 @@ class PytorchLoader(Loader):
         import webdataset  # noqa: F401
 
         self.options = resolve_options(backend, backend_options, PYTORCH_OPTIONS)
+        self.prefetch_depth = PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
         self.store, manifest, _ = open_split(shards_dir, split)
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area
@@ -391,7 +394,7 @@ class PytorchLoader(Loader):
                 batch_size=None,  # workers batch themselves
                 num_workers=self.num_workers,
                 pin_memory=pin,
-                prefetch_factor=self.options["prefetch_factor"] if self.num_workers else None,
+                prefetch_factor=self.prefetch_depth if self.num_workers else None,
                 worker_init_fn=leave_stop_signals_to_parent,
             )
         )

@@ -37,9 +37,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.atomic import remove_stale_temporaries
-from shards.cpus import check_workers, usable_cpus
 from shards.images import CHECKS, DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
+from shards.process import check_workers, remove_stale_temporaries, usable_cpus
 from shards.publish import ShardSink
 from shards.schema import (
     IMAGE_EXT,

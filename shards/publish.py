@@ -8,7 +8,7 @@ shards without records, which the next run rewrites.
 
 Spool disk stays bounded: `publish` blocks while `uploads` shards wait for their upload, and the converter
 keeps at most `workers` shards being written, so the spool never holds more than `workers + uploads` shards.
-A private spool is named `saturate-spool.tmp-<host>-<pid>-<random>` (shards.atomic's temporary naming), so the
+A private spool is named `saturate-spool.tmp-<host>-<pid>-<random>` (shards.process's temporary naming), so the
 next converter run removes the spool of one that was killed (`kill -9`, OOM) instead of leaving its shards,
 up to `workers + uploads` of them at 512 MB each, in the temporary folder for good.
 """
@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from shards.atomic import FOREIGN_STALE_AFTER, TMP_MARK, _host, is_stale
+from shards.process import FOREIGN_STALE_AFTER, TMP_MARK, host_tag, is_stale
 from shards.store import Store
 
 UPLOADS_IN_FLIGHT = 4  # shards uploading at once (each in up to shards.store.UPLOAD_THREADS parts)
@@ -55,7 +55,7 @@ class ShardSink:
             parent.mkdir(parents=True, exist_ok=True)
             remove_stale_spools(parent)
             # mkdtemp's random tail has no '-', so the name parses as <host>-<pid>-<random>
-            self.spool = Path(tempfile.mkdtemp(prefix=f"{SPOOL_NAME}{TMP_MARK}{_host()}-{os.getpid()}-", dir=parent))
+            self.spool = Path(tempfile.mkdtemp(prefix=f"{SPOOL_NAME}{TMP_MARK}{host_tag()}-{os.getpid()}-", dir=parent))
         else:
             self.spool = store.local_dir
         self._slots = threading.BoundedSemaphore(uploads)

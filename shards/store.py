@@ -23,6 +23,7 @@ locally and the wheel honours no emulator endpoint), so there is no code path fo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -31,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from shards.process import atomic_open, atomic_write
 
 #: A streamed read that breaks (connection dropped, server gone) is resumed from the byte it reached, at most
 #: this many times, waiting RETRY_BACKOFF * 2**attempt seconds between tries; then it fails naming the URL.
@@ -48,6 +51,15 @@ CONTROL_READ_TIMEOUT = 10  # seconds
 MULTIPART_BYTES = 64 * 2**20  # bytes
 UPLOAD_THREADS = 4
 STREAM_BUFFER = 2**20  # bytes read ahead per streamed object
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a whole file, read in 4 MiB chunks (what the manifest records per shard)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class StoreError(OSError):
@@ -193,19 +205,13 @@ class LocalStore(Store):
         return open(self.root / name, "rb")
 
     def sha256(self, name: str) -> str | None:
-        from shards.tarshard import sha256_file  # tarshard imports schema, which imports this module
-
         path = self.root / name
         return sha256_file(path) if path.is_file() else None
 
     def put_bytes(self, name: str, data: str | bytes) -> None:
-        from shards.atomic import atomic_write
-
         atomic_write(self.root / name, data)
 
     def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
-        from shards.atomic import atomic_open
-
         if Path(path).resolve() == (self.root / name).resolve():
             return  # already in place (the converter writes a folder's shards where they belong)
         with open(path, "rb") as source, atomic_open(self.root / name, "wb") as target:

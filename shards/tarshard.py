@@ -184,13 +184,4 @@ def scan_tar(stream: BinaryIO, where: str | os.PathLike) -> tuple[list[list[Inde
     return samples, members, hashing.sha.hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a whole file, read in 4 MiB chunks (what the manifest records per shard)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-__all__ = ["ShardWriter", "scan_tar", "sha256_file", "ustar_header"]
+__all__ = ["ShardWriter", "scan_tar", "ustar_header"]

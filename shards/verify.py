@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from shards.cpus import check_workers, usable_cpus
 from shards.images import DEFAULT_MAX_PIXELS, plain_rgb_jpeg_size, strict_decode_problem
+from shards.process import check_workers, usable_cpus
 from shards.schema import (
     IMAGE_EXT,
     LABEL_EXT,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import build_loader
-from shards.atomic import TMP_MARK, _host, atomic_write, remove_stale_temporaries
+from shards.process import TMP_MARK, atomic_write, host_tag, remove_stale_temporaries
 from tools.cli import main as cli
 from training import checkpoint
 
@@ -24,7 +24,8 @@ ROOT = Path(__file__).parents[1]
 
 
 def train_argv(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "training", "--data", str(shards), "--backend", "pytorch", "--num-threads", "2",
+    return [sys.executable, "-m", "tools.cli", "train", "--data", str(shards), "--backend", "pytorch",
+            "--num-threads", "2",
             "--arch", "resnet18", "--image-size", "32", "--crop-area", "0.35", "1.0", "--precision", "fp32",
             "--batch-size", "4", "--base-lr", "0.4", "--warmup-epochs", "1", "--epochs", "2", "--log-every", "1",
             "--throughput-warmup-steps", "0", "--checkpoint-minutes", "0", "--keep-last", "50", "--deterministic",
@@ -64,7 +65,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_auto_continues_exactly(tiny_sh
     assert f"stopped by SIGTERM at step {stopped['step']} after writing checkpoint" in err
     assert 2 <= stopped["step"] < 28 and "Traceback" not in err
     # a checkpoint write killed half-way leaves a temporary; the next start removes it
-    stale = run_dir / "checkpoints" / f".step-99999999.pt{TMP_MARK}{_host()}-{dead_pid()}-0000"
+    stale = run_dir / "checkpoints" / f".step-99999999.pt{TMP_MARK}{host_tag()}-{dead_pid()}-0000"
     stale.write_bytes(b"half a checkpoint")
 
     resumed = run(train_argv(tiny_shards, run_dir, "--resume", "auto"))
@@ -78,7 +79,8 @@ def test_sigterm_checkpoints_exits_143_and_resume_auto_continues_exactly(tiny_sh
 
 
 def test_sigusr1_stops_with_status_138(tmp_path):
-    argv = [sys.executable, "-m", "training", "--backend", "synthetic", "--arch", "resnet18", "--precision", "fp32",
+    argv = [sys.executable, "-m", "tools.cli", "train", "--backend", "synthetic", "--arch", "resnet18",
+            "--precision", "fp32",
             "--batch-size", "2", "--image-size", "32", "--synthetic-samples", "4000", "--synthetic-val-samples", "4",
             "--num-classes", "3", "--epochs", "1", "--log-every", "1000", "--no-progress", "--run-dir",
             str(tmp_path / "run")]
@@ -93,8 +95,8 @@ def test_sigusr1_stops_with_status_138(tmp_path):
 
 
 def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
-    mine = tmp_path / f".a.pt{TMP_MARK}{_host()}-{os.getpid()}-0001"
-    dead = tmp_path / f".b.pt{TMP_MARK}{_host()}-{dead_pid()}-0002"
+    mine = tmp_path / f".a.pt{TMP_MARK}{host_tag()}-{os.getpid()}-0001"
+    dead = tmp_path / f".b.pt{TMP_MARK}{host_tag()}-{dead_pid()}-0002"
     foreign = tmp_path / f".c.pt{TMP_MARK}otherhost-12-0003"
     for path in (mine, dead, foreign):
         path.write_bytes(b"x")
@@ -179,7 +181,7 @@ def test_sbatch_script_stops_the_ranks_and_requeues_on_usr1(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     stopped_args = (tmp_path / "ranks-stopped").read_text()
-    assert "-m training --resume auto --checkpoint-minutes 20 --data /shards" in stopped_args
+    assert "-m tools.cli train --resume auto --checkpoint-minutes 20 --data /shards" in stopped_args
     assert (tmp_path / "requeued").read_text().strip() == "42"
 
 

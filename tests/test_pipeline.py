@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLASSES, TINY_VAL_PER_CLASS
 from PIL import Image
 
-from pipeline import BACKENDS, ShardReadError, build_loader, constants
+from pipeline import BACKENDS, LoaderOptionError, ShardReadError, build_loader, constants
 from shards.schema import IMAGE_EXT, LABEL_EXT, META_EXT, decode_label, load_manifest, parse_index
 
 SIZE = 48  # pixels: small enough to be fast, below every tiny image's shorter side (64..120)
@@ -300,6 +301,24 @@ def test_bad_flags_are_named(tiny_shards):
     with pytest.raises(ValueError, match="too few"):
         build_loader(tiny_shards, "train", train=True, batch_size=64, backend="dali-cpu")
     assert BACKENDS == ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
+
+
+def test_speed_knobs_are_refused_by_backends_without_them(tiny_shards):
+    """prefetch_depth and hw_decoder_load are build_loader keywords; a backend that lacks one refuses a value
+    instead of ignoring it, and a value out of range names the keyword."""
+    cases = [("dali-cpu", {"hw_decoder_load": 0.5}, "hw_decoder_load=0.5: backend 'dali-cpu' has no such knob"),
+             ("pytorch", {"hw_decoder_load": 1.0}, "hw_decoder_load=1.0: backend 'pytorch' has no such knob"),
+             ("synthetic", {"prefetch_depth": 3}, "prefetch_depth=3: backend 'synthetic' has no such knob"),
+             ("dali-cpu", {"prefetch_depth": 0}, r"prefetch_depth=0: must be an integer >= 1 \(batches\)"),
+             ("dali-gpu", {"hw_decoder_load": 1.5}, r"hw_decoder_load=1.5: must be a fraction in \[0, 1\]")]
+    for backend, knobs, message in cases:
+        with pytest.raises(LoaderOptionError, match=message) as caught:
+            build_loader(tiny_shards, "val", train=False, batch_size=4, backend=backend, **knobs)
+        assert caught.value.keyword == next(iter(knobs))
+    for backend in ("dali-cpu", "pytorch"):  # a depth the backend has is taken: a state says where it read
+        with build_loader(tiny_shards, "val", train=False, batch_size=4, backend=backend, num_threads=1,
+                          prefetch_depth=1) as loader:
+            assert sum(int(labels.shape[0]) for _, labels in loader) == len(TINY_CLASSES) * TINY_VAL_PER_CLASS
 
 
 @pytest.mark.parametrize("backend", READERS)

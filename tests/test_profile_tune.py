@@ -182,7 +182,7 @@ def test_auto_reads_the_matching_entry_and_says_why(tiny_shards, tmp_path):
     tuning.add_entry(tmp_path / "tune.json", an_entry(cfg))
     said = []
     resolved = tuning.resolve_auto(cfg, world_size=1, is_main=True, say=said.append)
-    assert (resolved.num_threads, resolved.prefetch_depth, resolved.hw_decoder_load) == (3, 4, 0.65)
+    assert (resolved.num_threads, resolved.prefetch_depth, resolved.hw_decoder_load) == (3, 4, None)
     assert said == [f"loader 'auto': --num-threads 3, --prefetch-depth 4 (e2e 0.99 of the ceiling 1234 img/s/GPU, "
                     f"the cheapest setting measured to reach 0.98); from {tmp_path / 'tune.json'}, tuned "
                     "2030-01-01T00:00:00+00:00"]
@@ -202,9 +202,9 @@ def test_auto_without_a_match_tunes_first_or_says_what_to_run(tiny_shards, tmp_p
     said = []
     resolved = tuning.resolve_auto(cfg, world_size=1, is_main=True, say=said.append,
                                    run_tune=lambda c: an_entry(c, threads=2, prefetch=2, reached=False))
-    assert (resolved.num_threads, resolved.prefetch_depth, resolved.hw_decoder_load) == (2, 2, 0.65)
+    assert (resolved.num_threads, resolved.prefetch_depth, resolved.hw_decoder_load) == (2, 2, None)
     assert said[0].endswith("running a short tune first")
-    assert said[1] == (f"loader 'auto': --num-threads 2, --prefetch-depth 2, --hw-decoder-load 0.65 (e2e 0.60 of "
+    assert said[1] == (f"loader 'auto': --num-threads 2, --prefetch-depth 2 (e2e 0.60 of "
                        "the ceiling 1234 img/s/GPU, the best reachable: no setting tried reached 0.98); from a short "
                        f"tune (2 trials); saved to {tmp_path / 'tune.json'}")
     assert tuning.find_entry(tmp_path / "tune.json", tuning.run_key(cfg, world_size=1))["setting"]["num_threads"] == 2
@@ -264,7 +264,7 @@ def test_auto_with_synthetic_data_needs_no_tune():
     said = []
     cfg = build_config(overrides=dict(backend="synthetic", num_threads="auto", hw_decoder_load="auto"))
     resolved = tuning.resolve_auto(cfg, world_size=1, is_main=True, say=said.append)
-    assert (resolved.num_threads, resolved.hw_decoder_load) == (1, 0.65)
+    assert (resolved.num_threads, resolved.hw_decoder_load) == (1, None)
     assert said == ["loader 'auto': --backend synthetic reads no data; --num-threads 1"]
 
 

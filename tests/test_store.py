@@ -274,13 +274,13 @@ def test_credentials_in_the_endpoint_url_are_not_printed(monkeypatch, tmp_path, 
 def test_a_killed_converters_spool_is_removed_by_the_next_run(tmp_path):
     """A `kill -9` of a convert to s3:// left its spool (up to workers + uploads shards) in the temporary
     folder for good; the next run removes spools whose converter is gone, and only those."""
-    from shards.atomic import _host
+    from shards.process import host_tag
     from shards.publish import ShardSink
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
     spools = {name: tmp_path / f"saturate-spool.tmp-{name}" for name in
-              (f"{_host()}-{dead.pid}-abc", f"{_host()}-{os.getpid()}-def", f"otherhost-{dead.pid}-ghi")}
+              (f"{host_tag()}-{dead.pid}-abc", f"{host_tag()}-{os.getpid()}-def", f"otherhost-{dead.pid}-ghi")}
     for spool in spools.values():
         spool.mkdir()
         (spool / "train-000000.tar").write_bytes(b"x" * 100)
@@ -288,7 +288,7 @@ def test_a_killed_converters_spool_is_removed_by_the_next_run(tmp_path):
         mine = sink.spool
         assert mine.parent == tmp_path and mine.is_dir()
         assert sorted(p.name for p in tmp_path.iterdir() if p != mine) == sorted(
-            spools[name].name for name in (f"{_host()}-{os.getpid()}-def", f"otherhost-{dead.pid}-ghi"))
+            spools[name].name for name in (f"{host_tag()}-{os.getpid()}-def", f"otherhost-{dead.pid}-ghi"))
     assert not mine.exists()
 
 
@@ -455,9 +455,8 @@ def test_dropped_connections_are_resumed(converted, s3_env):
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
 def test_store_stopped_mid_epoch_is_a_clear_error(converted, s3_env, backend):
     # little read-ahead, so most of the epoch is still in the store when it goes away
-    read_ahead = {"prefetch_queue_depth": 1} if backend == "dali-cpu" else {"prefetch_factor": 1}
     ldr = build_loader(URL, "train", train=True, batch_size=2, image_size=SIZE, backend=backend, num_threads=1,
-                       shuffle_buffer=1, **read_ahead)
+                       shuffle_buffer=1, prefetch_depth=1)
     batches_seen, started = 0, time.monotonic()
     try:
         with pytest.raises(ShardReadError) as caught:

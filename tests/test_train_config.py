@@ -110,6 +110,9 @@ def test_progressive_resizing_follows_ffcv_ramp():
         ({"num_threads": "some"}, "--num-threads: cannot read 'some'"),
         ({"num_threads": 0}, "--num-threads: must be > 0 or 'auto', got 0"),
         ({"prefetch_depth": 0}, "--prefetch-depth: must be > 0, got 0"),
+        ({"hw_decoder_load": 0.5, "backend": "pytorch", "data": "."},
+         "--hw-decoder-load: backend 'pytorch' has no such knob; it applies to dali-gpu (leave it unset), got 0.5"),
+        ({"prefetch_depth": 2}, "--prefetch-depth: backend 'synthetic' has no such knob"),
         ({"evaluate_only": True}, "--evaluate-only: needs --resume PATH|auto or --pretrained PATH"),
         ({"resume": "/no/such.pt"}, "--resume: must be 'auto' or an existing checkpoint file"),
         ({"pretrained": "/no/such.pt"}, "--pretrained: file does not exist"),
@@ -167,20 +170,21 @@ def test_environment_checks_name_their_flag(tmp_path, overrides, world_size, cud
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--backend", "synthetic", "--base-lr", "-1"], "train: error: --base-lr: must be > 0, got -1.0"),
-        (["--backend", "synthetic", "--arch", "resnet5000"], "train: error: --arch: 'resnet5000' is not"),
-        (["--backend", "dali-cpu", "--data", "/no/such/shards"], "train: error: --data: directory does not"),
-        (["--backend", "nope"], "train: error: --backend: must be one of"),
+        (["--backend", "synthetic", "--base-lr", "-1"], "saturate train: error: --base-lr: must be > 0, got -1.0"),
+        (["--backend", "synthetic", "--arch", "resnet5000"], "saturate train: error: --arch: 'resnet5000' is not"),
+        (["--backend", "dali-cpu", "--data", "/no/such/shards"], "saturate train: error: --data: directory does not"),
+        (["--backend", "nope"], "saturate train: error: --backend: must be one of"),
         (["--backend", "synthetic", "--evaluate-only", "--resume", "auto"],
-         "train: error: --evaluate-only: --resume auto found no checkpoint"),
+         "saturate train: error: --evaluate-only: --resume auto found no checkpoint"),
     ]
     + ([] if torch.cuda.is_available() else [
-        (["--backend", "synthetic", "--precision", "fp16"], "train: error: --precision: fp16 needs a CUDA GPU"),
-        (["--backend", "dali-gpu", "--data", "."], "train: error: --backend: dali-gpu needs a CUDA GPU"),
+        (["--backend", "synthetic", "--precision", "fp16"],
+         "saturate train: error: --precision: fp16 needs a CUDA GPU"),
+        (["--backend", "dali-gpu", "--data", "."], "saturate train: error: --backend: dali-gpu needs a CUDA GPU"),
     ]),
 )
 def test_cli_fails_at_start_with_one_line(argv, message, capsys, tmp_path):
-    from training.cli import main
+    from tools.train_cmd import main
 
     assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -190,7 +194,7 @@ def test_cli_fails_at_start_with_one_line(argv, message, capsys, tmp_path):
 
 
 def test_cli_print_config(capsys):
-    from training.cli import main
+    from tools.train_cmd import main
 
     assert main(["--backend", "synthetic", "--arch", "resnet18", "--no-channels-last", "--print-config"]) == 0
     printed = capsys.readouterr().out
@@ -200,7 +204,7 @@ def test_cli_print_config(capsys):
 def test_print_config_needs_no_run_time_paths(capsys, tmp_path):
     """--print-config shows a config whose data, checkpoint and weights live elsewhere; a run with the same
     flags still stops at the first missing one, and bad values are still refused when printing."""
-    from training.cli import main
+    from tools.train_cmd import main
 
     elsewhere = ["--data", "/no/such/shards", "--resume", "/no/such.pt", "--pretrained", "/no/such.pth"]
     assert main([*elsewhere, "--print-config"]) == 0
@@ -210,9 +214,9 @@ def test_print_config_needs_no_run_time_paths(capsys, tmp_path):
     assert main(["--backend", "dali-cpu", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["data"] is None
     assert main([*elsewhere, "--run-dir", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.startswith("train: error: --data: directory does not exist")
+    assert capsys.readouterr().err.startswith("saturate train: error: --data: directory does not exist")
     assert main(["--base-lr", "-1", "--print-config"]) == 2
-    assert capsys.readouterr().err.startswith("train: error: --base-lr: must be > 0")
+    assert capsys.readouterr().err.startswith("saturate train: error: --base-lr: must be > 0")
 
 
 # --- schedule and optimizer -----------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_ema_evaluation_reads_the_val_split_once(tmp_path, monkeypatch, capsys):
 def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "training.train", *args]
+           "-m", "tools.cli", "train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -234,7 +234,7 @@ def test_evaluate_only_from_a_torchvision_state_dict(tiny_shards, tmp_path):
 def test_cli_synthetic_run_with_progressive_resizing(tmp_path, capsys):
     """`saturate train --backend synthetic` end to end: --epochs and --max-steps, the loader rebuilt at the
     epoch where the crop grows (32 -> 64 px), evaluation at each epoch end and at the stop."""
-    from training.cli import main
+    from tools.train_cmd import main
 
     run = tmp_path / "run"
     argv = ["--backend", "synthetic", "--arch", "resnet18", "--precision", "fp32", "--batch-size", "4",

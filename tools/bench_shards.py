@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from shards.cpus import usable_cpus
+from shards.process import usable_cpus
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:

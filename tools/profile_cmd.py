@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.augment import POLICIES
 from pipeline.constants import HW_DECODER_LOAD
+from shards.process import environment_place, under_torchrun
 from tools.profiler.measure import DEFAULT_DURATION, DEFAULT_MAX_WARMUP, DEFAULT_WARMUP, DEFAULT_WINDOWS
 from tools.profiler.plan import MODES
 from tools.profiler.tune import DEFAULT_MAX_TRIALS, DEFAULT_TIME_BUDGET, TARGET
@@ -115,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc: an integer >= 1, got {args.nproc}")
-    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if args.nproc and args.nproc > 1 and not under_torchrun():
         from tools.profiler.autotune import check_tune_files
         from tools.profiler.node import launch
         from tools.profiler.report import Report
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tune:
             check_tune_files(out_dir=args.out, shards_dir=args.shards)
         return launch(args.nproc, _without_nproc(args.argv))
-    main = int(os.environ.get("RANK", 0)) == 0
+    main = environment_place().is_main
     if args.tune:
         return run_tune(args, main=main)
     from tools.profiler import profile
@@ -218,7 +218,7 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
     model = f"--arch {args.arch} --batch-size {settings['batch_size']} --image-size {settings['image_size']} " \
             f"--precision {settings['precision']}" + (" --compile" if settings["compile"] else "")
     per_node = entry["match"]["processes_per_node"]  # the setting is for this many processes per node
-    train = "saturate train" if per_node == 1 else f"torchrun --nproc-per-node {per_node} -m training.train"
+    train = "saturate train" if per_node == 1 else f"torchrun --nproc-per-node {per_node} -m tools.cli train"
     print(f"train with: {train} --data {args.shards} {model} {entry['flags']}")
     print(f"        or: {train} --data {args.shards} {model} --backend {backend} --num-threads auto"
           + (" --hw-decoder-load auto" if backend == "dali-gpu" else ""))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.cpus import usable_cpus
+from shards.process import usable_cpus
 
 #: Oddities real ImageNet files have, in the order they are assigned (and recorded in synth.json).
 QUIRK_KINDS: tuple[str, ...] = ("cmyk", "grayscale", "png", "progressive", "exif_rotated")

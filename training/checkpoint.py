@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.atomic import atomic_open, temporary_path
+from shards.process import atomic_open, temporary_path
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
@@ -53,7 +53,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:
-    """torch.save through shards.atomic with fsync: a reader (or a resume after a crash) sees the old file or
+    """torch.save through shards.process with fsync: a reader (or a resume after a crash) sees the old file or
     the complete new one, never a partial file under the final name."""
     with atomic_open(path, "wb", fsync=True) as f:
         torch.save(obj, f)

@@ -27,7 +27,7 @@ from pipeline.augment import (  # light: the pipeline imports DALI only when a l
     check_policy_use,
     make_policy,
 )
-from pipeline.base import BACKENDS
+from pipeline.base import BACKENDS, LoaderOptionError, check_loader_knobs
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
 from shards.schema import SPLIT_PATTERN
 from shards.store import is_store_url, open_store
@@ -63,8 +63,9 @@ class TrainConfig:
     num_threads: int | str = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers), or 'auto': "
                                   "from a matching tune.json (`saturate profile --tune`), else a short tune first",
                                   auto=True)
-    hw_decoder_load: float | str = _opt(HW_DECODER_LOAD, "dali-gpu: share of JPEG decoding on the hardware decoder "
-                                        "(0-1), or 'auto' (as --num-threads)", auto=True)
+    hw_decoder_load: float | str | None = _opt(None, "dali-gpu only: share of JPEG decoding on the hardware decoder "
+                                               f"(0-1; default {HW_DECODER_LOAD}), or 'auto' (as --num-threads)",
+                                               auto=True)
     prefetch_depth: int | None = _opt(None, "batches the loader prefetches (DALI queue depth; per worker for "
                                       "pytorch); default: the backend's, or the tuned one with --num-threads auto")
     tune_file: str | None = _opt(None, "tune.json that 'auto' reads (default: DATA/tune.json)")
@@ -315,8 +316,14 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
     need(0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     need(c.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
     need(c.num_threads == AUTO or c.num_threads > 0, "num_threads", "must be > 0 or 'auto'")
-    need(c.hw_decoder_load == AUTO or 0.0 <= c.hw_decoder_load <= 1.0, "hw_decoder_load", "must be in [0, 1] or 'auto'")
+    need(c.hw_decoder_load in (None, AUTO) or 0.0 <= c.hw_decoder_load <= 1.0, "hw_decoder_load",
+         "must be in [0, 1] or 'auto'")
     need(c.prefetch_depth is None or c.prefetch_depth > 0, "prefetch_depth", "must be > 0")
+    try:  # the loader's own rule: a knob the backend lacks is refused, not ignored
+        check_loader_knobs(c.backend, prefetch_depth=c.prefetch_depth,
+                           hw_decoder_load=None if c.hw_decoder_load == AUTO else c.hw_decoder_load)
+    except LoaderOptionError as err:
+        raise ConfigError(f"{flag(err.keyword)}: {err.reason}, got {err.value!r}") from None
     need(c.log_every > 0, "log_every", "must be > 0")
     need(c.eval_every > 0, "eval_every", "must be > 0")
     need(c.keep_last > 0, "keep_last", "must be > 0")

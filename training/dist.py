@@ -1,19 +1,19 @@
-"""The one place that knows rank, world size and the process group.
-
-`torchrun` (and Slurm through it) sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process
-and every collective below is a no-op, so the training loop never branches on "distributed or not".
-NCCL on GPUs, gloo on CPU.
+"""The process group: started from this process's place in the job (shards.process reads torchrun's RANK,
+WORLD_SIZE and LOCAL_RANK), and the few collectives training needs. A process alone starts no group and every
+collective below is a no-op, so the training loop never branches on "distributed or not". NCCL on GPUs, gloo on
+CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+from shards.process import environment_place
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,8 @@ def init() -> DistInfo:
     global _INFO
     if _INFO is not None:
         return _INFO
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    place = environment_place()
+    rank, world_size, local_rank = place.rank, place.world_size, place.local_rank
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

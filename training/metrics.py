@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.atomic import atomic_write
+from shards.process import atomic_write
 
 
 @dataclass
@@ -156,5 +156,5 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (shards.atomic) so a reader never sees half of it."""
+    """Write JSON atomically (shards.process) so a reader never sees half of it."""
     return atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")

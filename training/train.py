@@ -7,8 +7,8 @@
     RUN_DIR/config.json, then trainer.fit()    the loop (training/trainer.py), the summary
 
 Nothing is written to RUN_DIR until every loader and the model were built, so a bad flag, a missing manifest or
-an impossible batch size fails with one line and leaves no run directory behind. `python -m training.train`,
-`python -m training` and `saturate train` parse the command line in training/cli.py and call `train`.
+an impossible batch size fails with one line and leaves no run directory behind. `saturate train` (and
+`torchrun ... -m tools.cli train`) parses the command line in tools/train_cmd.py and calls `train`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,17 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.atomic import remove_stale_temporaries
-from shards.cpus import usable_cpus
+from shards.process import processes_per_node, remove_stale_temporaries, usable_cpus
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig, validate_environment
 from training.data import make_loader
 from training.ema import ema_weights
 from training.evaluate import evaluate_models, with_ema
 from training.metrics import MetricsLog, write_json
-from training.resume import load_checkpoint
+from training.resume import load_checkpoint, resume_point
 from training.trainer import Trainer, eval_line, model_for_run, say_on_main
-from training.tuning import processes_per_node, resolve_auto
+from training.tuning import resolve_auto
 
 
 def train(config: TrainConfig, *, run_tune: Callable[[TrainConfig], dict] | None = None) -> dict:
@@ -87,8 +85,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
     log = MetricsLog(run_dir, enabled=info.is_main)  # creates RUN_DIR at its first record, not here
     val_loader = make_loader(cfg, info, train=False, image_size=cfg.eval_image_size, seed=cfg.seed)
     try:
-        trainer = None if cfg.evaluate_only else Trainer(cfg, info, ckpt=ckpt, val_loader=val_loader, log=log,
-                                                          run_dir=run_dir, say=say)
+        trainer = None
+        if not cfg.evaluate_only:
+            point = resume_point(ckpt, cfg, rank=info.rank, world_size=info.world_size, say=say)
+            trainer = Trainer(cfg, info, point=point, val_loader=val_loader, log=log, run_dir=run_dir, say=say)
+            if ckpt is not None:
+                trainer.restore(ckpt)
         # everything was built: the run directory may now be written
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +141,3 @@ def evaluate_only(cfg: TrainConfig, info: dist.DistInfo, *, ckpt: dict | None, v
 
 
 __all__ = ["ConfigError", "train"]
-
-if __name__ == "__main__":
-    from training.cli import main
-
-    sys.exit(main())

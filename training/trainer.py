@@ -26,13 +26,16 @@ from training.mix import BatchMix
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
 from training.preempt import Preempted, StopRequest
-from training.resume import restore_scaler, resume_point
+from training.resume import ResumePoint, restore_scaler
 from training.step import TrainStep
 
 
-def model_for_run(cfg: TrainConfig, num_classes: int, ckpt: dict | None, device: torch.device) -> torch.nn.Module:
-    """The run's model on `device`: the checkpoint's weights, else --pretrained's, else a fresh init."""
-    model = build_model(cfg.arch, num_classes=num_classes, pretrained=cfg.pretrained if ckpt is None else None,
+def model_for_run(cfg: TrainConfig, num_classes: int, ckpt: dict | None, device: torch.device, *,
+                  pretrained: bool = True) -> torch.nn.Module:
+    """The run's model on `device`: the checkpoint's weights, else --pretrained's (unless `pretrained` is False:
+    weights that will be replaced need not be read), else a fresh init."""
+    model = build_model(cfg.arch, num_classes=num_classes,
+                        pretrained=cfg.pretrained if ckpt is None and pretrained else None,
                         channels_last=cfg.channels_last, zero_init_residual=cfg.zero_init_residual)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -50,13 +53,16 @@ def eval_line(r: dict) -> str:
 class Trainer:
     """Loaders, model, optimizer, schedule and bookkeeping of one run; `fit()` trains."""
 
-    def __init__(self, cfg: TrainConfig, info: dist.DistInfo, *, ckpt: dict | None, val_loader, log: MetricsLog,
+    def __init__(self, cfg: TrainConfig, info: dist.DistInfo, *, point: ResumePoint, val_loader, log: MetricsLog,
                  run_dir: Path, say: Callable[[str], None]) -> None:
+        """Build everything for a run that starts at `point` (training.resume.resume_point; all zero for a fresh
+        run): the train loader at its position, the model (fresh or --pretrained), DDP, optimizer, schedule, EMA
+        and mixing, the step. Nothing is read from a checkpoint here (`restore` does that) and nothing is
+        written."""
         self.cfg, self.info, self.device, self.is_main = cfg, info, info.device, info.is_main
         self.val_loader, self.log, self.run_dir, self.say = val_loader, log, run_dir, say
         self.batch = cfg.per_process_batch(info.world_size)  # images per process per micro-batch
         self.accum = cfg.grad_accum_steps  # micro-batches per optimizer step
-        point = resume_point(ckpt, cfg, rank=info.rank, world_size=info.world_size, say=say)
         self.epoch, self.step, self.step_in_epoch = point.epoch, point.step, point.step_in_epoch
         self.train_image_size = cfg.image_size_at(point.epoch)
         self.train_loader_seed = point.loader_seed
@@ -88,7 +94,8 @@ class Trainer:
                 raise ConfigError(f"--batch-size: {self.batch} per process x --grad-accum-steps {self.accum} is "
                                   f"larger than this rank's {self.train_loader.num_samples} training samples")
             self.max_steps = min(cfg.max_steps or cfg.epochs * self.steps_per_epoch, cfg.epochs * self.steps_per_epoch)
-            self.raw_model = model_for_run(cfg, num_classes, ckpt, self.device)
+            # a resumed run takes its weights from the checkpoint (restore): --pretrained is not read then
+            self.raw_model = model_for_run(cfg, num_classes, None, self.device, pretrained=point.step == 0)
             model = self.raw_model
             if info.world_size > 1:
                 model = torch.nn.parallel.DistributedDataParallel(
@@ -103,14 +110,14 @@ class Trainer:
             self.schedule = dict(steps_per_epoch=self.steps_per_epoch, epochs=cfg.epochs,
                                  warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule,
                                  milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma)
-            scheduler = build_scheduler(optimizer, **self.schedule)
+            self.scheduler = build_scheduler(optimizer, **self.schedule)
             self.ema = (WeightEMA(self.raw_model, decay=cfg.ema_decay, every=cfg.ema_every)
                         if cfg.ema_decay is not None else None)
             mix = (BatchMix(num_classes=num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                             switch_prob=cfg.mixup_switch_prob, seed=cfg.seed, rank=info.rank)
                    if cfg.mixup > 0 or cfg.cutmix > 0 else None)
             self.train_step = TrainStep(model, optimizer, precision=cfg.precision, compile=cfg.compile,
-                                        label_smoothing=cfg.label_smoothing, scheduler=scheduler,
+                                        label_smoothing=cfg.label_smoothing, scheduler=self.scheduler,
                                         grad_accum_steps=self.accum, clip_grad_norm=cfg.clip_grad_norm, mix=mix,
                                         ema=self.ema, micro_steps=point.step * self.accum)
         except BaseException:
@@ -125,25 +132,33 @@ class Trainer:
         self.stop_agreed = False  # every rank knows a stop signal arrived: save and exit
         #: an evaluation that was due when a stop signal ended the run (fractional epoch); the resumed run runs it
         #: first, with the same weights, so no epoch's result is lost to a preemption
-        self.pending_eval: float | None = ckpt.get("pending_eval") if ckpt else None
-        if ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            restore_scaler(self.train_step.scaler, ckpt["scaler"], say=say)
-            if ckpt["world_size"] == info.world_size:
-                checkpoint.set_rng_state(ckpt["rng"][info.rank])
-            self.best = ckpt["best"]
-            self.best_ema = ckpt.get("best_ema", self.best_ema)
-            self.last_eval = ckpt["last_eval"]
-            if self.ema is not None:
-                if ckpt.get("ema") is not None:
-                    self.ema.load_state_dict(ckpt["ema"])
-                else:
-                    say(f"--ema-decay: {ckpt['path']} holds no EMA; the average starts from its weights")
-            elif ckpt.get("ema") is not None:
-                saved = ckpt.get("config", {}).get("ema_decay")
-                say(f"warning: {ckpt['path']} holds an EMA of the weights but --ema-decay is not set: this run "
-                    f"drops it (pass --ema-decay {saved} to keep averaging)")
+        self.pending_eval: float | None = None
+        self.last_checkpoint_time = time.monotonic()
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue `ckpt` (checked by training.resume.load_checkpoint): weights, optimizer, schedule, loss scale,
+        this rank's RNG (when the process count is the checkpoint's), best results, the EMA and a pending
+        evaluation. The loader's position came with the ResumePoint the trainer was built from."""
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.train_step.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_scaler(self.train_step.scaler, ckpt["scaler"], say=self.say)
+        if ckpt["world_size"] == self.info.world_size:
+            checkpoint.set_rng_state(ckpt["rng"][self.info.rank])
+        self.best = ckpt["best"]
+        self.best_ema = ckpt.get("best_ema", self.best_ema)
+        self.last_eval = ckpt["last_eval"]
+        self.pending_eval = ckpt.get("pending_eval")
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            else:  # built from the weights before they were restored: start from the checkpoint's instead
+                self.ema.module.load_state_dict(self.raw_model.state_dict())
+                self.say(f"--ema-decay: {ckpt['path']} holds no EMA; the average starts from its weights")
+        elif ckpt.get("ema") is not None:
+            saved = ckpt.get("config", {}).get("ema_decay")
+            self.say(f"warning: {ckpt['path']} holds an EMA of the weights but --ema-decay is not set: this run "
+                     f"drops it (pass --ema-decay {saved} to keep averaging)")
         self.last_checkpoint_time = time.monotonic()
 
     # --- the loop -------------------------------------------------------------------------------------------

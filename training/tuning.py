@@ -14,6 +14,7 @@ count, CPU model, usable cores). The corpus is the folder the file sits in.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 from collections.abc import Callable
@@ -21,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.augment import DEFAULT_POLICY
-from pipeline.constants import HW_DECODER_LOAD
-from shards.cpus import cpu_model, usable_cpus
+from shards.process import cpu_model, processes_per_node, usable_cpus
 from shards.schema import load_manifest
 from shards.store import is_store_url
 from training.config import AUTO, MAX_THREADS, ConfigError, TrainConfig, flag
@@ -53,11 +53,6 @@ def match_key(*, arch: str, batch_size: int, image_size: int, precision: str, co
     return {"arch": arch, "batch_size": batch_size, "image_size": image_size, "precision": precision,
             "compile": bool(compile), "backend": backend, "augment": augment,
             "processes_per_node": processes_per_node, "machine": machine}
-
-
-def processes_per_node() -> int:
-    """Training processes sharing this node's cores and GPUs: torchrun's $LOCAL_WORLD_SIZE, else 1."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def run_key(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
@@ -112,10 +107,50 @@ def find_entry(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, Any] |
 
 def add_entry(path: str | os.PathLike, entry: dict[str, Any]) -> Path:
     """Write `entry` into the tune file at `path` (atomically), replacing an entry with the same match."""
-    from shards.atomic import atomic_write
+    from shards.process import atomic_write
 
     entries = [e for e in read_entries(path) if e.get("match") != entry["match"]] + [entry]
     return atomic_write(path, json.dumps({"format": FORMAT, "entries": entries}, indent=1) + "\n")
+
+
+def setting_flags(setting: dict[str, Any], *, backend: str) -> str:
+    """The `saturate train` flags of an entry's setting."""
+    text = f"--backend {backend} --num-threads {setting['num_threads']}"
+    if setting.get("prefetch_depth") is not None:
+        text += f" --prefetch-depth {setting['prefetch_depth']}"
+    if setting.get("hw_decoder_load") is not None:
+        text += f" --hw-decoder-load {setting['hw_decoder_load']:g}"
+    return text
+
+
+def make_entry(*, match: dict[str, Any], setting: dict[str, Any], backend: str, reached_target: bool, target: float,
+               ceiling: tuple[float, float, float], images_per_sec_per_gpu: float, fraction_of_ceiling: float,
+               stopped: str | None, notes: list[str], budget: dict[str, Any], corpus: dict[str, Any],
+               machine: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """One tune.json entry, the only place its fields are written (the profiler's tune calls it; `read_entries`,
+    `find_entry` and `apply_entry` read it). match: `match_key(...)`. setting: TUNED_FIELDS -> value (None: the
+    backend's default or no such knob). ceiling: images/s per GPU measured before and after the search, and the
+    one the fractions are against. trials: every setting tried, with its figure (for people, not for matching)."""
+    check_setting(setting, source="the tune")
+    return {
+        "match": match,
+        "setting": {name: setting.get(name) for name in TUNED_FIELDS},
+        "flags": setting_flags(setting, backend=backend),
+        "reached_target": reached_target,
+        "target": target,
+        "ceiling_images_per_sec_per_gpu": ceiling[2],
+        "ceiling_before_images_per_sec_per_gpu": ceiling[0],
+        "ceiling_after_images_per_sec_per_gpu": ceiling[1],
+        "images_per_sec_per_gpu": images_per_sec_per_gpu,
+        "fraction_of_ceiling": fraction_of_ceiling,
+        "stopped": stopped,
+        "notes": notes,
+        "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "budget": budget,
+        "corpus": corpus,
+        "machine": machine,
+        "trials": trials,
+    }
 
 
 def needs_tune(cfg: TrainConfig) -> bool:
@@ -154,9 +189,9 @@ def apply_entry(cfg: TrainConfig, entry: dict[str, Any], *, source: str | os.Pat
         if cfg.prefetch_depth is None and setting.get("prefetch_depth") is not None:
             changes["prefetch_depth"] = setting["prefetch_depth"]
     if cfg.hw_decoder_load == AUTO:
-        load = setting.get("hw_decoder_load")
-        changes["hw_decoder_load"] = load if load is not None else HW_DECODER_LOAD
-    chosen = ", ".join(f"{flag(k)} {v:g}" if isinstance(v, float) else f"{flag(k)} {v}" for k, v in changes.items())
+        changes["hw_decoder_load"] = setting.get("hw_decoder_load")  # None: not dali-gpu, or its default
+    chosen = ", ".join(f"{flag(k)} {v:g}" if isinstance(v, float) else f"{flag(k)} {v}" for k, v in changes.items()
+                       if v is not None)  # a knob the backend lacks (hw_decoder_load off dali-gpu) stays unset
     why = (f"e2e {_figure(entry.get('fraction_of_ceiling'), '.2f')} of the ceiling "
            f"{_figure(entry.get('ceiling_images_per_sec_per_gpu'), '.0f')} img/s/GPU, "
            + ("the cheapest setting measured to reach " if entry.get("reached_target") else
@@ -171,7 +206,7 @@ def resolve_auto(cfg: TrainConfig, *, world_size: int, is_main: bool, say: Calla
     if not needs_tune(cfg):
         return cfg
     if cfg.backend == "synthetic":  # reads no data: nothing to tune
-        auto = {"num_threads": 1, "hw_decoder_load": HW_DECODER_LOAD}
+        auto = {"num_threads": 1, "hw_decoder_load": None}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == AUTO})
         say(f"loader 'auto': --backend synthetic reads no data; --num-threads {cfg.num_threads}")
         return cfg

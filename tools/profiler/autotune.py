@@ -75,10 +75,11 @@ def run_tune(
     before_measuring: called once every option and the corpus have been checked (the command line checks
     there that it can write its result)."""
     from pipeline.augment import make_policy
+    from shards.process import processes_per_node
     from tools.profiler.corpus import describe_corpus, describe_machine
     from tools.profiler.node import ranks_of
     from tools.profiler.sweep import augment_keywords
-    from training.tuning import machine_key, match_key, processes_per_node
+    from training.tuning import machine_key, match_key
 
     check_tune(backend=backend, arch=arch, batch_size=batch_size, image_size=image_size, precision=precision,
                compile=compile, augment=augment, timing=timing, max_threads=max_threads, max_trials=max_trials,

@@ -48,12 +48,12 @@ class Ranks:
 
 def ranks_of(info: Any) -> Ranks | SingleProcess:
     """Ranks for the process group training.dist.init() started; a SingleProcess without one."""
-    import os
+    from shards.process import processes_per_node
 
     if info.world_size <= 1:
         return SingleProcess()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    return Ranks(rank=info.rank, world_size=info.world_size, local_world_size=local, device=info.device)
+    return Ranks(rank=info.rank, world_size=info.world_size, local_world_size=processes_per_node(),
+                 device=info.device)
 
 
 def combine(config: ProfileConfig, rank_rows: list[ProfileRow], solo: ProfileRow | None) -> ProfileRow:

@@ -120,7 +120,7 @@ class Report:
     def prepare(out_dir: str | os.PathLike) -> Path:
         """Create `out_dir` before anything is measured, else a ValueError naming --out: found only by `write`,
         a file in its place or a folder that cannot be written cost every measurement of the run."""
-        from shards.atomic import atomic_write
+        from shards.process import atomic_write
 
         out_dir = Path(out_dir)
         try:
@@ -134,7 +134,7 @@ class Report:
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write report.json, report.md and report.png into `out_dir` (created); returns their paths."""
-        from shards.atomic import atomic_write
+        from shards.process import atomic_write
         from tools.profiler.plot import plot_report
 
         out_dir = Path(out_dir)

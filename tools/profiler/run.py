@@ -88,19 +88,16 @@ def cpu_split(device: Any) -> Callable[[int], int] | None:
 def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:
     """The training pipeline (augmentation, shuffle) whichever split it reads: that is what feeds a step."""
     from pipeline import build_loader as pipeline_loader
-    from training.data import loader_options
 
     if config.backend == "synthetic":
         # a long epoch so no epoch boundary lands in a window
         return pipeline_loader(None, "train", train=True, batch_size=config.batch_size, image_size=config.image_size,
                                backend="synthetic", num_classes=workload.num_classes,
                                num_samples=config.batch_size * 10_000 * _world_size())
-    options = loader_options(config.backend, hw_decoder_load=config.hw_decoder_load, prefetch_depth=config.prefetch)
-    if config.augment is not None:
-        options.update(augment=config.augment, **workload.augment_options)
+    options = dict(workload.augment_options, augment=config.augment) if config.augment is not None else {}
     return pipeline_loader(workload.shards_dir, workload.split, train=True, batch_size=config.batch_size,
                            image_size=config.image_size, backend=config.backend, num_threads=config.threads or 1,
-                           **options)
+                           prefetch_depth=config.prefetch, hw_decoder_load=config.hw_decoder_load, **options)
 
 
 def _world_size() -> int:

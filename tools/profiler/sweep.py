@@ -111,7 +111,7 @@ def default_threads(ranks: Any) -> int:
     """CPU cores per GPU: what one training process of this node can give its loader."""
     import torch
 
-    from shards.cpus import usable_cpus
+    from shards.process import usable_cpus
 
     sharing = getattr(ranks, "local_world_size", 1)
     return max(1, usable_cpus() // max(1, sharing if sharing > 1 else torch.cuda.device_count()))

@@ -15,7 +15,6 @@ tune.json entry (training/tuning.py says what one holds and how `--num-threads a
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -165,41 +164,23 @@ def rescore(result: SearchResult, *, ceiling: float, target: float) -> SearchRes
     return choose(result.trials, target=target, stopped=result.stopped)
 
 
-def flags(setting: Setting, *, backend: str) -> str:
-    """The `saturate train` flags of a setting."""
-    text = f"--backend {backend} --num-threads {setting.threads} --prefetch-depth {setting.prefetch}"
-    if setting.hw_decoder_load is not None:
-        text += f" --hw-decoder-load {setting.hw_decoder_load:g}"
-    return text
-
-
 def entry_for(result: SearchResult, *, match: dict, ceiling: tuple[float, float, float], target: float,
               backend: str, corpus: dict, machine: dict, budget: dict, notes: list[str]) -> dict[str, Any]:
-    """The tune.json entry of a search (training/tuning.py reads it). ceiling: images/s per GPU measured
-    before and after the search, and the one the fractions are against (the fastest seen)."""
+    """The tune.json entry of a search (training.tuning.make_entry defines it). ceiling: images/s per GPU
+    measured before and after the search, and the one the fractions are against (the fastest seen)."""
+    from training.tuning import make_entry
+
     best = result.best
     if best is None:
         raise RuntimeError("tune: no trial produced a figure (" + "; ".join(
             f"{t.setting}: {t.error}" for t in result.trials) + ")")
     s = best.setting
-    return {
-        "match": match,
-        "setting": {"num_threads": s.threads, "prefetch_depth": s.prefetch, "hw_decoder_load": s.hw_decoder_load},
-        "flags": flags(s, backend=backend),
-        "reached_target": result.reached,
-        "target": target,
-        "ceiling_images_per_sec_per_gpu": ceiling[2],
-        "ceiling_before_images_per_sec_per_gpu": ceiling[0],
-        "ceiling_after_images_per_sec_per_gpu": ceiling[1],
-        "images_per_sec_per_gpu": best.images_per_sec_per_gpu,
-        "fraction_of_ceiling": best.fraction,
-        "stopped": result.stopped,
-        "notes": notes,
-        "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "budget": budget,
-        "corpus": corpus,
-        "machine": machine,
-        "trials": [{**asdict(t.setting), "images_per_sec_per_gpu": t.images_per_sec_per_gpu,
-                    "fraction": t.fraction, "seconds": t.seconds, "error": t.error, "unstable": t.unstable}
-                   for t in result.trials],
-    }
+    return make_entry(
+        match=match, setting={"num_threads": s.threads, "prefetch_depth": s.prefetch,
+                              "hw_decoder_load": s.hw_decoder_load},
+        backend=backend, reached_target=result.reached, target=target, ceiling=ceiling,
+        images_per_sec_per_gpu=best.images_per_sec_per_gpu, fraction_of_ceiling=best.fraction,
+        stopped=result.stopped, notes=notes, budget=budget, corpus=corpus, machine=machine,
+        trials=[{**asdict(t.setting), "images_per_sec_per_gpu": t.images_per_sec_per_gpu, "fraction": t.fraction,
+                 "seconds": t.seconds, "error": t.error, "unstable": t.unstable} for t in result.trials],
+    )
