@@ -25,7 +25,6 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import stat
 import sys
 import time
@@ -45,6 +44,7 @@ from shards.schema import (
     LABEL_ENCODING,
     LABEL_EXT,
     META_EXT,
+    PARTS_DIR,
     TAR_BLOCK,
     Manifest,
     ShardFormatError,
@@ -56,16 +56,19 @@ from shards.schema import (
     index_name,
     load_manifest,
     manifest_name,
+    plan_name,
     read_class_list,
     read_class_names,
+    record_name,
+    record_number,
     sample_key,
     shard_name,
+    unlisted_shard_files,
 )
 from shards.store import Store, open_store
 from shards.tarshard import ShardWriter
 
 DEFAULT_SHARD_BYTES = 512 * 10**6  # bytes; DALI and webdataset both read 256 MB - 1 GB shards efficiently
-PARTS_DIR = ".parts"  # per-shard records; what `merge` builds the manifest from
 _MAX_KEY_CHARS = 80  # ustar names hold 100 bytes: key + "-NNN" + ".json" must fit
 
 
@@ -374,7 +377,7 @@ def publish_shard(result: ShardResult, *, sink: ShardSink, split: str) -> None:
     """Hand a written shard to the sink: index, then tar (with its sha256 as object metadata), then its record."""
     record = result.record
     files = [(record["index"], None), (record["name"], record["sha256"])] if record else []
-    sink.publish(files, (_part_name(split, result.index), json.dumps(asdict(result), sort_keys=True)))
+    sink.publish(files, (record_name(split, result.index), json.dumps(asdict(result), sort_keys=True)))
 
 
 def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> tuple[bytes, str | None] | RejectedImage:
@@ -392,20 +395,12 @@ def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> t
         return err
 
 
-def _part_name(split: str, index: int) -> str:
-    return f"{PARTS_DIR}/{split}-{index:06d}.json"
-
-
-def _plan_name(split: str) -> str:
-    return f"{PARTS_DIR}/{split}.plan.json"
-
-
 def is_complete(store: Store, split: str, index: int, digest: str, sizes: dict[str, int]) -> bool:
     """A shard is skipped on rerun only if its record matches the plan, tar and index are in the store
     (`sizes`: one listing) with the recorded size, and the tar's sha256 matches the record (hashed in a
     folder; the sha256 stored with the object at upload in an object store)."""
     try:
-        result = json.loads(store.read_text(_part_name(split, index)))
+        result = json.loads(store.read_text(record_name(split, index)))
     except FileNotFoundError:
         return False
     if result["plan_digest"] != digest:
@@ -538,16 +533,12 @@ def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, plan
     """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s, and the records of shard indices at or
     above `planned`, the plan's shard count) the new manifest does not list: shards of an older, larger plan,
     or of a shard index whose samples this plan all rejected."""
-    listed = {name for r in manifest.shards for name in (r.name, r.index)}
-    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.(tar|idx)(\.partial)?$")
     removed = []
-    for name in sorted(store.sizes()):
-        if pattern.match(name) and name not in listed:
-            store.delete(name)
-            removed.append(store.url(name))
-    parts = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.json$")
+    for name in unlisted_shard_files(store.sizes(), manifest, partials=True):
+        store.delete(name)
+        removed.append(store.url(name))
     for name in sorted(store.sizes(PARTS_DIR)):
-        if (m := parts.match(name)) and int(m.group(1)) >= planned:
+        if (index := record_number(split, name)) is not None and index >= planned:
             store.delete(f"{PARTS_DIR}/{name}")
     return removed
 
@@ -558,18 +549,18 @@ def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | Non
     store = open_store(out)
     check_split_name(split)
     try:
-        plan = json.loads(store.read_text(_plan_name(split)))
+        plan = json.loads(store.read_text(plan_name(split)))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{store.url(_plan_name(split))} not found: run `saturate shards convert` for "
+        raise FileNotFoundError(f"{store.url(plan_name(split))} not found: run `saturate shards convert` for "
                                 f"{split} into {store} first") from None
     results = []
     for index, digest in enumerate(plan["digests"]):
         try:
-            result = json.loads(store.read_text(_part_name(split, index)))
+            result = json.loads(store.read_text(record_name(split, index)))
         except FileNotFoundError:
             return None
         if result["plan_digest"] != digest:
-            raise ValueError(f"{store.url(_part_name(split, index))} was written for another plan (other source "
+            raise ValueError(f"{store.url(record_name(split, index))} was written for another plan (other source "
                              "or options); rerun convert")
         results.append(result)
     records = [ShardRecord(**r["record"]) for r in results if r["record"] is not None]
@@ -672,7 +663,7 @@ def convert(
         for folder in (store.local_dir, store.local_dir / PARTS_DIR):
             remove_stale_temporaries(folder)
     invalidate_other_manifest(store, split, split_digest, say=print if progress else None)
-    store.put_bytes(_plan_name(split), json.dumps({
+    store.put_bytes(plan_name(split), json.dumps({
         "digests": [digests[s.index] for s in plan], "plan_digest": split_digest,
         "discovered": len(sources) + len(discovery_rejected), "discovery_rejected": discovery_rejected,
         "classes": classes, "options": asdict(options), "tool_version": tool_version(),

@@ -1,7 +1,9 @@
 """What a shard is: the one definition the converter, `verify` and every loader in `pipeline/` share.
 
-Like FFCV's `Field` classes, this module owns member names and extensions, the label encoding, shard naming,
-the DALI index format and the manifest. Nothing outside it types an extension string or a label width.
+Like FFCV's `Field` classes, this module owns member names and extensions, the label encoding, the name of every
+file in a shard folder (shards, indexes, manifests, the converter's `.parts/` plans and records, `.partial`
+temporaries), the DALI index format and the manifest. Nothing outside it types an extension string, a file name
+pattern or a label width.
 
 A shard is an uncompressed GNU/ustar tar (no PAX headers: DALI's reader has failed on them) whose samples are
 three consecutive members sharing a key::
@@ -38,6 +40,14 @@ SAMPLE_EXTS: tuple[str, ...] = (IMAGE_EXT, LABEL_EXT, META_EXT)
 #: Digits in a `.cls` member (zero-padded ASCII decimal); 6 digits hold ImageNet-21k's 21,841 classes.
 LABEL_WIDTH = 6
 LABEL_ENCODING = {"ext": LABEL_EXT, "format": "ascii-decimal-zero-padded", "width": LABEL_WIDTH}
+
+#: File names in a shard folder (see shard_name and the functions after it).
+SHARD_EXT = "tar"
+INDEX_EXT = "idx"
+MANIFEST_SUFFIX = ".manifest.json"
+PARTS_DIR = ".parts"  # the converter's plans and per-shard records: what `merge` builds the manifest from
+RECORD_EXT = "json"
+PARTIAL_SUFFIX = ".partial"  # a file being written; renamed into place when whole
 
 TAR_BLOCK = 512  # bytes
 #: Version tag DALI's `wds2idx` writes on the first line of an index; our indexes are identical to its own.
@@ -81,27 +91,60 @@ def check_split_name(split: str, flag: str = "--split") -> str:
 def splits_in(shards_dir: str | os.PathLike) -> list[str]:
     """Every split with a manifest in `shards_dir` (a folder or a store URL): train and val first, then the
     others by name."""
-    found = {name[: -len(".manifest.json")] for name in open_store(shards_dir).sizes()
-             if name.endswith(".manifest.json")}
+    found = {name[: -len(MANIFEST_SUFFIX)] for name in open_store(shards_dir).sizes()
+             if name.endswith(MANIFEST_SUFFIX)}
     found = {s for s in found if SPLIT_PATTERN.match(s)}
     return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
 
+# --- file names in a shard folder ----------------------------------------------------------------------
 def shard_name(split: str, index: int) -> str:
     """File name of shard `index` of `split`: `train-000000.tar`."""
-    return f"{split}-{index:06d}.tar"
+    return f"{split}-{index:06d}.{SHARD_EXT}"
 
 
 def index_name(split: str, index: int) -> str:
     """File name of the DALI index beside shard `index`: `train-000000.idx`."""
-    return f"{split}-{index:06d}.idx"
+    return f"{split}-{index:06d}.{INDEX_EXT}"
 
 
 def manifest_name(split: str) -> str:
     """File name of a split's manifest: `train.manifest.json`."""
-    return f"{split}.manifest.json"
+    return f"{split}{MANIFEST_SUFFIX}"
 
 
+def record_name(split: str, index: int) -> str:
+    """The converter's record of shard `index`, written once the shard is wholly in OUT: `.parts/train-000000.json`."""
+    return f"{PARTS_DIR}/{split}-{index:06d}.{RECORD_EXT}"
+
+
+def plan_name(split: str) -> str:
+    """The converter's plan of a split (digests, classes, options), written before any shard:
+    `.parts/train.plan.json`."""
+    return f"{PARTS_DIR}/{split}.plan.{RECORD_EXT}"
+
+
+def partial_name(name: str) -> str:
+    """Where a file is written before it is renamed into place: `train-000000.tar.partial`."""
+    return name + PARTIAL_SUFFIX
+
+
+def unlisted_shard_files(names: Iterable[str], manifest: Manifest, *, partials: bool = False) -> list[str]:
+    """The `<split>-NNNNNN.tar/.idx` files among `names` (a folder's or store's listing, `Store.sizes()`) that the
+    manifest does not list, sorted; with `partials`, their `.partial` temporaries too."""
+    listed = {name for r in manifest.shards for name in (r.name, r.index)}
+    partial = f"({re.escape(PARTIAL_SUFFIX)})?" if partials else ""
+    pattern = re.compile(rf"^{re.escape(manifest.split)}-\d{{6}}\.({SHARD_EXT}|{INDEX_EXT}){partial}$")
+    return sorted(name for name in names if pattern.match(name) and name not in listed)
+
+
+def record_number(split: str, name: str) -> int | None:
+    """The shard index of a record's file name in PARTS_DIR (`train-000003.json` -> 3); None for other files."""
+    match = re.match(rf"^{re.escape(split)}-(\d{{6}})\.{RECORD_EXT}$", name)
+    return int(match.group(1)) if match else None
+
+
+# --- a sample's members in the tar -----------------------------------------------------------------------
 def member_name(key: str, ext: str) -> str:
     return f"{key}.{ext}"
 

@@ -22,6 +22,7 @@ from shards.schema import (
     ShardFormatError,
     format_index,
     member_name,
+    partial_name,
     split_member_name,
 )
 
@@ -65,8 +66,8 @@ class ShardWriter:
 
     def __init__(self, tar_path: Path, idx_path: Path) -> None:
         self.tar_path, self.idx_path = Path(tar_path), Path(idx_path)
-        self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".partial")
-        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".partial")
+        self._tmp_tar = self.tar_path.with_name(partial_name(self.tar_path.name))
+        self._tmp_idx = self.idx_path.with_name(partial_name(self.idx_path.name))
         self._fd = os.open(self._tmp_tar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._sha = hashlib.sha256()
         self._offset = 0  # bytes queued so far

@@ -11,7 +11,6 @@ import functools
 import io
 import json
 import os
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from shards.schema import (
     manifest_name,
     split_member_name,
     splits_in,
+    unlisted_shard_files,
 )
 from shards.store import Store, open_store
 from shards.tarshard import scan_tar
@@ -138,15 +138,6 @@ def decode_problem(jpeg: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
     return None if problem is None else f"image does not decode cleanly ({problem[1]})"
 
 
-def unlisted_shards(present: dict[str, int], manifest: Manifest) -> list[str]:
-    """`<split>-NNNNNN.tar/.idx` files among `present` (a folder's or store's listing, `Store.sizes()`) that the
-    manifest does not list (left by an older, larger conversion, or copied in by hand): a loader ignores them,
-    but they are not what the manifest describes."""
-    listed = {name for r in manifest.shards for name in (r.name, r.index)}
-    pattern = re.compile(rf"^{re.escape(manifest.split)}-\d{{6}}\.(tar|idx)$")
-    return sorted(name for name in present if pattern.match(name) and name not in listed)
-
-
 def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, decode: bool = False,
            workers: int | None = None, progress: bool = False) -> tuple[list[str], dict]:
     """Return (problems, stats). No problems means every manifest found matches its shards exactly.
@@ -177,8 +168,10 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
                 bar.update(futures[future].num_samples)
             checks = [future.result() for future in futures]  # manifest order
         bar.close()
+        # left by an older, larger conversion, or copied in by hand: a loader ignores them, but they are not what
+        # the manifest describes
         problems += [f"{name}: not listed in {manifest_name(split)} (left by an older conversion?); remove it"
-                     for name in unlisted_shards(present, manifest)]
+                     for name in unlisted_shard_files(present, manifest)]
         keys: set[str] = set()
         for check in checks:
             problems += check.problems
