@@ -29,24 +29,29 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tqdm import tqdm
 
 from shards.images import CHECKS, DEFAULT_MAX_PIXELS, RejectedImage, prepare_image
-from shards.process import check_workers, remove_stale_temporaries, usable_cpus
-from shards.publish import ShardSink
+from shards.process import check_workers, usable_cpus
+from shards.publish import (
+    ShardResult,
+    ShardSink,
+    index_digest,
+    is_complete,
+    publish_plan,
+    publish_shard,
+    write_manifest,
+)
 from shards.schema import (
     IMAGE_EXT,
-    LABEL_ENCODING,
     LABEL_EXT,
     META_EXT,
-    PARTS_DIR,
     TAR_BLOCK,
     Manifest,
-    ShardFormatError,
     ShardRecord,
     check_split_name,
     encode_label,
@@ -54,15 +59,11 @@ from shards.schema import (
     index_name,
     load_manifest,
     manifest_name,
-    plan_name,
-    record_name,
-    record_number,
     sample_key,
     shard_name,
-    unlisted_shard_files,
 )
 from shards.sources import SourceFile, check_hidden_class_folders, discover, resolve_classes
-from shards.store import Store, open_store
+from shards.store import open_store
 from shards.tarshard import ShardWriter
 
 DEFAULT_SHARD_BYTES = 512 * 10**6  # bytes; DALI and webdataset both read 256 MB - 1 GB shards efficiently
@@ -96,18 +97,6 @@ class WriteOptions:
     max_pixels: int  # width x height above which an image is rejected (decompression bombs)
 
 
-@dataclass
-class ShardResult:
-    index: int
-    plan_digest: str
-    record: dict | None  # ShardRecord fields; None when every source of the shard was rejected
-    converted: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
-    rejected: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
-    class_counts: dict[str, int] = field(default_factory=dict)  # wnid -> samples packed in this shard
-    index_sha256: str | None = None  # of the .idx written with the tar: a rerun checks both belong together
-
-
-# --- discover ---------------------------------------------------------------------------------------------
 # --- plan -------------------------------------------------------------------------------------------------
 def assign_keys(sources: Sequence[SourceFile]) -> list[SourceFile]:
     """Unique, safe keys from file names; collisions get `-2`, `-3`, ... in path order (deterministic)."""
@@ -211,13 +200,6 @@ def write_shard(
     return result
 
 
-def publish_shard(result: ShardResult, *, sink: ShardSink, split: str) -> None:
-    """Hand a written shard to the sink: index, then tar (with its sha256 as object metadata), then its record."""
-    record = result.record
-    files = [(record["index"], None), (record["name"], record["sha256"])] if record else []
-    sink.publish(files, (record_name(split, result.index), json.dumps(asdict(result), sort_keys=True)))
-
-
 def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> tuple[bytes, str | None] | RejectedImage:
     """The packed bytes and conversion reason for one source, or the rejection (returned, not raised, so the
     writer decides what a rejection means: a manifest entry, or the end of a --strict run)."""
@@ -231,31 +213,6 @@ def _read_and_prepare(source: SourceFile, src: Path, options: WriteOptions) -> t
                              max_pixels=options.max_pixels)
     except RejectedImage as err:
         return err
-
-
-def is_complete(store: Store, split: str, index: int, digest: str, sizes: dict[str, int]) -> bool:
-    """A shard is skipped on rerun only if its record matches the plan, tar and index are in the store
-    (`sizes`: one listing) with the recorded size, and the tar's sha256 matches the record (hashed in a
-    folder; the sha256 stored with the object at upload in an object store)."""
-    try:
-        result = json.loads(store.read_text(record_name(split, index)))
-    except FileNotFoundError:
-        return False
-    if result["plan_digest"] != digest:
-        return False
-    record = result["record"]
-    if record is None:
-        return True
-    if record["index"] not in sizes or sizes.get(record["name"]) != record["bytes"]:
-        return False
-    # the index too: a kill between the renames of index and tar can leave another plan's index beside the tar
-    if result.get("index_sha256") != index_digest(store.read_text(record["index"])):
-        return False
-    return store.sha256(record["name"]) == record["sha256"]
-
-
-def index_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_shards(
@@ -347,83 +304,6 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=10)
 
 
-# --- manifest ---------------------------------------------------------------------------------------------
-def invalidate_other_manifest(store: Store, split: str, split_digest: str, *, say=None) -> None:
-    """Remove `<split>.manifest.json` unless it describes exactly this plan, before any shard is touched: a
-    re-conversion (another seed, source or option) replaces shards one by one, and a manifest left in place
-    would describe a mix of old and new shards to every loader until the last job rewrites it."""
-    path = store.url(manifest_name(split))
-    try:
-        text = store.read_text(manifest_name(split))
-    except FileNotFoundError:
-        return
-    try:
-        current = Manifest.from_json(text, path).plan_digest == split_digest
-    except ShardFormatError:
-        current = False
-    if not current:
-        store.delete(manifest_name(split))
-        if say is not None:
-            say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
-
-
-def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, planned: int) -> list[Path | str]:
-    """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s, and the records of shard indices at or
-    above `planned`, the plan's shard count) the new manifest does not list: shards of an older, larger plan,
-    or of a shard index whose samples this plan all rejected."""
-    removed = []
-    for name in unlisted_shard_files(store.sizes(), manifest, partials=True):
-        store.delete(name)
-        removed.append(store.url(name))
-    for name in sorted(store.sizes(PARTS_DIR)):
-        if (index := record_number(split, name)) is not None and index >= planned:
-            store.delete(f"{PARTS_DIR}/{name}")
-    return removed
-
-
-def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | None:
-    """Build `<split>.manifest.json` in OUT (a folder or a store URL) from the plan and the per-shard records;
-    None while shards are missing. Written last: its presence means every shard it lists is in OUT."""
-    store = open_store(out)
-    check_split_name(split)
-    try:
-        plan = json.loads(store.read_text(plan_name(split)))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{store.url(plan_name(split))} not found: run `saturate shards convert` for "
-                                f"{split} into {store} first") from None
-    results = []
-    for index, digest in enumerate(plan["digests"]):
-        try:
-            result = json.loads(store.read_text(record_name(split, index)))
-        except FileNotFoundError:
-            return None
-        if result["plan_digest"] != digest:
-            raise ValueError(f"{store.url(record_name(split, index))} was written for another plan (other source "
-                             "or options); rerun convert")
-        results.append(result)
-    records = [ShardRecord(**r["record"]) for r in results if r["record"] is not None]
-    counts: dict[str, int] = {}
-    for r in results:
-        for wnid, n in r.get("class_counts", {}).items():
-            counts[wnid] = counts.get(wnid, 0) + n
-    classes = [{**c, "num_samples": counts.get(c["wnid"], 0)} for c in plan["classes"]]
-    rejected = sorted(plan["discovery_rejected"] + [x for r in results for x in r["rejected"]],
-                      key=lambda x: x["path"])
-    num_samples = sum(r.num_samples for r in records)
-    manifest = Manifest(
-        split=split, num_samples=num_samples, discovered=plan["discovered"],
-        converted=sum(len(r["converted"]) for r in results), rejected=rejected, classes=classes,
-        label_encoding=dict(LABEL_ENCODING), shards=records, seed=plan["options"]["seed"],
-        options=plan["options"], tool_version=plan["tool_version"], plan_digest=plan["plan_digest"],
-    )
-    if manifest.discovered != num_samples + len(rejected):
-        raise RuntimeError(f"{split}: discovered {manifest.discovered} != packed {num_samples} + rejected "
-                           f"{len(rejected)}; a shard record is inconsistent, rerun convert")
-    store.put_bytes(manifest_name(split), manifest.to_json())
-    remove_unlisted_shards(store, split, manifest, planned=len(plan["digests"]))
-    return manifest
-
-
 def parse_size(text: str) -> int:
     """'512MB' -> 512_000_000 bytes (decimal units; KiB/MiB/GiB binary)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -494,16 +374,10 @@ def convert(
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
     content = " ".join(plan_digest(s, options, classes, mtimes=False) for s in plan)
     split_digest = hashlib.sha256(content.encode()).hexdigest()
-    store.prepare()
-    if store.local_dir is not None:  # plan, record and manifest temporaries of converter runs that were killed
-        for folder in (store.local_dir, store.local_dir / PARTS_DIR):
-            remove_stale_temporaries(folder)
-    invalidate_other_manifest(store, split, split_digest, say=print if progress else None)
-    store.put_bytes(plan_name(split), json.dumps({
-        "digests": [digests[s.index] for s in plan], "plan_digest": split_digest,
-        "discovered": len(sources) + len(discovery_rejected), "discovery_rejected": discovery_rejected,
-        "classes": classes, "options": asdict(options), "tool_version": tool_version(),
-    }, sort_keys=True))
+    publish_plan(store, split, digests=[digests[s.index] for s in plan], split_digest=split_digest,
+                 discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
+                 classes=classes, options=asdict(options), tool_version=tool_version(),
+                 say=print if progress else None)
 
     mine = plan[job_index::num_jobs]
     with ShardSink(store, spool_dir=spool_dir) as sink:

@@ -1,10 +1,17 @@
-"""The converter's sink: finished shards go into the store, then their records.
+"""Publishing a conversion into OUT: the plan first, each finished shard then its record, the manifest last.
+
+    publish_plan(store, split, ...)    OUT ready, a manifest of another plan removed, `.parts/<split>.plan.json`
+    ShardSink.publish / publish_shard  `.idx` and tar into the store, then `.parts/<split>-NNNNNN.json`
+    is_complete(store, split, ...)     a rerun skips a shard whose record, sizes and sha256 still match
+    write_manifest(out, split)         `<split>.manifest.json` from the plan and the records, once all are in;
+                                       then the shard files it does not list are removed
 
 A shard is written whole on local disk first (the tar writer needs a seekable, renamable file), into the
 store's own folder when the store is one (nothing moves), else into a private spool. `publish` then uploads
 the `.idx` and the tar (multipart above `shards.store.MULTIPART_BYTES`, several shards at once) and writes the
 shard's record last, so a record exists only for a shard wholly in the store; a killed run leaves at most
-shards without records, which the next run rewrites.
+shards without records, which the next run rewrites. The manifest is written last, so its presence means
+every shard it lists is in OUT.
 
 Spool disk stays bounded: `publish` blocks while `uploads` shards wait for their upload, and the converter
 keeps at most `workers` shards being written, so the spool never holds more than `workers + uploads` shards.
@@ -15,20 +22,37 @@ up to `workers + uploads` of them at 512 MB each, in the temporary folder for go
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shards.process import FOREIGN_STALE_AFTER, TMP_MARK, host_tag, is_stale
-from shards.store import Store
+from shards.process import FOREIGN_STALE_AFTER, TMP_MARK, host_tag, is_stale, remove_stale_temporaries
+from shards.schema import (
+    LABEL_ENCODING,
+    PARTS_DIR,
+    Manifest,
+    ShardFormatError,
+    ShardRecord,
+    check_split_name,
+    manifest_name,
+    plan_name,
+    record_name,
+    record_number,
+    unlisted_shard_files,
+)
+from shards.store import Store, open_store
 
 UPLOADS_IN_FLIGHT = 4  # shards uploading at once (each in up to shards.store.UPLOAD_THREADS parts)
 SPOOL_NAME = "saturate-spool"
 
 
+# --- the sink: shards into the store ----------------------------------------------------------------------
 def remove_stale_spools(parent: str | Path, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:
     """Remove the private spools in `parent` whose converter no longer runs (same rule as the atomic writers'
     temporaries: a spool of another host goes once it is `foreign_after` seconds old); returns what went."""
@@ -107,3 +131,146 @@ class ShardSink:
 
     def __exit__(self, exc_type, *rest: object) -> None:
         self.close(cancel=exc_type is not None)
+
+
+# --- the plan and the shard records: what the manifest is built from, what a rerun may skip ---------------
+@dataclass
+class ShardResult:
+    """What writing one shard produced; its JSON is the shard's record (`.parts/<split>-NNNNNN.json`), which
+    `is_complete` checks on a rerun and `write_manifest` adds up."""
+
+    index: int
+    plan_digest: str
+    record: dict | None  # ShardRecord fields; None when every source of the shard was rejected
+    converted: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    rejected: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    class_counts: dict[str, int] = field(default_factory=dict)  # wnid -> samples packed in this shard
+    index_sha256: str | None = None  # of the .idx written with the tar: a rerun checks both belong together
+
+
+def publish_plan(
+    store: Store, split: str, *, digests: list[str], split_digest: str, discovered: int,
+    discovery_rejected: list[dict], classes: list[dict], options: dict, tool_version: str, say=None,
+) -> None:
+    """Before any shard is written: make OUT ready (remove the temporaries of converter runs that were killed),
+    remove a manifest of another plan (invalidate_other_manifest), and write the split's plan, from which
+    `write_manifest` builds the manifest once every shard has its record."""
+    store.prepare()
+    if store.local_dir is not None:  # plan, record and manifest temporaries of converter runs that were killed
+        for folder in (store.local_dir, store.local_dir / PARTS_DIR):
+            remove_stale_temporaries(folder)
+    invalidate_other_manifest(store, split, split_digest, say=say)
+    store.put_bytes(plan_name(split), json.dumps({
+        "digests": digests, "plan_digest": split_digest, "discovered": discovered,
+        "discovery_rejected": discovery_rejected, "classes": classes, "options": options,
+        "tool_version": tool_version,
+    }, sort_keys=True))
+
+
+def publish_shard(result: ShardResult, *, sink: ShardSink, split: str) -> None:
+    """Hand a written shard to the sink: index, then tar (with its sha256 as object metadata), then its record."""
+    record = result.record
+    files = [(record["index"], None), (record["name"], record["sha256"])] if record else []
+    sink.publish(files, (record_name(split, result.index), json.dumps(asdict(result), sort_keys=True)))
+
+
+def is_complete(store: Store, split: str, index: int, digest: str, sizes: dict[str, int]) -> bool:
+    """A shard is skipped on rerun only if its record matches the plan, tar and index are in the store
+    (`sizes`: one listing) with the recorded size, and the tar's sha256 matches the record (hashed in a
+    folder; the sha256 stored with the object at upload in an object store)."""
+    try:
+        result = json.loads(store.read_text(record_name(split, index)))
+    except FileNotFoundError:
+        return False
+    if result["plan_digest"] != digest:
+        return False
+    record = result["record"]
+    if record is None:
+        return True
+    if record["index"] not in sizes or sizes.get(record["name"]) != record["bytes"]:
+        return False
+    # the index too: a kill between the renames of index and tar can leave another plan's index beside the tar
+    if result.get("index_sha256") != index_digest(store.read_text(record["index"])):
+        return False
+    return store.sha256(record["name"]) == record["sha256"]
+
+
+def index_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- manifest ---------------------------------------------------------------------------------------------
+def invalidate_other_manifest(store: Store, split: str, split_digest: str, *, say=None) -> None:
+    """Remove `<split>.manifest.json` unless it describes exactly this plan, before any shard is touched: a
+    re-conversion (another seed, source or option) replaces shards one by one, and a manifest left in place
+    would describe a mix of old and new shards to every loader until the last job rewrites it."""
+    path = store.url(manifest_name(split))
+    try:
+        text = store.read_text(manifest_name(split))
+    except FileNotFoundError:
+        return
+    try:
+        current = Manifest.from_json(text, path).plan_digest == split_digest
+    except ShardFormatError:
+        current = False
+    if not current:
+        store.delete(manifest_name(split))
+        if say is not None:
+            say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
+
+
+def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, planned: int) -> list[Path | str]:
+    """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s, and the records of shard indices at or
+    above `planned`, the plan's shard count) the new manifest does not list: shards of an older, larger plan,
+    or of a shard index whose samples this plan all rejected."""
+    removed = []
+    for name in unlisted_shard_files(store.sizes(), manifest, partials=True):
+        store.delete(name)
+        removed.append(store.url(name))
+    for name in sorted(store.sizes(PARTS_DIR)):
+        if (index := record_number(split, name)) is not None and index >= planned:
+            store.delete(f"{PARTS_DIR}/{name}")
+    return removed
+
+
+def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | None:
+    """Build `<split>.manifest.json` in OUT (a folder or a store URL) from the plan and the per-shard records;
+    None while shards are missing. Written last: its presence means every shard it lists is in OUT."""
+    store = open_store(out)
+    check_split_name(split)
+    try:
+        plan = json.loads(store.read_text(plan_name(split)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.url(plan_name(split))} not found: run `saturate shards convert` for "
+                                f"{split} into {store} first") from None
+    results = []
+    for index, digest in enumerate(plan["digests"]):
+        try:
+            result = json.loads(store.read_text(record_name(split, index)))
+        except FileNotFoundError:
+            return None
+        if result["plan_digest"] != digest:
+            raise ValueError(f"{store.url(record_name(split, index))} was written for another plan (other source "
+                             "or options); rerun convert")
+        results.append(result)
+    records = [ShardRecord(**r["record"]) for r in results if r["record"] is not None]
+    counts: dict[str, int] = {}
+    for r in results:
+        for wnid, n in r.get("class_counts", {}).items():
+            counts[wnid] = counts.get(wnid, 0) + n
+    classes = [{**c, "num_samples": counts.get(c["wnid"], 0)} for c in plan["classes"]]
+    rejected = sorted(plan["discovery_rejected"] + [x for r in results for x in r["rejected"]],
+                      key=lambda x: x["path"])
+    num_samples = sum(r.num_samples for r in records)
+    manifest = Manifest(
+        split=split, num_samples=num_samples, discovered=plan["discovered"],
+        converted=sum(len(r["converted"]) for r in results), rejected=rejected, classes=classes,
+        label_encoding=dict(LABEL_ENCODING), shards=records, seed=plan["options"]["seed"],
+        options=plan["options"], tool_version=plan["tool_version"], plan_digest=plan["plan_digest"],
+    )
+    if manifest.discovered != num_samples + len(rejected):
+        raise RuntimeError(f"{split}: discovered {manifest.discovered} != packed {num_samples} + rejected "
+                           f"{len(rejected)}; a shard record is inconsistent, rerun convert")
+    store.put_bytes(manifest_name(split), manifest.to_json())
+    remove_unlisted_shards(store, split, manifest, planned=len(plan["digests"]))
+    return manifest

@@ -16,7 +16,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import shards.convert as convert_module
-from shards.convert import convert, parse_size, write_manifest
+from shards.convert import convert, parse_size
+from shards.publish import write_manifest
 from shards.schema import (
     IMAGE_EXT,
     LABEL_EXT,

@@ -89,7 +89,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from shards.convert import write_manifest
+    from shards.publish import write_manifest
 
     manifest = write_manifest(args.out, args.split)
     if manifest is None:
