@@ -21,7 +21,7 @@ from conftest import TINY_CLASSES, write_tree
 from PIL import Image
 from torchvision.datasets.folder import find_classes
 
-import shards.convert as convert_module
+import shards.write as write_module
 from pipeline import ShardReadError, build_loader
 from shards.convert import convert
 from shards.images import RejectedImage, prepare_image, strict_decode_problem
@@ -74,7 +74,7 @@ def read_keys(out: Path, split: str, backend: str, **kwargs) -> list[str]:
 def test_killed_reconversion_with_another_seed_leaves_no_trusted_manifest(tiny_imagenet, tmp_path, monkeypatch):
     out = tmp_path / "out"
     convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, seed=0, workers=1, progress=False)
-    real_write_shard = convert_module.write_shard
+    real_write_shard = write_module.write_shard
     written = []
 
     def killed_after_two(shard, **kwargs):
@@ -83,7 +83,7 @@ def test_killed_reconversion_with_another_seed_leaves_no_trusted_manifest(tiny_i
         written.append(shard.index)
         return real_write_shard(shard, **kwargs)
 
-    monkeypatch.setattr(convert_module, "write_shard", killed_after_two)
+    monkeypatch.setattr(write_module, "write_shard", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, seed=1, workers=1, progress=False)
     # two shards of the new order replaced two of the old: no manifest may describe this mix
@@ -91,7 +91,7 @@ def test_killed_reconversion_with_another_seed_leaves_no_trusted_manifest(tiny_i
     for backend in READERS:
         with pytest.raises(FileNotFoundError, match="train.manifest.json not found"):
             read_keys(out, "train", backend)
-    monkeypatch.setattr(convert_module, "write_shard", real_write_shard)
+    monkeypatch.setattr(write_module, "write_shard", real_write_shard)
     convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, seed=1, workers=1, progress=False)
     assert verify(out, workers=1)[0] == []
 

@@ -15,8 +15,9 @@ from conftest import TINY_CLASSES, tiny_image, write_tree
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import shards.convert as convert_module
-from shards.convert import convert, parse_size
+import shards.write as write_module
+from shards.convert import convert
+from shards.plan import parse_size
 from shards.publish import write_manifest
 from shards.schema import (
     IMAGE_EXT,
@@ -140,7 +141,7 @@ def test_killed_run_resumes_to_identical_output(tiny_imagenet, tmp_path, monkeyp
     convert(tiny_imagenet / "train", reference, split="train", samples_per_shard=8, workers=1, progress=False)
 
     out = tmp_path / "resumed"
-    real_prepare = convert_module.prepare_image
+    real_prepare = write_module.prepare_image
     calls = {"n": 0}
 
     def dies_in_shard_four(data, **kwargs):
@@ -149,7 +150,7 @@ def test_killed_run_resumes_to_identical_output(tiny_imagenet, tmp_path, monkeyp
             raise KeyboardInterrupt("killed")
         return real_prepare(data, **kwargs)
 
-    monkeypatch.setattr(convert_module, "prepare_image", dies_in_shard_four)
+    monkeypatch.setattr(write_module, "prepare_image", dies_in_shard_four)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, workers=1, progress=False)
     finished = sorted(p.name for p in out.glob("*.tar"))
@@ -158,11 +159,11 @@ def test_killed_run_resumes_to_identical_output(tiny_imagenet, tmp_path, monkeyp
     # a half-written shard that also survived under its final name would have to be rewritten
     (out / "train-000002.tar").write_bytes((out / "train-000002.tar").read_bytes()[:1000])
 
-    monkeypatch.setattr(convert_module, "prepare_image", real_prepare)
+    monkeypatch.setattr(write_module, "prepare_image", real_prepare)
     calls["n"] = 0
     written = []
-    real_write_shard = convert_module.write_shard
-    monkeypatch.setattr(convert_module, "write_shard",
+    real_write_shard = write_module.write_shard
+    monkeypatch.setattr(write_module, "write_shard",
                         lambda shard, **kw: written.append(shard.index) or real_write_shard(shard, **kw))
     convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, workers=1, progress=False)
     assert written == [2, 3, 4, 5, 6, 7]  # complete, verified shards 0 and 1 were skipped

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from pipeline import ShardReadError, build_loader
-from shards import convert as convert_module
 from shards import store as store_module
+from shards import write as write_module
 from shards.convert import convert
 from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label, load_manifest, parse_index, shard_files
 from shards.store import S3Store, StoreError, open_store
@@ -375,7 +375,7 @@ def keys_in(location, split) -> list[str]:
 # --- reruns, jobs and merge -------------------------------------------------------------------------------
 def test_killed_conversion_reruns_to_the_same_objects(quirk_tree, converted, s3_env, monkeypatch):
     url = f"s3://{BUCKET}/killed"
-    real_write_shard, written = convert_module.write_shard, []
+    real_write_shard, written = write_module.write_shard, []
 
     def dies_at_third(shard, **kwargs):
         if len(written) == 2:
@@ -383,11 +383,11 @@ def test_killed_conversion_reruns_to_the_same_objects(quirk_tree, converted, s3_
         written.append(shard.index)
         return real_write_shard(shard, **kwargs)
 
-    monkeypatch.setattr(convert_module, "write_shard", dies_at_third)
+    monkeypatch.setattr(write_module, "write_shard", dies_at_third)
     with pytest.raises(KeyboardInterrupt):
         convert_split(quirk_tree, url, "train")
     assert not open_store(url).exists("train.manifest.json")
-    monkeypatch.setattr(convert_module, "write_shard",
+    monkeypatch.setattr(write_module, "write_shard",
                         lambda shard, **kw: written.append(shard.index) or real_write_shard(shard, **kw))
     convert_split(quirk_tree, url, "train")
     planned = len(load_manifest(url, "train").shards)

@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from shards.convert import convert, parse_size
+    from shards.convert import convert
+    from shards.plan import parse_size
 
     convert(
         args.src, args.out, split=args.split, labels_csv=args.labels, classes_file=args.classes,
