@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tools import synth, synth_cmd
+from tools import synth, synth_cmd, synth_image
 
 WNID = re.compile(r"^n\d{8}$")
 SMALL = dict(classes=3, train_per_class=4, val_per_class=2, quirks=True, seed=1, scale=0.25, progress=False)
@@ -101,7 +101,7 @@ def test_every_quirk_exists_and_has_its_property(small_tree):
                 elif kind == "progressive":
                     assert img.format == "JPEG" and img.info.get("progressive") == 1
                 elif kind == "exif_rotated":
-                    assert img.format == "JPEG" and img.getexif().get(synth.EXIF_ORIENTATION_TAG) in (6, 8)
+                    assert img.format == "JPEG" and img.getexif().get(synth_image.EXIF_ORIENTATION_TAG) in (6, 8)
                     assert ImageOps.exif_transpose(img).size == img.size[::-1]
     quirky = {p for paths in quirks.values() for p in paths}
     plain = [f for f in sorted(out.glob("*/*/*.JPEG")) if str(f.relative_to(out)) not in quirky]
@@ -109,7 +109,7 @@ def test_every_quirk_exists_and_has_its_property(small_tree):
     for f in plain:
         with Image.open(f) as img:
             assert (img.format, img.mode) == ("JPEG", "RGB")
-            assert "progressive" not in img.info and synth.EXIF_ORIENTATION_TAG not in img.getexif()
+            assert "progressive" not in img.info and synth_image.EXIF_ORIENTATION_TAG not in img.getexif()
 
 
 def test_quirk_share_is_one_percent_per_kind():
@@ -127,7 +127,7 @@ def test_exif_box_maps_to_the_stored_pixels(orientation):
     upright = Image.new("L", (width, height), 0)
     upright.paste(255, box)
     stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
-    x0, y0, x1, y1 = synth.stored_box(box, width, height, orientation)
+    x0, y0, x1, y1 = synth_image.stored_box(box, width, height, orientation)
     pixels = np.asarray(stored)
     assert pixels[y0:y1, x0:x1].min() == 255 and pixels.sum() == 255 * (x1 - x0) * (y1 - y0)
 
@@ -173,13 +173,13 @@ def test_scale_one_looks_like_imagenet(tmp_path):
 
 def test_image_size_distribution_is_imagenet_like():
     rng = np.random.default_rng(0)
-    sizes = np.array([synth.image_size(rng, 1.0) for _ in range(5000)])
+    sizes = np.array([synth_image.image_size(rng, 1.0) for _ in range(5000)])
     shorter, longer = sizes.min(axis=1), sizes.max(axis=1)
     assert abs(sizes[:, 0].mean() - 400) < 20 and abs(sizes[:, 1].mean() - 350) < 20
     assert 0.8 <= np.mean((shorter >= 300) & (shorter <= 500)) <= 0.95
     assert 0.01 <= np.mean(longer > 700) <= 0.06 and longer.max() <= 1500
-    half = np.array([synth.image_size(np.random.default_rng(i), 0.25) for i in range(200)])
-    full = np.array([synth.image_size(np.random.default_rng(i), 1.0) for i in range(200)])
+    half = np.array([synth_image.image_size(np.random.default_rng(i), 0.25) for i in range(200)])
+    full = np.array([synth_image.image_size(np.random.default_rng(i), 1.0) for i in range(200)])
     assert np.abs(half - np.round(full * 0.25)).max() <= 1
 
 
@@ -258,7 +258,7 @@ def test_progressive_quirk_encodes_grainy_large_images():
     """Pillow's default progressive buffer (width*height bytes) is too small for noisy high-quality images."""
     noise = np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)
     for seed in range(4):  # several draws of quality/subsampling, 4:4:4 at q95 among them
-        data, size, orientation = synth.encode(Image.fromarray(noise), np.random.default_rng(seed), "progressive")
+        data, size, orientation = synth_image.encode(Image.fromarray(noise), np.random.default_rng(seed), "progressive")
         with Image.open(io.BytesIO(data)) as img:
             assert img.info.get("progressive") and img.size == size == (800, 600) and orientation == 1
             img.load()
