@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.images import DEFAULT_MAX_PIXELS
 from shards.store import Store, open_store
 
 SCHEMA_VERSION = 1
@@ -247,8 +248,6 @@ class Manifest:
     def max_pixels(self) -> int:
         """The pixel limit the split was converted with (manifests from before the option: the default), which
         `verify` and a loader's diagnosis check again."""
-        from shards.images import DEFAULT_MAX_PIXELS
-
         return self.options.get("max_pixels", DEFAULT_MAX_PIXELS)
 
     @property
