@@ -45,18 +45,18 @@ def wait_for_port(port: int, *, timeout: float = 60.0) -> None:
 def upload(shards: Path, url: str) -> int:
     """Copy every split's tars, indexes and manifest from the folder `shards` to the store at `url`; returns
     the bytes uploaded."""
-    from shards.schema import splits_in
+    from shards.schema import INDEX_EXT, SHARD_EXT, manifest_name, splits_in
     from shards.store import open_store
 
     source, target = open_store(shards), open_store(url)
     target.prepare()
-    names = [p.name for p in sorted(Path(shards).iterdir()) if p.suffix in (".tar", ".idx")]
+    names = [p.name for p in sorted(Path(shards).iterdir()) if p.suffix in (f".{SHARD_EXT}", f".{INDEX_EXT}")]
     total = 0
     for name in names:
         target.put_file(Path(shards) / name, name)
         total += (Path(shards) / name).stat().st_size
     for split in splits_in(source):  # manifests last: a manifest names shards that are already there
-        name = f"{split}.manifest.json"
+        name = manifest_name(split)
         target.put_bytes(name, source.read_text(name))
     return total
 
