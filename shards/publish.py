@@ -174,15 +174,20 @@ def publish_shard(result: ShardResult, *, sink: ShardSink, split: str) -> None:
     sink.publish(files, (record_name(split, result.index), json.dumps(asdict(result), sort_keys=True)))
 
 
+def read_record(store: Store, split: str, index: int) -> dict | None:
+    """The record of shard `index` (ShardResult's fields, as publish_shard wrote them); None while it has none."""
+    try:
+        return json.loads(store.read_text(record_name(split, index)))
+    except FileNotFoundError:
+        return None
+
+
 def is_complete(store: Store, split: str, index: int, digest: str, sizes: dict[str, int]) -> bool:
     """A shard is skipped on rerun only if its record matches the plan, tar and index are in the store
     (`sizes`: one listing) with the recorded size, and the tar's sha256 matches the record (hashed in a
     folder; the sha256 stored with the object at upload in an object store)."""
-    try:
-        result = json.loads(store.read_text(record_name(split, index)))
-    except FileNotFoundError:
-        return False
-    if result["plan_digest"] != digest:
+    result = read_record(store, split, index)
+    if result is None or result["plan_digest"] != digest:
         return False
     record = result["record"]
     if record is None:
@@ -245,9 +250,8 @@ def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | Non
                                 f"{split} into {store} first") from None
     results = []
     for index, digest in enumerate(plan["digests"]):
-        try:
-            result = json.loads(store.read_text(record_name(split, index)))
-        except FileNotFoundError:
+        result = read_record(store, split, index)
+        if result is None:
             return None
         if result["plan_digest"] != digest:
             raise ValueError(f"{store.url(record_name(split, index))} was written for another plan (other source "
