@@ -26,7 +26,9 @@ import contextlib
 import math
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -270,3 +272,27 @@ def remove_stale_temporaries(directory: str | os.PathLike, *, foreign_after: flo
         except FileNotFoundError:  # its writer finished (or another cleaner was faster)
             continue
     return removed
+
+
+def remove_stale_folders(parent: str | os.PathLike, name: str, *,
+                         foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:
+    """Remove the private folders `<name>.tmp-<host>-<pid>-<random>` in `parent` whose writer no longer runs
+    (the temporaries' rule, `is_stale`); returns what went."""
+    removed = []
+    for entry in Path(parent).glob(f"{name}{TMP_MARK}*"):
+        try:
+            if entry.is_dir() and is_stale(entry, foreign_after=foreign_after):
+                shutil.rmtree(entry)
+                removed.append(entry)
+        except FileNotFoundError:  # another process removed it first
+            continue
+    return removed
+
+
+def temporary_folder(parent: str | os.PathLike, name: str) -> Path:
+    """A new private folder `<name>.tmp-<host>-<pid>-<random>` in `parent` (created), after removing the ones
+    writers that were killed left there: a process killed with kill -9 leaves nothing for good."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    remove_stale_folders(parent, name)
+    # mkdtemp's random tail has no '-', so the name parses as <host>-<pid>-<random>
+    return Path(tempfile.mkdtemp(prefix=f"{name}{TMP_MARK}{host_tag()}-{os.getpid()}-", dir=parent))

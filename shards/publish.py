@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shards.process import FOREIGN_STALE_AFTER, TMP_MARK, host_tag, is_stale, remove_stale_temporaries
+from shards.process import remove_stale_temporaries, temporary_folder
 from shards.schema import (
     LABEL_ENCODING,
     PARTS_DIR,
@@ -53,20 +53,6 @@ SPOOL_NAME = "saturate-spool"
 
 
 # --- the sink: shards into the store ----------------------------------------------------------------------
-def remove_stale_spools(parent: str | Path, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:
-    """Remove the private spools in `parent` whose converter no longer runs (same rule as the atomic writers'
-    temporaries: a spool of another host goes once it is `foreign_after` seconds old); returns what went."""
-    removed = []
-    for entry in Path(parent).glob(f"{SPOOL_NAME}{TMP_MARK}*"):
-        try:
-            if entry.is_dir() and is_stale(entry, foreign_after=foreign_after):
-                shutil.rmtree(entry)
-                removed.append(entry)
-        except FileNotFoundError:  # another run removed it first
-            continue
-    return removed
-
-
 class ShardSink:
     """Where the converter's finished shards go (see the module docstring). Use as a context manager: leaving
     it waits for every upload and re-raises the first failure."""
@@ -75,11 +61,8 @@ class ShardSink:
         self.store = store
         self._own_spool = store.local_dir is None
         if self._own_spool:
-            parent = Path(spool_dir if spool_dir is not None else tempfile.gettempdir())
-            parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_spools(parent)
-            # mkdtemp's random tail has no '-', so the name parses as <host>-<pid>-<random>
-            self.spool = Path(tempfile.mkdtemp(prefix=f"{SPOOL_NAME}{TMP_MARK}{host_tag()}-{os.getpid()}-", dir=parent))
+            # a spool of a converter that was killed goes first (shards.process's rule for temporaries)
+            self.spool = temporary_folder(spool_dir if spool_dir is not None else tempfile.gettempdir(), SPOOL_NAME)
         else:
             self.spool = store.local_dir
         self._slots = threading.BoundedSemaphore(uploads)
