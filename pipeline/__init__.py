@@ -31,9 +31,10 @@ from pipeline.base import (
     check_loader_knobs,
     resolve_rank,
 )
+from pipeline.order import ORDERS, check_order
 
-__all__ = ["BACKENDS", "POLICIES", "Loader", "LoaderOptionError", "PolicyError", "ShardReadError", "build_loader",
-           "check_loader_knobs", "constants"]
+__all__ = ["BACKENDS", "ORDERS", "POLICIES", "Loader", "LoaderOptionError", "PolicyError", "ShardReadError",
+           "build_loader", "check_loader_knobs", "constants"]
 
 
 def build_loader(
@@ -47,6 +48,7 @@ def build_loader(
     rank: int | None = None,
     world_size: int | None = None,
     num_threads: int = 4,
+    order: str | None = None,
     prefetch_depth: int | None = None,
     hw_decoder_load: float | None = None,
     seed: int = 0,
@@ -68,6 +70,9 @@ def build_loader(
     1; values that disagree with those are refused.
     batch_size: samples per batch per rank. image_size: side of the square output (pixels).
     num_threads: DALI CPU threads, or DataLoader worker processes for `pytorch`.
+    order: train only, "sample" (the default: a fresh sample-level order every epoch, the same on every backend
+    and for any number of ranks, so a state continues on another process count) or "shard" (the shard order
+    reshuffled every epoch plus a shuffle buffer per rank: the cheapest reads); see pipeline.order.
     prefetch_depth: batches kept in flight (DALI's prefetch queue depth; per worker for `pytorch`); None: the
     backend's default (2). hw_decoder_load: `dali-gpu` only, the share of JPEGs sent to the GPU's hardware JPEG
     decoder (the rest go to the CUDA decoder); None: pipeline.constants.HW_DECODER_LOAD. A backend without the
@@ -89,6 +94,7 @@ def build_loader(
     """
     rank, world_size = resolve_rank(rank, world_size)
     check_loader_knobs(backend, prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
+    order = check_order(order, train=train)
     check_arguments(
         split=split, train=train, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
         world_size=world_size, crop_area=crop_area,
@@ -99,6 +105,7 @@ def build_loader(
     common = dict(
         train=train, batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
         num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area), policy=policy,
+        order=order,
     )
     knobs = dict(prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
     if backend in ("dali-gpu", "dali-cpu"):

@@ -1,11 +1,18 @@
 """What every backend shares: argument checks, the rank's slice of a split, epoch length and resume state.
 
-Sharding rule (all backends, so they agree sample for sample): the split is the concatenation of the
-manifest's shards in manifest order, and rank `r` of `W` owns the contiguous global sample range
-`[n*r//W, n*(r+1)//W)` -- DALI's own rule for `shard_id`/`num_shards`. Shares differ by at most one
-sample and sum to `n`, so val sees every sample exactly once. Train drops each rank's last partial batch
-and every rank yields the same number of batches (the smallest share's), so DDP never waits on a rank
-that has one batch fewer.
+Train in `sample` order (pipeline.order, the default): every epoch is a fresh order of the whole split, and
+global micro-batch m (batch_size x world_size consecutive samples of it) is split among the ranks, so every
+rank yields len(split) // (batch_size x world_size) batches and a position is the number of samples the whole
+job has consumed in the epoch. A state saved at a position continues there on any backend, process count or
+thread count, as long as the position is a whole number of the new loader's global micro-batches; it continues
+bit for bit (augmentation included) when the loader is the same.
+
+Val, and train in `shard` order, follow DALI's sharding rule on every backend (so they agree sample for sample):
+the split is the concatenation of the manifest's shards in manifest order, and rank `r` of `W` owns the
+contiguous global sample range `[n*r//W, n*(r+1)//W)` (`shard_id`/`num_shards`). Shares differ by at most one
+sample and sum to `n`, so val sees every sample exactly once. Train drops each rank's last partial batch and
+every rank yields the same number of batches (the smallest share's), so DDP never waits on a rank that has one
+batch fewer; a `shard`-order state continues only on the loader that saved it.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ from shards.store import Store, open_store
 BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 #: Keys of `state_dict()` that must match the loader it is restored into; the rest is position and RNG.
 #: `augment` is the policy's spec (pipeline.augment.AugmentPolicy.spec).
-STATE_IDENTITY = ("backend", "split", "train", "batch_size", "image_size", "rank", "world_size", "seed", "augment")
-#: Identity values of states saved before the key existed.
-STATE_DEFAULTS = {"augment": "rrc-flip"}
+STATE_IDENTITY = ("backend", "split", "train", "batch_size", "image_size", "rank", "world_size", "seed", "augment",
+                  "order")
+#: Identity values of states saved before the key existed (states from before `order` were `shard` order).
+STATE_DEFAULTS = {"augment": "rrc-flip", "order": "shard"}
+#: Keys of a `sample`-order state that its position depends on: a state sharing them continues at its position
+#: whatever the backend, process count, micro-batch or thread count.
+ORDER_IDENTITY = ("split", "train", "seed", "order", "split_samples", "order_chunk")
 
 
 def check_arguments(
@@ -202,8 +213,9 @@ def check_state(state: dict[str, Any] | None, expected: dict[str, Any]) -> dict[
         return None
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict from loader.state_dict(), got {type(state).__name__}")
+    defaults = {**STATE_DEFAULTS, "order": STATE_DEFAULTS["order"] if state.get("train") else None}
     for key in expected:
-        saved = state.get(key, STATE_DEFAULTS.get(key))
+        saved = state.get(key, defaults.get(key))
         if saved != expected[key]:
             raise ValueError(
                 f"cannot resume: the saved loader state has {key}={saved!r}, this loader has "
@@ -224,6 +236,9 @@ class Loader:
     split: str
     train: bool  # augment, shuffle and drop each rank's last partial batch; else centre crop, every sample once
     augment: str  # the augmentation policy's spec (pipeline.augment); "rrc-flip" for val and synthetic
+    order: str | None = None  # train: "sample" or "shard" (pipeline.order); None for val
+    order_chunk: int | None = None  # `sample` order: samples read together from one shard
+    split_samples: int = 0  # samples in the split (the manifest's count)
     batch_size: int
     num_samples: int  # samples this rank yields per full epoch
     num_classes: int
@@ -247,7 +262,23 @@ class Loader:
         self._pass_started = False
 
     def _restore(self, state: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Check a saved state against this loader (errors name the flag) and continue from its position."""
+        """Check a saved state against this loader (errors name the flag) and continue from its position. Returns
+        the state when the backend may also restore its own part (random state): always in `shard` order, in
+        `sample` order only when the state comes from a loader like this one (else the position alone is kept and
+        augmentation draws afresh)."""
+        if state is not None and self.order == "sample" and state.get("order") == "sample":
+            check_state(state, {key: getattr(self, key) for key in ORDER_IDENTITY})
+            width = self.batch_size * self.world_size  # the global micro-batch, samples
+            position = int(state["position"])
+            if position % width:
+                raise ValueError(f"cannot resume: the saved loader state is {position} samples into epoch "
+                                 f"{state['epoch']}, not a whole number of this loader's global micro-batches of "
+                                 f"{width} (batch_size {self.batch_size} x world_size {self.world_size}); keep the "
+                                 "global batch of the run that saved it")
+            self.epoch, self.batch_in_epoch = int(state["epoch"]), position // width
+            self.resumed_at = self.batch_in_epoch
+            same = all(state.get(key, STATE_DEFAULTS.get(key)) == value for key, value in self.identity().items())
+            return state if same else None
         state = check_state(state, self.identity())
         if state is not None:
             self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
@@ -290,7 +321,11 @@ class Loader:
         """Position and RNG state as plain Python types; `build_loader(..., state=...)` continues here."""
         if self.batch_in_epoch == self.batches_per_epoch:  # all yielded: the state is the next epoch's start
             self._complete_epoch()
-        return {**self.identity(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        state = {**self.identity(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        if self.order == "sample":  # the position any loader of this split and seed can continue from
+            state.update(position=self.batch_in_epoch * self.batch_size * self.world_size,
+                         split_samples=self.split_samples, order_chunk=self.order_chunk)
+        return state
 
     def close(self) -> None:
         pass

@@ -3,8 +3,11 @@ graph on CPU operators; runs without a GPU or a CUDA driver, which is what the t
 
 One graph (`imagenet_graph`) serves train and val; `train` is fixed when the pipeline is built:
 
-    read   fn.readers.webdataset over the manifest's shards with their .idx files, rank `r` of `W`
-           reading its contiguous share (`shard_id`/`num_shards`); train shuffles in a buffer of
+    read   fn.readers.webdataset. Train in `sample` order (pipeline.order): the rank's samples of the epoch as
+           entries (a tar and an index listing a chunk of its samples), a few thousand per pipeline, read in
+           order; an epoch is a few such pipelines (segments), the next built while the current one runs.
+           Val, and train in `shard` order: the manifest's shards with their .idx files, rank `r` of `W`
+           reading its contiguous share (`shard_id`/`num_shards`); `shard` train shuffles in a buffer of
            `shuffle_buffer` samples and reshuffles the shard order every epoch (same seed on every rank).
     label  the `.cls` member read as LABEL_WIDTH uint8 ASCII digits, turned into int64 by arithmetic in the
            graph (digit - '0', dot product with powers of ten): no Python callback, labels exact.
@@ -23,7 +26,9 @@ sample is seen exactly once across ranks; train yields only its full batches and
 
 Resume: pipelines are built with `enable_checkpointing=True`; `state_dict()` holds the iterator's DALI
 checkpoint (base64 text) and `build_loader(..., state=...)` rebuilds the pipeline from it, so a resumed
-epoch continues with the next sample and the same random state. The policies' conditional execution
+epoch continues with the next sample and the same random state. In `sample` order a state from another loader
+(process count, backend, threads) continues at its position with fresh random state (pipeline.base). The
+policies' conditional execution
 (`enable_conditionals=True`, needed by nvidia.dali.auto_aug) checkpoints like the rest (tests check it
 on dali-cpu); the state names the policy, and a state from another policy is refused.
 
@@ -59,7 +64,9 @@ from pipeline.base import (
     rank_seed,
     resolve_options,
 )
-from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
+from pipeline.dali_segments import SegmentReads
+from pipeline.order import ORDER_CHUNK, SplitIndex
+from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
 
 READER_NAME = "Reader"
 #: Batches DALI keeps in flight when build_loader's `prefetch_depth` is None (DALI's own default).
@@ -78,17 +85,12 @@ DALI_OPTIONS: dict[str, Any] = {
 
 def imagenet_graph(
     *,
-    tars: list[str],
-    indexes: list[str],
+    reader: dict[str, Any],
     train: bool,
     image_size: int,
     crop_area: tuple[float, float],
-    shard_id: int,
-    num_shards: int,
-    shuffle_seed: int,
     gpu: bool,
     policy: AugmentPolicy,
-    shuffle_buffer: int,
     with_keys: bool,
     hw_decoder_load: float,
     device_memory_padding: int,
@@ -97,26 +99,16 @@ def imagenet_graph(
     preallocate_height_hint: int,
 ) -> tuple:
     """The one DALI graph for train and val; `pipeline_def` builds a Pipeline from it (with
-    `enable_conditionals=policy.needs_conditionals`). Returns its outputs. pipeline_def hands each keyword to
-    the graph or to the Pipeline by name, so no parameter here may share a Pipeline argument's name (hence
-    `shuffle_seed`, not `seed`)."""
+    `enable_conditionals=policy.needs_conditionals`). `reader`: what to read and in which order
+    (`sample_order_reader` or `shard_order_reader`). Returns its outputs. pipeline_def hands each keyword to the
+    graph or to the Pipeline by name, so no parameter here may share a Pipeline argument's name."""
     from nvidia.dali import fn, types
 
     jpegs, digits = fn.readers.webdataset(
         name=READER_NAME,
-        paths=tars,
-        index_paths=indexes,
         ext=[IMAGE_EXT, LABEL_EXT],
         missing_component_behavior="error",  # a sample without its label is a broken shard, not a skip
-        shard_id=shard_id,
-        num_shards=num_shards,
-        pad_last_batch=True,  # epochs end on this rank's share; padding is dropped by the iterator
-        random_shuffle=train,
-        initial_fill=shuffle_buffer,
-        shuffle_after_epoch=train,  # new shard order each epoch, reads inside a shard stay sequential
-        stick_to_shard=not train,  # val: each rank re-reads exactly its share every epoch
-        # identical on every rank: one global shard order per epoch
-        **({"shuffle_after_epoch_seed": shuffle_seed} if train else {}),
+        **reader,
     )
     # '0'..'9' -> 0..9, then sum(digit * 10**place): exact int64 labels without a Python callback.
     place_values = types.Constant(np.array([10**p for p in range(LABEL_WIDTH - 1, -1, -1)], dtype=np.int64))
@@ -159,6 +151,25 @@ def imagenet_graph(
         # "<tar>:<offset>:<key>.jpg" as uint8, zero-padded to the batch's longest.
         outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return tuple(outputs)
+
+
+def shard_order_reader(pairs: list[tuple[Any, Any]], *, train: bool, rank: int, world_size: int, seed: int,
+                       shuffle_buffer: int) -> dict[str, Any]:
+    """The reader of val and of train in `shard` order: the manifest's shards, rank `rank` of `world_size`
+    reading its contiguous share; train reshuffles the shard order every epoch (`seed`, the same on every rank)
+    and shuffles in a buffer of `shuffle_buffer` samples."""
+    return dict(
+        paths=[str(tar) for tar, _ in pairs],
+        index_paths=[str(index) for _, index in pairs],
+        shard_id=rank,
+        num_shards=world_size,
+        pad_last_batch=True,  # epochs end on this rank's share; padding is dropped by the iterator
+        random_shuffle=train,
+        initial_fill=shuffle_buffer,
+        shuffle_after_epoch=train,  # new shard order each epoch, reads inside a shard stay sequential
+        stick_to_shard=not train,  # val: each rank re-reads exactly its share every epoch
+        **({"shuffle_after_epoch_seed": seed} if train else {}),  # one global shard order per epoch
+    )
 
 
 def _device_id(gpu: bool, device_id: int | None) -> int | None:
@@ -211,6 +222,7 @@ class DaliLoader(Loader):
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
+        order: str | None = None,
         prefetch_depth: int | None = None,
         hw_decoder_load: float | None = None,
         **backend_options: Any,
@@ -219,7 +231,6 @@ class DaliLoader(Loader):
         options = resolve_options(backend, backend_options, DALI_OPTIONS)
         import torch
         from nvidia.dali import pipeline_def
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         gpu = backend == "dali-gpu"
         dali_device = _device_id(gpu, device_id)
@@ -228,10 +239,35 @@ class DaliLoader(Loader):
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_classes, self.wnids = manifest.num_classes, manifest.wnids
+        self.split_samples = manifest.num_samples
         self.device = torch.device("cuda", dali_device) if gpu else torch.device("cpu")
         self.with_keys = bool(options["with_keys"])
-        self.train = train
+        self.train, self.order = train, order
         self.augment = policy.spec
+        self._graph = dict(
+            train=train, image_size=image_size, crop_area=tuple(crop_area), gpu=gpu, policy=policy,
+            with_keys=self.with_keys, hw_decoder_load=C.HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
+            **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_padding", "_hint"))},
+            # the Pipeline's own arguments
+            batch_size=batch_size, num_threads=num_threads, device_id=dali_device,
+            prefetch_queue_depth=PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth,
+            enable_checkpointing=True,
+        )
+        self._build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
+        if order == "sample":
+            self.order_chunk = ORDER_CHUNK
+            try:
+                self._index = SplitIndex(self.store, manifest)
+            except ShardFormatError as err:
+                raise ShardReadError(str(err)) from err
+            self.batches_per_epoch = manifest.num_samples // (batch_size * world_size)
+            if self.batches_per_epoch == 0:
+                raise ValueError(f"{self.store}: the {split} split has {manifest.num_samples} samples, too few for "
+                                 f"world_size={world_size} x batch_size={batch_size}")
+            self.num_samples = self.batches_per_epoch * batch_size
+            self._reads = SegmentReads(self, self._restore(state))
+            self._dali = None
+            return
         start, end = rank_range(manifest.num_samples, rank, world_size)
         if end == start or (train and manifest.num_samples // world_size < batch_size):
             raise ValueError(
@@ -244,35 +280,20 @@ class DaliLoader(Loader):
         self.num_samples = self.batches_per_epoch * batch_size if train else end - start
         state = self._restore(state)
         checkpoint = base64.b64decode(state["dali_checkpoint"]) if state is not None else None
+        reader = shard_order_reader(pairs, train=train, rank=rank, world_size=world_size, seed=seed,
+                                    shuffle_buffer=options["shuffle_buffer"])
+        self._reads = None
+        self._dali = self.iterator(reader, seed=rank_seed(seed, rank), checkpoint=checkpoint, prefetch=False)
 
-        build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
-        pipe = build(
-            tars=[str(t) for t, _ in pairs],
-            indexes=[str(i) for _, i in pairs],
-            train=train,
-            image_size=image_size,
-            crop_area=tuple(crop_area),
-            shard_id=rank,
-            num_shards=world_size,
-            shuffle_seed=seed,  # the shard order: the same on every rank
-            gpu=gpu,
-            policy=policy,
-            shuffle_buffer=options["shuffle_buffer"],
-            with_keys=self.with_keys,
-            hw_decoder_load=C.HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
-            **{k: options[k] for k in DALI_OPTIONS if k.endswith(("_padding", "_hint"))},
-            # the Pipeline's own arguments
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=dali_device,
-            seed=rank_seed(seed, rank),  # distinct augmentation streams per rank
-            prefetch_queue_depth=PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth,
-            enable_checkpointing=True,
-            checkpoint=checkpoint,
-        )
+    def iterator(self, reader: dict[str, Any], *, seed: int, checkpoint: bytes | None, prefetch: bool) -> Any:
+        """A DALI iterator over the graph with `reader` (the pipeline is built and its indexes parsed here);
+        `prefetch` starts reading at once (a segment built ahead), else at the first batch."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        pipe = self._build(reader=reader, seed=seed, checkpoint=checkpoint, **self._graph)
         output_map = ["images", "labels"] + (["source_info"] if self.with_keys else [])
         with self._dali_errors("building the pipeline"):
-            self._dali = DALIGenericIterator(
+            return DALIGenericIterator(
                 pipe,
                 output_map,
                 reader_name=READER_NAME,
@@ -281,7 +302,7 @@ class DaliLoader(Loader):
                 # only `batches_per_epoch` full train batches and drains the rest of the epoch.
                 last_batch_policy=LastBatchPolicy.PARTIAL,
                 auto_reset=False,
-                prepare_first_batch=False,
+                prepare_first_batch=prefetch,
             )
 
     @contextlib.contextmanager
@@ -302,6 +323,8 @@ class DaliLoader(Loader):
             ) from err
 
     def _next_dali(self) -> dict:
+        if self._reads is not None:
+            return self._reads.next()
         with self._dali_errors("reading"):
             try:
                 return next(self._dali)[0]
@@ -311,9 +334,18 @@ class DaliLoader(Loader):
                     f"expected {self.batches_per_epoch} (rank {self.rank} of {self.world_size})"
                 ) from None
 
+    def _start_pass(self) -> None:
+        if self._reads is not None:
+            self._reads.start(self.epoch, self.batch_in_epoch)
+
     def _complete_epoch(self) -> None:
         """Run DALI to the end of this rank's epoch (a rank with a bigger share has one batch more than the
-        batches yielded), reset it for the next epoch and advance the epoch counter."""
+        batches yielded), reset it for the next epoch and advance the epoch counter. In `sample` order the
+        segment in progress is dropped: each segment's reader ends exactly where its batches do."""
+        if self._reads is not None:
+            self._reads.stop()
+            self._end_epoch()
+            return
         with self._dali_errors("reading"):
             # next() rather than `for`: the DALI iterator's __iter__ would try a reset mid-epoch.
             while True:
@@ -333,10 +365,15 @@ class DaliLoader(Loader):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["dali_checkpoint"] = base64.b64encode(self._dali.checkpoints()[0]).decode("ascii")
+        if self._reads is not None:
+            state.update(self._reads.checkpoint(self.batch_in_epoch))
+        else:
+            state["dali_checkpoint"] = base64.b64encode(self._dali.checkpoints()[0]).decode("ascii")
         return state
 
     def close(self) -> None:
+        if getattr(self, "_reads", None) is not None:
+            self._reads.close()
         if getattr(self, "_dali", None) is not None:
             del self._dali
             self._dali = None

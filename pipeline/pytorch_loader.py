@@ -16,7 +16,14 @@ Batches cross the process boundary as uint8 (4x less than float32), are pinned, 
 `non_blocking=True` and normalised on the device into float16 channels_last, like the DALI backends.
 Random erasing travels as one box per sample and is applied on the device after normalisation.
 
-Sharding: rank `r` reads the same contiguous global sample range as DALI (pipeline.base); inside a rank,
+Train in `sample` order (pipeline.order, the default): the rank's micro-batches of the epoch are the same as on
+the DALI backends; batch j of a pass goes to worker j % K, which reads each of its samples by the offsets in the
+shard's index (one read per sample: a file read, or one ranged GET), and the DataLoader's round-robin hands the
+batches over in order. The RNG of a sample is seeded by (seed, epoch, its position in the epoch's stream), so
+the augmentation too is the same on any number of processes or workers, and a resume anywhere is exact.
+
+Val, and train in `shard` order (webdataset stages above):
+rank `r` reads the same contiguous global sample range as DALI (pipeline.base); inside a rank,
 DataLoader worker `w` of `K` reads the w-th contiguous slice of that range. Train reshuffles the shard order
 every epoch (one global order from `seed` and the epoch, the same on every rank) and drops each worker's
 last partial batch; val keeps the manifest order and yields every sample once.
@@ -35,7 +42,6 @@ the tar and the sample key.
 from __future__ import annotations
 
 import gc
-import io
 import math
 import os
 import random
@@ -43,12 +49,11 @@ import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import constants as C
-from pipeline.augment import NO_BOX, AugmentPolicy, TorchvisionPolicy, erase_boxes_
+from pipeline.augment import AugmentPolicy, erase_boxes_
 from pipeline.base import (
     Loader,
     ShardReadError,
@@ -57,7 +62,9 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from shards.schema import IMAGE_EXT, LABEL_EXT, decode_label
+from pipeline.order import ORDER_CHUNK, SampleReader, SplitIndex, epoch_stream, rank_batches
+from pipeline.pillow import Augment, collate
+from shards.schema import ShardFormatError
 from shards.store import Store, StoreError
 
 #: Batches in flight per DataLoader worker when build_loader's `prefetch_depth` is None (torch's default).
@@ -155,77 +162,6 @@ def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
             yield sample
 
 
-def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, area: tuple[float, float], aspect: tuple[float, float]
-) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random-resized crop: torchvision's algorithm, drawn from `rng`."""
-    image_area = width * height
-    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
-    for _ in range(C.CROP_ATTEMPTS):
-        target_area = image_area * rng.uniform(*area)
-        ratio = math.exp(rng.uniform(*log_aspect))
-        w = int(round(math.sqrt(target_area * ratio)))
-        h = int(round(math.sqrt(target_area / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    # fallback: centre crop at the nearest allowed aspect ratio (as torchvision)
-    ratio = width / height
-    if ratio < aspect[0]:
-        w, h = width, int(round(width / aspect[0]))
-    elif ratio > aspect[1]:
-        h, w = height, int(round(height * aspect[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-class Augment:
-    """Decode + augment one sample into (uint8 HWC array, label, key, erase box); train/val fixed at
-    construction. The box is (top, left, height, width) in pixels, NO_BOX unless random erasing drew one."""
-
-    def __init__(self, *, train: bool, image_size: int, crop_area: tuple[float, float], seed_prefix: str,
-                 policy: AugmentPolicy):
-        self.train, self.image_size, self.crop_area, self.seed_prefix = train, image_size, crop_area, seed_prefix
-        self.policy = TorchvisionPolicy(policy) if train and not policy.is_default else None
-
-    def __call__(self, sample: dict) -> tuple[np.ndarray, int, str, tuple[int, int, int, int]]:
-        import torchvision.transforms.functional as F
-        from PIL import Image
-        from torchvision.transforms import InterpolationMode
-
-        where = f"{sample['__url__']}: sample {sample['__key__']}"
-        try:
-            label = decode_label(sample[LABEL_EXT])
-            image = Image.open(io.BytesIO(sample[IMAGE_EXT]))
-            image = image.convert("RGB")
-        except KeyError as err:
-            raise ShardReadError(f"{where}: member .{err.args[0]} is missing") from None
-        except Exception as err:  # OSError, DecompressionBombError, a bad label: all name the shard and sample
-            raise ShardReadError(f"{where}: cannot decode ({type(err).__name__}: {err})") from err
-        size, box = self.image_size, NO_BOX
-        if self.train:
-            rng = random.Random(f"{self.seed_prefix}:{sample['__position__']}")
-            top, left, h, w = random_resized_crop_box(image.width, image.height, rng, self.crop_area, C.CROP_ASPECT)
-            image = F.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
-            if rng.random() < C.FLIP_PROBABILITY:
-                image = F.hflip(image)
-            if self.policy is not None:
-                image, box = self.policy(image, seed=rng.getrandbits(63))
-        else:
-            width, height = C.val_resized_shape(image.width, image.height, size)
-            image = F.resize(image, [height, width], InterpolationMode.BILINEAR, antialias=True)
-            top, left = C.centre_crop_offset(height, size), C.centre_crop_offset(width, size)
-            image = F.crop(image, top, left, size, size)
-        return np.asarray(image, dtype=np.uint8), label, sample["__key__"], box
-
-
-def collate(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-    images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3) uint8
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    boxes = torch.tensor([s[3] for s in samples], dtype=torch.int64)  # (N, 4) erase boxes, pixels
-    return images, labels, [s[2] for s in samples], boxes
-
-
 def leave_stop_signals_to_parent(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and SIGUSR1. Schedulers send them to every process of a job (Kubernetes
     signals the whole pod): a worker that died of one would fail the epoch before the trainer could write its
@@ -273,6 +209,28 @@ class RankShare(IterableDataset):
         return iter(wds.DataPipeline(*stages))
 
 
+class SampleOrderBatches(IterableDataset):
+    """This rank's micro-batches of one epoch in `sample` order (see the module docstring)."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator:
+        p = self.plan
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        read = SampleReader(p["store"], p["index"])
+        augment = Augment(train=True, image_size=p["image_size"], crop_area=p["crop_area"],
+                          seed_prefix=f"aug:{p['seed']}:{p['epoch']}", policy=p["policy"])
+        width, batch_size = p["batch_size"] * p["world_size"], p["batch_size"]
+        try:
+            for j in range(worker, len(p["batches"]), workers):
+                start = (p["first_batch"] + j) * width + p["rank"] * batch_size  # stream position of its first
+                yield collate([augment(read(int(sample), start + i)) for i, sample in enumerate(p["batches"][j])])
+        finally:
+            read.close()
+
+
 class PytorchLoader(Loader):
     """`pytorch` behind the common Loader interface (see the module docstring)."""
 
@@ -293,6 +251,7 @@ class PytorchLoader(Loader):
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
+        order: str | None = None,
         prefetch_depth: int | None = None,
         **backend_options: Any,
     ) -> None:
@@ -311,13 +270,30 @@ class PytorchLoader(Loader):
         self.tars = [record.name for record in manifest.shards]  # names in the store; open_split checked them
         self.counts = [record.num_samples for record in manifest.shards]
         self.total = manifest.num_samples
-        self.train = train
+        self.train, self.order, self.split_samples = train, order, manifest.num_samples
         self.policy, self.augment = policy, policy.spec
         self.num_workers = max(int(num_threads), 0)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_cuda_device(device_id))
         else:
             self.device = torch.device("cpu")
+        mean = torch.tensor(C.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
+        std = torch.tensor(C.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
+        self._mean, self._inv_std = mean, 1.0 / std
+        self._batches = None  # the DataLoader iterator of the pass in progress
+        if order == "sample":
+            self.order_chunk = ORDER_CHUNK
+            try:
+                self._index = SplitIndex(self.store, manifest)
+            except ShardFormatError as err:
+                raise ShardReadError(str(err)) from err
+            self.batches_per_epoch = self.total // (batch_size * world_size)
+            if self.batches_per_epoch == 0:
+                raise ValueError(f"{self.store}: the {split} split has {self.total} samples, too few for "
+                                 f"world_size={world_size} x batch_size={batch_size}")
+            self.num_samples = self.batches_per_epoch * batch_size
+            self._restore(state)  # the position is all there is to restore: randomness is per stream position
+            return
 
         # Batches per worker do not depend on the shard order, so the epoch length is fixed: train takes the
         # smallest rank's count so every rank yields the same number of batches.
@@ -339,17 +315,21 @@ class PytorchLoader(Loader):
                 "last partial batch)"
             )
         self.num_samples = self.batches_per_epoch * batch_size if self.train else end - start
-
-        mean = torch.tensor(C.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
-        std = torch.tensor(C.IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * C.PIXEL_MAX
-        self._mean, self._inv_std = mean, 1.0 / std
-        self._batches = None  # the DataLoader iterator of the pass in progress
         self._restore(state)
 
     def identity(self) -> dict[str, Any]:
-        # The worker count shapes each worker's slice, the skip counts on resume and the epoch length, so a
-        # state taken with another count cannot continue here.
+        # In `shard` order the worker count shapes each worker's slice, the skip counts on resume and the epoch
+        # length, so a state taken with another count cannot continue there.
         return {**super().identity(), "num_threads": self.num_workers}
+
+    def _sample_plan(self) -> dict[str, Any]:
+        """What the workers of a `sample`-order pass need: the rank's batches from `batch_in_epoch` on."""
+        stream = epoch_stream(self._index.counts, seed=self.seed, epoch=self.epoch, chunk=self.order_chunk)
+        batches = rank_batches(stream, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size)
+        return {"store": self.store, "index": self._index, "batches": batches[self.batch_in_epoch:],
+                "first_batch": self.batch_in_epoch, "batch_size": self.batch_size, "world_size": self.world_size,
+                "rank": self.rank, "seed": self.seed, "epoch": self.epoch, "image_size": self.image_size,
+                "crop_area": tuple(self.crop_area), "policy": self.policy}
 
     def _plan(self) -> dict[str, Any]:
         """Everything a worker needs for the current epoch, resuming after `batch_in_epoch` batches."""
@@ -382,7 +362,7 @@ class PytorchLoader(Loader):
         self._end_epoch()
 
     def _start_pass(self) -> None:
-        dataset = RankShare(self._plan())
+        dataset = SampleOrderBatches(self._sample_plan()) if self.order == "sample" else RankShare(self._plan())
         pin = self.device.type == "cuda"
         # Collect garbage before the DataLoader forks its workers: a DALI pipeline left for the collector (the
         # profiler runs DALI and pytorch configurations in one process) would otherwise be finalised inside a

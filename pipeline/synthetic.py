@@ -37,6 +37,7 @@ class SyntheticLoader(Loader):
         state: dict[str, Any] | None,
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
+        order: str | None = None,
         **backend_options: Any,
     ) -> None:
         super().__init__()
@@ -53,6 +54,7 @@ class SyntheticLoader(Loader):
         self.num_classes = num_classes
         self.train = train
         self.augment = policy.spec  # always rrc-flip: build_loader refuses a policy for synthetic
+        self.order = order  # recorded only: one random batch, yielded again and again, has no order
         self.batches_per_epoch = batches_per_epoch(
             train=train, num_samples=total, batch_size=batch_size, world_size=world_size, rank=rank
         )

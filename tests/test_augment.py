@@ -68,7 +68,7 @@ def test_policy_keeps_the_contract_and_is_reproducible(tiny_shards, backend, pol
     first = one_epoch(tiny_shards, backend, **options)
     again = one_epoch(tiny_shards, backend, **options)
     plain = one_epoch(tiny_shards, backend, seed=7)
-    assert len(first) == len(plain) == (7 if backend == "dali-cpu" else 6)
+    assert len(first) == len(plain) == 7  # 60 // 8 in sample order, on every backend
     for (images, labels, keys), (same, _, same_keys), (_, _, base_keys) in zip(first, again, plain, strict=True):
         assert images.dtype == torch.float16 and images.shape == (8, 3, SIZE, SIZE)
         assert images.is_contiguous(memory_format=torch.channels_last)
@@ -155,14 +155,21 @@ def test_resume_with_a_policy_continues_exactly(tiny_shards, backend, policy):
 
 
 def test_a_state_from_another_policy_is_refused(tiny_shards):
-    with train_loader(tiny_shards, "dali-cpu", augment="randaugment") as ldr:
+    """Shard order: a state carries its policy's random state, so another policy is refused. Sample order: the
+    order does not depend on the policy, so the position is kept and the new policy draws afresh."""
+    with train_loader(tiny_shards, "dali-cpu", augment="randaugment", order="shard") as ldr:
         next(iter(ldr))
         state = ldr.state_dict()
     with pytest.raises(ValueError, match=r"augment='randaugment\(n=2,m=9\)', this loader has augment='rrc-flip'"):
-        train_loader(tiny_shards, "dali-cpu", state=state)
-    with train_loader(tiny_shards, "pytorch") as ldr:
+        train_loader(tiny_shards, "dali-cpu", state=state, order="shard")
+    with train_loader(tiny_shards, "pytorch", order="shard") as ldr:
         old = {k: v for k, v in ldr.state_dict().items() if k != "augment"}
-    train_loader(tiny_shards, "pytorch", state=old).close()  # states saved before the key existed: rrc-flip
+    train_loader(tiny_shards, "pytorch", state=old, order="shard").close()  # saved before the key: rrc-flip
+    with train_loader(tiny_shards, "dali-cpu", augment="randaugment") as ldr:
+        next(iter(ldr))
+        state = ldr.state_dict()
+    with train_loader(tiny_shards, "dali-cpu", state=state) as ldr:
+        assert (ldr.epoch, ldr.batch_in_epoch, len(ldr)) == (0, 1, 6)
 
 
 # --- one name, one policy -----------------------------------------------------------------------------------
@@ -290,16 +297,22 @@ def test_autoaugment_v0_is_dles_policy():
 @pytest.mark.parametrize("policy", ["autoaugment", "autoaugment-v0"])
 def test_the_dali_graph_runs_the_policy_its_name_says(tiny_shards, monkeypatch, policy):
     """What the dali-cpu loader's graph applies: torchvision's table for 'autoaugment', DLE's for
-    'autoaugment-v0' (nvidia.dali.auto_aug's apply_auto_augment is watched while the graph is built)."""
+    'autoaugment-v0' (nvidia.dali.auto_aug's apply_auto_augment is watched while the graph is built). Shard
+    order builds one pipeline; sample order one per segment, the next one while the current one runs."""
     from nvidia.dali.auto_aug import auto_augment
 
     applied, apply = [], auto_augment.apply_auto_augment
     monkeypatch.setattr(auto_augment, "apply_auto_augment", lambda p, *a, **k: applied.append(p) or apply(p, *a, **k))
-    with train_loader(tiny_shards, "dali-cpu", augment=policy) as ldr:
+    want = [list(s) for s in torchvision_autoaugment()[0]] if policy == "autoaugment" else dle_v0_table()
+    with train_loader(tiny_shards, "dali-cpu", augment=policy, order="shard") as ldr:
         images, labels, _ = next(iter(ldr))
     assert len(applied) == 1 and images.shape == (8, 3, SIZE, SIZE)
-    want = [list(s) for s in torchvision_autoaugment()[0]] if policy == "autoaugment" else dle_v0_table()
     assert table(applied[0]) == want
+    applied.clear()
+    with train_loader(tiny_shards, "dali-cpu", augment=policy) as ldr:
+        images, labels, _ = next(iter(ldr))
+    assert 1 <= len(applied) <= 2 and images.shape == (8, 3, SIZE, SIZE)
+    assert all(table(p) == want for p in applied)
 
 
 def test_autoaugment_v0_is_refused_where_torchvision_would_stand_in(tiny_shards):

@@ -63,7 +63,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_auto_continues_exactly(tiny_sh
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
     assert f"stopped by SIGTERM at step {stopped['step']} after writing checkpoint" in err
-    assert 2 <= stopped["step"] < 28 and "Traceback" not in err
+    assert 2 <= stopped["step"] < 30 and "Traceback" not in err
     # a checkpoint write killed half-way leaves a temporary; the next start removes it
     stale = run_dir / "checkpoints" / f".step-99999999.pt{TMP_MARK}{host_tag()}-{dead_pid()}-0000"
     stale.write_bytes(b"half a checkpoint")
@@ -73,7 +73,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_auto_continues_exactly(tiny_sh
     assert not stale.exists() and f"removed {stale}" in resumed.stdout
     a = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "whole")[-1])
     b = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
-    assert a["step"] == b["step"] == 28  # 2 epochs of 2 workers x (30 // 4) batches
+    assert a["step"] == b["step"] == 30  # 2 epochs of 60 // 4 batches (sample order, whatever the workers)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
 

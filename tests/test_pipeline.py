@@ -75,10 +75,10 @@ def pil_val_reference(jpg: bytes, size: int) -> np.ndarray:
 
 # --- shapes, layout, labels ------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", READERS)
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_batches_are_fp16_channels_last_with_exact_labels(tiny_shards, backend, split):
+@pytest.mark.parametrize(("split", "order"), [("train", "sample"), ("train", "shard"), ("val", None)])
+def test_batches_are_fp16_channels_last_with_exact_labels(tiny_shards, backend, split, order):
     truth = read_split(tiny_shards, split)
-    ldr = loader(tiny_shards, split, backend, with_keys=True)
+    ldr = loader(tiny_shards, split, backend, with_keys=True, order=order)
     assert ldr.device == torch.device("cpu") and ldr.num_classes == 5
     batches = epoch(ldr)
     assert len(batches) == len(ldr)
@@ -94,7 +94,8 @@ def test_batches_are_fp16_channels_last_with_exact_labels(tiny_shards, backend, 
         assert sorted(keys) == sorted(truth) and ldr.num_samples == 25 and len(ldr) == 4
     else:  # 60 samples: every full batch of 8, the last partial batch dropped
         assert len(keys) == ldr.num_samples and all(len(ks) == 8 for _, _, ks in batches)
-        assert len(ldr) == (7 if backend == "dali-cpu" else 6)  # pytorch: 2 workers x 30 samples -> 2 x 3
+        # sample order: 60 // 8 on every backend; shard order on pytorch: 2 workers x 30 samples -> 2 x 3
+        assert len(ldr) == (7 if backend == "dali-cpu" or order == "sample" else 6)
 
 
 @pytest.mark.parametrize("backend", READERS)
@@ -169,19 +170,22 @@ def test_val_sees_every_sample_exactly_once_across_ranks(tiny_shards, backend, w
 
 
 @pytest.mark.parametrize("backend", READERS)
-def test_train_ranks_read_disjoint_shares_of_equal_length(tiny_shards, backend):
-    """Every epoch the three ranks read disjoint samples (one global shard order per epoch) and yield the same
+@pytest.mark.parametrize("order", ["sample", "shard"])
+def test_train_ranks_read_disjoint_shares_of_equal_length(tiny_shards, backend, order):
+    """Every epoch the three ranks read disjoint samples (one global order per epoch) and yield the same
     number of batches, so DDP never waits on a batch another rank does not have."""
     keys, lengths = [[], []], []
     for rank in range(3):
-        ldr = loader(tiny_shards, "train", backend, batch_size=4, rank=rank, world_size=3, with_keys=True)
+        ldr = loader(tiny_shards, "train", backend, batch_size=4, rank=rank, world_size=3, with_keys=True,
+                     order=order)
         for e in range(2):
             batches = epoch(ldr)
             assert len(batches) == len(ldr)
             lengths.append(len(batches))
             keys[e] += [k for *_, ks in batches for k in ks]
-    # 20 samples per rank; pytorch's 2 workers each drop their last partial batch (10 samples -> 2 x 4)
-    assert lengths == [5 if backend == "dali-cpu" else 4] * 6
+    # sample order: 60 // 12; shard order: 20 samples per rank, and pytorch's 2 workers each drop their last
+    # partial batch (10 samples -> 2 x 4)
+    assert lengths == [5 if backend == "dali-cpu" or order == "sample" else 4] * 6
     for epoch_keys in keys:
         assert len(set(epoch_keys)) == len(epoch_keys) == 3 * 4 * lengths[0]
 
@@ -190,7 +194,8 @@ def test_uneven_train_shares_never_repeat_a_sample(tiny_shards):
     """60 samples over 7 ranks (shares of 8 and 9) at batch 4: DALI pads the shorter shares' last batch; that
     padding must never reach a later epoch as duplicates (it did with LastBatchPolicy.DROP)."""
     for rank in (0, 6):
-        ldr = loader(tiny_shards, "train", "dali-cpu", batch_size=4, rank=rank, world_size=7, with_keys=True)
+        ldr = loader(tiny_shards, "train", "dali-cpu", batch_size=4, rank=rank, world_size=7, with_keys=True,
+                     order="shard")
         for _ in range(3):
             keys = [k for *_, ks in epoch(ldr) for k in ks]
             assert len(keys) == 8 and len(set(keys)) == 8
@@ -198,13 +203,23 @@ def test_uneven_train_shares_never_repeat_a_sample(tiny_shards):
 
 
 def test_pytorch_state_from_another_worker_count_is_refused(tiny_shards):
-    """Worker slices and skip counts depend on the worker count: resuming with another would repeat samples."""
-    ldr = loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=2)
+    """Shard order: worker slices and skip counts depend on the worker count, so resuming with another would
+    repeat samples. Sample order: the batches do not depend on it, and the rest is the same, pixels included."""
+    ldr = loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=2, order="shard")
     next(iter(ldr))
     state = ldr.state_dict()
     ldr.close()
     with pytest.raises(ValueError, match="num_threads=2, this loader has num_threads=1"):
-        loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=1, state=state)
+        loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=1, state=state, order="shard")
+    ldr = loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=2, with_keys=True)
+    whole = epoch(ldr)
+    ldr = loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=2, with_keys=True)
+    passes = iter(ldr)
+    first = [next(passes) for _ in range(3)]
+    state = ldr.state_dict()
+    rest = epoch(loader(tiny_shards, "train", "pytorch", batch_size=4, num_threads=0, with_keys=True, state=state))
+    assert [k for *_, k in first] + [k for *_, k in rest] == [k for *_, k in whole]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[0:1] + rest, whole[0:1] + whole[3:], strict=True))
 
 
 # --- resume -----------------------------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""The order a train split is read in: which samples each global batch holds, epoch after epoch.
+
+    stream  = epoch_stream(counts, seed=seed, epoch=e)        every sample of the split once, in reading order
+    batches = rank_batches(stream, rank=r, world_size=W, batch_size=b)   rank r's micro-batches of epoch e
+    plan    = SegmentPlan(batches, index, max_entries=...)    DALI reader entries, a few thousand per pipeline
+
+`sample` (the default): every epoch, each shard's samples are put in a fresh random order and cut into chunks of
+ORDER_CHUNK samples, and all the split's chunks are put in a fresh random order; the stream is the chunks one
+after another. Global micro-batch m is stream[m*b*W : (m+1)*b*W] and rank r takes the r-th b of it. So the order
+is a function of (seed, epoch) and the stream position only, never of the number of ranks, threads or the backend:
+with the same global batch (b*W), the samples of every global batch are the same on 1, 2 or 512 processes, and a
+position inside an epoch is one number (samples the whole job has consumed), which a resume on another process
+count continues from exactly. The last len(stream) % (b*W) samples sit out the epoch (different ones each epoch).
+
+Why chunks and not single samples: DALI's webdataset reader reads the samples an index file lists, in its order,
+and the same tar may be listed many times, each time with its own index; so an order becomes a list of (tar, index
+of a few of its samples) entries written before the reader is built, and the read path stays DALI's native one
+(no Python callback, the same ranged reads from s3://). One entry per sample would mean a million index files
+an epoch on one GPU; a chunk of 16 makes a sixteenth of that, and a batch still draws from dozens of shards. A
+reader takes a bounded number of entries (about 32,000 make DALI 2.4's reader fail with "Too many open files"
+whatever the open-file limit), so an epoch is read in segments of at most MAX_ENTRIES entries, each its own
+pipeline, the next one built while the current one runs. The entries' index files are written to a private
+temporary folder and deleted once the reader has parsed them.
+
+`shard`: the order the loaders had before (DALI reshuffles the shard order every epoch, each rank reads a
+contiguous share through a shuffle buffer; the `pytorch` backend does the same with webdataset): the cheapest
+reads, kept for comparison. It depends on the number of ranks, so it resumes only on the same topology.
+docs/data-order.md compares the two with an i.i.d. shuffle (tools/order_quality.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.base import LoaderOptionError, ShardReadError
+from shards.process import temporary_folder
+from shards.schema import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, Manifest, ShardFormatError, split_member_name
+from shards.store import Store
+
+ORDERS: tuple[str, ...] = ("sample", "shard")
+DEFAULT_ORDER = "sample"
+#: Samples read together from one shard in `sample` order (see the module docstring and docs/data-order.md).
+ORDER_CHUNK = 16
+#: Reader entries per DALI pipeline in `sample` order: far below the ~32,000 at which DALI 2.4's reader fails.
+MAX_ENTRIES = 4096
+_ORDER_TAG = 0x5A7  # mixed into the order's seed so it never shares a stream with another use of `seed`
+_INDEX_READS = 16  # index files read at once when a split's index is loaded (requests, on an object store)
+ENTRY_FOLDER = "saturate-order"
+
+
+def epoch_stream(counts: Sequence[int], *, seed: int, epoch: int, chunk: int = ORDER_CHUNK) -> np.ndarray:
+    """Global sample numbers (a sample's position in the manifest's shards, in manifest order) of epoch `epoch`
+    in `sample` order: int64, each sample once. Inside a chunk, samples keep their order in the shard, so a
+    reader moves forward through each tar."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, _ORDER_TAG])))
+    shard = np.repeat(np.arange(len(counts)), counts)
+    by_shard = np.lexsort((rng.random(total), shard))  # sample numbers, shard by shard, each shard shuffled
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    chunks = -(-counts // chunk)  # per shard
+    chunk_of = (np.repeat(np.concatenate(([0], np.cumsum(chunks)[:-1])), counts)
+                + (np.arange(total) - np.repeat(starts, counts)) // chunk)
+    place = np.empty(int(chunks.sum()), dtype=np.int64)
+    place[rng.permutation(len(place))] = np.arange(len(place))  # chunk -> its place in the epoch
+    return by_shard[np.lexsort((by_shard, place[chunk_of]))]
+
+
+def rank_batches(stream: np.ndarray, *, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """(micro-batches, batch_size) sample numbers rank `rank` reads: the r-th `batch_size` of each global
+    micro-batch of batch_size * world_size consecutive stream samples; the tail that fills no global micro-batch
+    is left out."""
+    width = batch_size * world_size
+    count = len(stream) // width
+    return stream[: count * width].reshape(count, world_size, batch_size)[:, rank, :]
+
+
+def check_order(order: str | None, *, train: bool) -> str | None:
+    """The order a loader reads in: `order`, or DEFAULT_ORDER when None; None for val (every sample once, in
+    manifest order). LoaderOptionError naming the keyword for an unknown order or one asked of a val loader."""
+    if not train:
+        if order is not None:
+            raise LoaderOptionError("order", order, "val loaders read every sample once in manifest order; leave "
+                                    "it unset")
+        return None
+    order = DEFAULT_ORDER if order is None else order
+    if order not in ORDERS:
+        raise LoaderOptionError("order", order, f"choose one of {', '.join(ORDERS)}")
+    return order
+
+
+class SplitIndex:
+    """Every shard's DALI index of one split, read once: the lines entries are made of, and each sample's
+    member offsets (what the `pytorch` backend reads by). Kept as each index's bytes and its line offsets
+    (about 110 bytes per sample: ~140 MB for ImageNet's 1.28 M), not as Python objects per sample."""
+
+    def __init__(self, store: Store, manifest: Manifest) -> None:
+        self.tars = [record.name for record in manifest.shards]
+        self.counts = np.array([record.num_samples for record in manifest.shards], dtype=np.int64)
+        self.starts = np.concatenate(([0], np.cumsum(self.counts)[:-1]))
+        with ThreadPoolExecutor(max_workers=_INDEX_READS) as pool:
+            texts = list(pool.map(lambda r: store.read_bytes(r.index), manifest.shards))
+        self._lines: list[bytes] = []
+        self._offsets: list[np.ndarray] = []
+        for record, text in zip(manifest.shards, texts, strict=True):
+            head, _, body = text.partition(b"\n")
+            ends = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == ord("\n")) + 1
+            expected = [INDEX_VERSION.encode(), str(record.num_samples).encode()]
+            if head.split() != expected or len(ends) != record.num_samples:
+                raise ShardFormatError(f"{store.url(record.index)}: not the index of the {record.num_samples} samples "
+                                       f"the {manifest.split} manifest lists; re-convert the split, or run "
+                                       "`saturate shards verify` on it")
+            self._lines.append(body)
+            self._offsets.append(np.concatenate(([0], ends)))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+    def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, sample within the shard) of global sample numbers."""
+        shard = np.searchsorted(self.starts, samples, side="right") - 1
+        return shard, samples - self.starts[shard]
+
+    def line(self, shard: int, sample: int) -> bytes:
+        offsets = self._offsets[shard]
+        return self._lines[shard][offsets[sample]:offsets[sample + 1]]
+
+    def index_text(self, shard: int, samples: Sequence[int]) -> bytes:
+        """A DALI index listing `samples` of `shard`, in that order."""
+        return (f"{INDEX_VERSION} {len(samples)}\n".encode()
+                + b"".join(self.line(shard, int(j)) for j in samples))
+
+    def members(self, shard: int, sample: int) -> tuple[str, dict[str, tuple[int, int]]]:
+        """(sample key, ext -> (offset, size) in bytes) of one sample, from its index line."""
+        fields = self.line(shard, sample).decode().split()
+        spans = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        return split_member_name(fields[3])[0], spans
+
+    def read_span(self, shard: int, sample: int) -> tuple[str, int, int, dict[str, tuple[int, int]]]:
+        """(key, first byte, bytes, ext -> (offset, size) relative to the first byte) covering the sample's image
+        and label members: one read per sample."""
+        key, spans = self.members(shard, sample)
+        wanted = [spans[IMAGE_EXT], spans[LABEL_EXT]]
+        first = min(offset for offset, _ in wanted)
+        last = max(offset + size for offset, size in wanted)
+        relative = {ext: (spans[ext][0] - first, spans[ext][1]) for ext in (IMAGE_EXT, LABEL_EXT)}
+        return key, first, last - first, relative
+
+
+class SampleReader:
+    """The `pytorch` backend's read in `sample` order: one sample by its index offsets, image and label members
+    in one read (a file read, with a bounded set of open files, in a folder; one ranged GET on an object store)."""
+
+    OPEN_FILES = 32  # tars kept open per worker in a folder
+
+    def __init__(self, store: Store, index: SplitIndex) -> None:
+        self.store, self.index = store, index
+        self._files: dict[int, int] = {}  # shard -> file descriptor, oldest first
+
+    def __call__(self, sample: int, position: int) -> dict:
+        shard, within = self.index.locate(np.array([sample]))
+        shard, within = int(shard[0]), int(within[0])
+        name = self.index.tars[shard]
+        key, first, length, members = self.index.read_span(shard, within)
+        try:
+            if self.store.local_dir is not None:
+                data = os.pread(self._file(shard, name), length, first)
+            else:
+                data = self.store.read_bytes(name, offset=first, length=length)
+        except (OSError, ValueError) as err:
+            raise ShardReadError(f"{self.store.url(name)}: sample {key} could not be read ({err})") from None
+        if len(data) != length:
+            raise ShardReadError(f"{self.store.url(name)}: sample {key} ends at byte {first + len(data)}, its index "
+                                 f"says {first + length}; the shard is truncated or was replaced, re-convert it")
+        out = {"__url__": str(self.store.url(name)), "__key__": key, "__position__": position}
+        out.update({ext: data[offset:offset + size] for ext, (offset, size) in members.items()})
+        return out
+
+    def _file(self, shard: int, name: str) -> int:
+        if shard not in self._files:
+            if len(self._files) >= self.OPEN_FILES:
+                os.close(self._files.pop(next(iter(self._files))))
+            self._files[shard] = os.open(self.store.url(name), os.O_RDONLY)
+        return self._files[shard]
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive micro-batches of a rank's epoch read by one DALI pipeline."""
+
+    first_batch: int  # in the epoch
+    batches: np.ndarray  # (micro-batches, batch_size) sample numbers
+    entries: list[tuple[int, np.ndarray]]  # (shard, samples within it) in reading order
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches)
+
+
+def entries_of(index: SplitIndex, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Runs of consecutive samples from one shard: one reader entry each."""
+    shard, within = index.locate(samples)
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    return [(int(s[0]), w) for s, w in zip(np.split(shard, cuts), np.split(within, cuts), strict=True)]
+
+
+def segments(index: SplitIndex, batches: np.ndarray, *, first_batch: int = 0,
+             max_entries: int | None = None) -> list[Segment]:
+    """`batches[first_batch:]` cut at micro-batch boundaries into segments of at most `max_entries` (default
+    MAX_ENTRIES) entries (a single micro-batch with more entries is a segment of its own)."""
+    max_entries = MAX_ENTRIES if max_entries is None else max_entries
+    out: list[Segment] = []
+    start = first_batch
+    while start < len(batches):
+        shard, _ = index.locate(batches[start:].reshape(-1))
+        run_starts = np.concatenate(([1], np.diff(shard) != 0)).reshape(len(batches) - start, -1).sum(axis=1)
+        fits = int(np.searchsorted(np.cumsum(run_starts), max_entries, side="right"))
+        end = start + max(1, fits)
+        out.append(Segment(start, batches[start:end], entries_of(index, batches[start:end].reshape(-1))))
+        start = end
+    return out
+
+
+class EntryFolder:
+    """A private temporary folder for the index files of the reader entries of one loader. Named after this
+    host and process (shards.process), so a loader killed with kill -9 leaves a folder the next one removes."""
+
+    def __init__(self, parent: str | os.PathLike | None = None) -> None:
+        self.path = temporary_folder(parent if parent is not None else tempfile.gettempdir(), ENTRY_FOLDER)
+        self._written = 0
+
+    def write(self, index: SplitIndex, entries: list[tuple[int, np.ndarray]],
+              url: object) -> tuple[list[str], list[str], Path]:
+        """(tar paths or URLs, index paths, the folder holding them) for DALI's reader; `url(name)` gives a tar's
+        path or URL. Remove the folder once the reader is built: DALI parses the indexes when it is built."""
+        self._written += 1
+        folder = self.path / f"segment-{self._written}"
+        folder.mkdir()
+        tars, indexes = [], []
+        for number, (shard, samples) in enumerate(entries):
+            path = folder / f"{number}.idx"
+            path.write_bytes(index.index_text(shard, samples))
+            tars.append(str(url(index.tars[shard])))
+            indexes.append(str(path))
+        return tars, indexes, folder
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
