@@ -111,10 +111,10 @@ def run_tune(
         return fastest
 
     def measure(setting: Setting) -> tuple[float | None, str | None, list[str]]:
-        config = ProfileConfig("e2e", backend, batch_size, image_size, setting.threads, setting.hw_decoder_load,
-                               precision, compile, setting.prefetch,
-                               model_threads(setting.threads) if model_threads else None,
-                               augment)
+        config = ProfileConfig("e2e", backend, batch_size, image_size, threads=setting.threads,
+                               hw_decoder_load=setting.hw_decoder_load, precision=precision, compile=compile,
+                               prefetch=setting.prefetch, augment=augment,
+                               model_threads=model_threads(setting.threads) if model_threads else None)
         row = session.row(config, [session.measure(config)])
         figure = f"{row.images_per_sec_per_gpu:.0f} img/s/GPU" if row.ok else row.error
         say(f"tune: {config.label()}: {figure}", file=sys.stderr)
@@ -157,12 +157,11 @@ def check_tune(*, backend: str, arch: str, batch_size: int, image_size: int, pre
     """Reject a bad tune before anything is measured (the profile's own checks on its one configuration, then
     the search's bounds); each message names the flag to fix. Without it `--max-trials 0` ended in 'no trial
     produced a figure', `--backends foo` in a KeyError and `--max-threads 0` wrote a tune.json."""
-    from pipeline.constants import HW_DECODER_LOAD
     from tools.profiler.plan import Sweep, check_sweep
     from training.model import is_classifier
 
-    sweep = Sweep(("e2e",), (backend,), (batch_size,), (image_size,), (1,), (HW_DECODER_LOAD,), (precision,),
-                  (compile,), (None,), (augment,))
+    sweep = Sweep(modes=("e2e",), backends=(backend,), batch_sizes=(batch_size,), image_sizes=(image_size,),
+                  threads=(1,), precisions=(precision,), compile_modes=(compile,), augments=(augment,))
     check_sweep(sweep, steps=timing.steps, duration=timing.duration, warmup=timing.warmup, windows=timing.windows,
                 max_warmup=timing.max_warmup)
     if max_threads is not None and max_threads < 1:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
+from tools.profiler.plan import AXES, SCOPES, ProfileConfig
 from tools.profiler.row import ProfileRow
 from tools.profiler.stability import flag_unstable
 
@@ -59,14 +61,15 @@ def threads_needed(ceiling: float, images_per_sec: float, threads: int) -> tuple
     return math.ceil(ceiling / per_thread - 1e-9), None
 
 
+def baseline_config(config: ProfileConfig) -> ProfileConfig:
+    """The configuration of the pytorch row `config` is compared with: the same mode and axes, less the axes
+    pytorch does not have (`hw_decoder_load`)."""
+    absent = {name: None for name, a in AXES.items() if a.scope and not SCOPES[a.scope](config.mode, BASELINE_BACKEND)}
+    return replace(config, backend=BASELINE_BACKEND, **absent)
+
+
 def add_ratios(rows: Sequence[ProfileRow]) -> None:
     """Fill vs_ceiling, vs_pytorch and threads_needed (in place), then flag the unstable rows."""
-    def same_axes(a: ProfileRow, b: ProfileRow) -> bool:
-        ca, cb = a.config, b.config
-        return (ca.mode, ca.batch_size, ca.image_size, ca.threads, ca.prefetch, ca.augment, ca.precision,
-                ca.compile) == (cb.mode, cb.batch_size, cb.image_size, cb.threads, cb.prefetch, cb.augment,
-                                cb.precision, cb.compile)
-
     # a model row's own measurement decides whether it may be a ceiling: judge those first
     flag_unstable([r for r in rows if r.config.mode == "model"], {})
     ceilings = ceiling_rows(rows)
@@ -94,7 +97,7 @@ def add_ratios(rows: Sequence[ProfileRow]) -> None:
                 row.threads_needed, note = threads_needed(ceiling, row.images_per_sec_per_gpu, c.threads)
                 if note:
                     row.notes.append(note)
-        base = next((b for b in baselines if same_axes(b, row)), None)
+        base = next((b for b in baselines if b.config == baseline_config(c)), None)
         if base is not None and base.images_per_sec_per_gpu:
             row.vs_pytorch = row.images_per_sec_per_gpu / base.images_per_sec_per_gpu
     flag_unstable(rows, ceilings)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.profiler.plan import AXES, LOADER_AXES, STEP_AXES
 from tools.profiler.row import ProfileRow
 
 NA = "n/a"
@@ -48,23 +49,23 @@ class Report:
 
     def table_markdown(self) -> str:
         """The side-by-side table: one line per configuration, `n/a` where a figure cannot be measured."""
-        prefetch = any(row.config.prefetch is not None for row in self.rows)
-        augment = any(row.config.augment is not None for row in self.rows)
+        # an axis's column (tools/profiler/plan.py): always, unless the axis is optional and no row sets it
+        loader, step = ([name for name in names if not AXES[name].optional
+                         or any(getattr(row.config, name) is not None for row in self.rows)]
+                        for names in (LOADER_AXES, STEP_AXES))
         cpu_model = any(row.config.model_threads is not None for row in self.rows)
         node = self.ranks > 1
-        head = ["mode", "backend", "threads", "hw_load", *(["prefetch"] if prefetch else []),
-                *(["augment"] if augment else []), "batch", "px",
-                "precision", "compile", *(["model threads"] if cpu_model else []), "img/s/GPU", "min-max",
+        head = ["mode", "backend", *(AXES[name].column or name for name in loader), "batch", "px",
+                *(AXES[name].column or name for name in step), *(["model threads"] if cpu_model else []),
+                "img/s/GPU", "min-max",
                 *(["total", "alone", "scaling"] if node else []),
                 "step ms", "data wait", "CPU cores", "GPU util", "GPU mem GiB", "vs ceiling", "vs pytorch",
                 "threads needed", "note"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             c = row.config
-            cells = [c.mode, c.backend, _axis(c.threads), _axis(c.hw_decoder_load),
-                     *([_axis(c.prefetch)] if prefetch else []), *([_axis(c.augment)] if augment else []),
-                     str(c.batch_size), str(c.image_size),
-                     _axis(c.precision), _axis(None if c.compile is None else ("on" if c.compile else "off")),
+            cells = [c.mode, c.backend, *(_axis(getattr(c, name)) for name in loader), str(c.batch_size),
+                     str(c.image_size), *(_axis(getattr(c, name)) for name in step),
                      *([_axis(c.model_threads)] if cpu_model else [])]
             if not row.ok:
                 cells += [""] * (len(head) - len(cells) - 1) + ["ERROR: " + _cell(row.error)]
@@ -152,7 +153,12 @@ def _result(text: str, *, stable: bool) -> str:
 
 
 def _axis(value: Any) -> str:
-    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    """An axis's cell: `-` where it does not apply, on/off for a switch."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _cell(text: str) -> str:

@@ -94,10 +94,11 @@ def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:
         return pipeline_loader(None, "train", train=True, batch_size=config.batch_size, image_size=config.image_size,
                                backend="synthetic", num_classes=workload.num_classes,
                                num_samples=config.batch_size * 10_000 * _world_size())
-    options = dict(workload.augment_options, augment=config.augment) if config.augment is not None else {}
+    # the loader's axes pass straight through as build_loader keywords (tools/profiler/plan.py); an axis not set
+    # (None) leaves the loader's default. The policy's knobs go with a policy.
+    options = workload.augment_options if config.augment is not None else {}
     return pipeline_loader(workload.shards_dir, workload.split, train=True, batch_size=config.batch_size,
-                           image_size=config.image_size, backend=config.backend, num_threads=config.threads or 1,
-                           prefetch_depth=config.prefetch, hw_decoder_load=config.hw_decoder_load, **options)
+                           image_size=config.image_size, backend=config.backend, **config.loader_keywords(), **options)
 
 
 def _world_size() -> int:
@@ -115,7 +116,7 @@ def build_step(config: ProfileConfig, *, arch: str, num_classes: int, device: An
 
     model = build_model(arch, num_classes=num_classes, channels_last=True).to(device)
     optimizer = build_optimizer(model, lr=0.1)
-    return TrainStep(model, optimizer, precision=config.precision, compile=bool(config.compile))
+    return TrainStep(model, optimizer, **config.step_keywords())  # the step's axes: precision, compile
 
 
 def endless(loader: Any) -> Iterator:

@@ -15,10 +15,9 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.constants import HW_DECODER_LOAD
 from tools.profiler.gpu import GpuMonitor
 from tools.profiler.measure import (
     DEFAULT_DURATION,
@@ -30,15 +29,7 @@ from tools.profiler.measure import (
     Timing,
 )
 from tools.profiler.node import combine, ranks_of
-from tools.profiler.plan import (
-    MODES,
-    ProfileConfig,
-    Sweep,
-    check_sweep,
-    plan_configs,
-    sweep_dict,
-    with_cpu_model_threads,
-)
+from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, sweep_dict, with_cpu_model_threads
 from tools.profiler.ratios import add_ratios
 from tools.profiler.report import Report
 from tools.profiler.row import ProfileRow, summarise
@@ -131,19 +122,9 @@ def run_profile(
     *,
     info: Any,
     out_dir: str | os.PathLike | None = None,
-    modes: Sequence[str] = MODES,
-    backends: Sequence[str] | None = None,
-    batch_sizes: Sequence[int] = (256,),
-    image_sizes: Sequence[int] = (224,),
-    threads: Sequence[int] | None = None,
-    hw_decoder_loads: Sequence[float] = (HW_DECODER_LOAD,),
-    prefetch_depths: Sequence[int | None] = (None,),
-    augments: Sequence[str | None] = (None,),
     randaugment_n: int | None = None,
     randaugment_m: int | None = None,
     random_erasing: float = 0.0,
-    precisions: Sequence[str] = ("bf16",),
-    compile_modes: Sequence[bool] = (False,),
     arch: str = "resnet50",
     split: str = "train",
     steps: int | None = None,
@@ -152,32 +133,34 @@ def run_profile(
     windows: int = DEFAULT_WINDOWS,
     max_warmup: float = DEFAULT_MAX_WARMUP,
     progress: bool = True,
+    **axes: Sequence | None,
 ) -> Report:
-    """backends: data backends for the loader and e2e modes; None picks `default_backends()`.
-    threads: CPU threads (DALI) / worker processes (pytorch) to sweep; None is `default_threads()`.
+    """axes: the values to sweep, one keyword per `Sweep` field (modes, backends, batch_sizes, image_sizes,
+    threads, hw_decoder_loads, precisions, compile_modes, prefetch_depths, augments: tools/profiler/plan.py);
+    an axis not given (or None) sweeps its default. backends None: `default_backends()`, the data backends for
+    the loader and e2e modes; threads None: `default_threads()`, CPU threads (DALI) / worker processes (pytorch).
     steps / duration: timed work per configuration, in steps or seconds (split over `windows` windows);
     neither means DEFAULT_DURATION seconds. warmup: untimed steps at least; max_warmup: seconds the
-    steady-step-time check may add (0: off). augments: augmentation policies to sweep for the data backends
-    (None: the loader's default); randaugment_n/m and random_erasing apply to every row with a policy."""
+    steady-step-time check may add (0: off). randaugment_n/m and random_erasing apply to every row with an
+    augmentation policy (`augments`; None: the loader's default)."""
     ranks = ranks_of(info)
     main = ranks.rank == 0
     notes: list[str] = []
-    if backends is None:
-        backends, note = default_backends()
+    given = {name: tuple(values) for name, values in axes.items() if values is not None}
+    if "backends" not in given:
+        given["backends"], note = default_backends()
         if note:
             notes.append(note)
             if progress and main:  # said before the long run starts; the CLI's summary repeats report.notes
                 print(f"saturate profile: note: {note}", file=sys.stderr)
-    threads = (default_threads(ranks),) if threads is None else tuple(threads)
+    given.setdefault("threads", (default_threads(ranks),))
     if steps is None and duration is None:
         duration = DEFAULT_DURATION
     augment_options = augment_keywords(randaugment_n=randaugment_n, randaugment_m=randaugment_m,
                                        random_erasing=random_erasing)
-    if tuple(augments) == (None,) and augment_options:  # --random-erasing alone: on top of the default policy
-        augments = ("rrc-flip",)
-    sweep = Sweep(tuple(modes), tuple(backends), tuple(batch_sizes), tuple(image_sizes), tuple(threads),
-                  tuple(hw_decoder_loads), tuple(precisions), tuple(compile_modes), tuple(prefetch_depths),
-                  tuple(augments))
+    sweep = Sweep(**given)
+    if sweep.augments == (None,) and augment_options:  # --random-erasing alone: on top of the default policy
+        sweep = replace(sweep, augments=("rrc-flip",))
     check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows, max_warmup=max_warmup)
     from tqdm import tqdm
 
@@ -186,7 +169,7 @@ def run_profile(
     from training.model import is_classifier
 
     check_split_name(split, "--split")
-    if {"model", "e2e"} & set(modes) and not is_classifier(arch):
+    if {"model", "e2e"} & set(sweep.modes) and not is_classifier(arch):
         # checked once here rather than as one error row per training configuration
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
     corpus = describe_corpus(shards_dir, split)
