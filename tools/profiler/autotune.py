@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.profiler.gpu import GpuMonitor
-from tools.profiler.measure import Timing
+from tools.profiler.measure import Timing, Workload, cpu_split
 from tools.profiler.plan import ProfileConfig
-from tools.profiler.run import Workload, cpu_split
 from tools.profiler.stability import CEILING_MARGIN, DRIFT_LIMIT, MEASUREMENT_RULES
 from tools.profiler.sweep import Session, default_threads
 from tools.profiler.tune import (

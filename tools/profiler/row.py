@@ -12,8 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from tools.profiler.counters import cores_busy
-from tools.profiler.measure import Measurement
+from tools.profiler.measure import Measurement, cores_busy
 from tools.profiler.plan import ProfileConfig
 
 
