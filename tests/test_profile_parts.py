@@ -10,11 +10,9 @@ import torch
 from tools.profiler import measure as measure_module
 from tools.profiler.gpu import GpuMonitor
 from tools.profiler.measure import Measurement, SingleProcess, Timing, Window, Workload, cpu_seconds_delta, measure
-from tools.profiler.node import combine
 from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, with_cpu_model_threads
-from tools.profiler.ratios import add_ratios, threads_needed
 from tools.profiler.report import Report
-from tools.profiler.row import ProfileRow, summarise
+from tools.profiler.row import ProfileRow, add_ratios, combine, summarise, threads_needed
 from tools.profiler.sweep import Session, schedule
 
 CPU = torch.device("cpu")

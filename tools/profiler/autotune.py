@@ -3,7 +3,7 @@
 
 Every trial is an e2e configuration measured like a profile row (steady warm-up, timed windows; at node
 scale all ranks at once, the figure their mean per GPU). The ceiling is measured before the search and
-again after it; when the two differ by more than stability.DRIFT_LIMIT, the entry says the result is
+again after it; when the two differ by more than row.DRIFT_LIMIT, the entry says the result is
 uncertain.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from tools.profiler.gpu import GpuMonitor
 from tools.profiler.measure import Timing, Workload, cpu_split
 from tools.profiler.plan import ProfileConfig
-from tools.profiler.stability import CEILING_MARGIN, DRIFT_LIMIT, MEASUREMENT_RULES
+from tools.profiler.row import CEILING_MARGIN, DRIFT_LIMIT, MEASUREMENT_RULES
 from tools.profiler.sweep import Session, default_threads
 from tools.profiler.tune import (
     DEFAULT_MAX_TRIALS,

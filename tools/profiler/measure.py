@@ -43,7 +43,7 @@ DEFAULT_MAX_WARMUP = 60.0  # seconds the steady check may take before the row is
 STEADY_TOLERANCE = 0.10  # consecutive warm-up windows whose step times differ by at most this fraction: steady
 #: (fastest - slowest window) / median above this: the windows disagree too much for one figure. A pass
 #: that spreads wider is measured once more (a stall from another process should not cost the row); a
-#: second wide spread stays, and the row is marked unstable (tools/profiler/stability.py).
+#: second wide spread stays, and the row is marked unstable (tools/profiler/row.py).
 SPREAD_LIMIT = 0.30
 
 

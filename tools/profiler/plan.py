@@ -5,7 +5,7 @@ comma-list flag that sets it and its help, how one value is parsed and range-che
 default, which configurations it changes (its scope), its label, and the keyword it is passed as. The rest
 is derived from those fields: `Sweep` (the values of every axis), `plan_configs`, `check_sweep`'s checks,
 `label()`, report.json's settings and rows, the table's columns (report.py), which pytorch row a row is
-compared with (ratios.py), the loader's and the training step's keywords (run.py), `run_profile`'s keywords
+compared with (row.py), the loader's and the training step's keywords (measure.py), `run_profile`'s keywords
 (sweep.py) and the command line's comma-list flags (tools/profile_cmd.py).
 
 Each axis multiplies only the configurations it changes: threads, prefetch depth and the augmentation policy
@@ -19,7 +19,7 @@ with `axis(...)`, whose arguments hold everything about it, its range check incl
 `**one_of(NAMES)`). A loader axis (scope DATA or DALI_GPU) names its `pipeline.build_loader` keyword and is
 passed straight through; a step axis names its `training.step.TrainStep` keyword the same way. Two cases take
 a second edit: a rule across axes (a policy pytorch cannot run) is a check in `check_sweep`, and a step axis
-that is not a TrainStep keyword is used in run.build_step. For example a shard-order axis of the loaders:
+that is not a TrainStep keyword is used in measure.build_step. For example a shard-order axis of the loaders:
 
     order: str | None = axis(
         "--order", "orders", str, "ORDER[,...]", "data backends: sample or shard order (default: the loader's)",

@@ -19,7 +19,7 @@ def plot_report(report: Any, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tools.profiler.ratios import fastest_model_rows
+    from tools.profiler.row import fastest_model_rows
 
     panels = [m for m in ("loader", "e2e") if any(r.config.mode == m for r in report.rows)] or ["model"]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.6 * len(report.rows) + 3), 3.6 * len(panels)),

@@ -1,7 +1,7 @@
 """The report: report.json (every figure, null where not measurable), report.md (corpus, machine, the table)
 and report.png (tools/profiler/plot.py).
 
-An unstable row (tools/profiler/stability.py) keeps its figures in parentheses and says why in its note:
+An unstable row (tools/profiler/row.py) keeps its figures in parentheses and says why in its note:
 it is shown, never presented as a result.
 """
 

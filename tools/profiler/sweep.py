@@ -31,11 +31,10 @@ from tools.profiler.measure import (
     cpu_split,
     run_config,
 )
-from tools.profiler.node import combine, ranks_of
+from tools.profiler.node import ranks_of
 from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, sweep_dict, with_cpu_model_threads
-from tools.profiler.ratios import add_ratios
 from tools.profiler.report import Report
-from tools.profiler.row import ProfileRow, summarise
+from tools.profiler.row import ProfileRow, add_ratios, combine, summarise
 
 Outcome = Measurement | str  # a measured pass, or "<ExceptionType>: message"
 
