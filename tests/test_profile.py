@@ -16,8 +16,8 @@ from PIL import Image
 
 from tools import profiler
 from tools.cli import main as cli_main
-from tools.profiler.corpus import describe_corpus
 from tools.profiler.measure import cpu_split
+from tools.profiler.report import describe_corpus
 
 # tiny_imagenet's train split (tests/conftest.py): 5 classes x 12 images, 8 samples per shard
 TRAIN_IMAGES, TRAIN_CLASSES, TRAIN_SHARDS = 60, 5, 8

@@ -33,7 +33,7 @@ from tools.profiler.measure import (
 )
 from tools.profiler.node import ranks_of
 from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, sweep_dict, with_cpu_model_threads
-from tools.profiler.report import Report
+from tools.profiler.report import Report, describe_corpus, describe_machine
 from tools.profiler.row import ProfileRow, add_ratios, combine, summarise
 
 Outcome = Measurement | str  # a measured pass, or "<ExceptionType>: message"
@@ -166,7 +166,6 @@ def run_profile(
     from tqdm import tqdm
 
     from shards.schema import check_split_name
-    from tools.profiler.corpus import describe_corpus, describe_machine
     from training.model import is_classifier
 
     check_split_name(split, "--split")
