@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--nproc: an integer >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and not under_torchrun():
         from tools.profiler.autotune import check_tune_files
-        from tools.profiler.node import launch
         from tools.profiler.report import Report
+        from tools.profiler.sweep import launch
 
         # Here, before any rank starts: raised in rank 0 alone, the others would wait in a collective for it
         Report.prepare(args.out)

@@ -75,9 +75,8 @@ def run_tune(
     there that it can write its result)."""
     from pipeline.augment import make_policy
     from shards.process import processes_per_node
-    from tools.profiler.node import ranks_of
     from tools.profiler.report import describe_corpus, describe_machine
-    from tools.profiler.sweep import augment_keywords
+    from tools.profiler.sweep import augment_keywords, ranks_of
     from training.tuning import machine_key, match_key
 
     check_tune(backend=backend, arch=arch, batch_size=batch_size, image_size=image_size, precision=precision,
