@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc: an integer >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and not under_torchrun():
-        from tools.profiler.autotune import check_tune_files
         from tools.profiler.report import Report
         from tools.profiler.sweep import launch
+        from tools.profiler.tune import check_tune_files
 
         # Here, before any rank starts: raised in rank 0 alone, the others would wait in a collective for it
         Report.prepare(args.out)
@@ -133,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace, *, main: bool) -> int:
     """--tune: one configuration (each list flag one value), the search, tune.json, the flags to train with."""
-    from tools.profiler.autotune import check_tune_files, tune, write_entry
     from tools.profiler.measure import Timing
     from tools.profiler.report import Report
     from tools.profiler.sweep import default_backends
+    from tools.profiler.tune import check_tune_files, tune, write_entry
 
     def one(flag: str, values: list) -> Any:
         if len(values) != 1:
