@@ -144,11 +144,11 @@ def combine(config: ProfileConfig, rank_rows: list[ProfileRow], solo: ProfileRow
         images_per_sec_total=sum(rates),
     )
     for r, row in enumerate(rank_rows):
-        node.unstable += [f"rank {r}: {reason}" for rule in MEASUREMENT_RULES if (reason := rule(row))]
+        node.unstable += [f"rank {r}: {reason}" for reason in measurement_reasons(row)]
     if solo is not None and solo.ok:
         node.solo_images_per_sec = solo.images_per_sec_per_gpu
         node.scaling_efficiency = mean / solo.images_per_sec_per_gpu
-        node.unstable += [f"alone: {reason}" for rule in MEASUREMENT_RULES if (reason := rule(solo))]
+        node.unstable += [f"alone: {reason}" for reason in measurement_reasons(solo)]
     elif solo is not None:
         node.notes.append(f"rank 0 alone failed: {solo.error}")
     if (max(rates) - min(rates)) / mean > SPREAD_LIMIT:
@@ -205,6 +205,11 @@ def above_ceiling(row: ProfileRow) -> str | None:
 MEASUREMENT_RULES = (not_settled, window_spread)
 
 
+def measurement_reasons(row: ProfileRow) -> list[str]:
+    """Why one process's measurement of `row` is not a result (MEASUREMENT_RULES); none for a failed row."""
+    return [reason for rule in MEASUREMENT_RULES if row.ok and (reason := rule(row))]
+
+
 def flag_unstable(rows: Sequence[ProfileRow], ceilings: dict[tuple, ProfileRow]) -> None:
     """Append each rule's reason to `row.unstable`. `ceilings`: ceiling key -> the model row it compares with;
     a data row whose ceiling is unstable cannot give a trustworthy ratio either."""
@@ -212,9 +217,8 @@ def flag_unstable(rows: Sequence[ProfileRow], ceilings: dict[tuple, ProfileRow])
         if not row.ok:
             continue
         # a node row's min-max is the range over ranks; its windows were judged rank by rank (combine)
-        rules = (ceiling_drift, above_ceiling) if row.ranks > 1 else MEASUREMENT_RULES + (ceiling_drift, above_ceiling)
-        for rule in rules:
-            reason = rule(row)
+        own = measurement_reasons(row) if row.ranks == 1 else []
+        for reason in (*own, ceiling_drift(row), above_ceiling(row)):
             if reason and reason not in row.unstable:
                 row.unstable.append(reason)
     for row in rows:

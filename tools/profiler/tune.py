@@ -35,7 +35,7 @@ from tools.profiler.gpu import GpuMonitor
 from tools.profiler.measure import Timing, Workload, cpu_split
 from tools.profiler.plan import ProfileConfig, Sweep, check_sweep
 from tools.profiler.report import describe_corpus, describe_machine
-from tools.profiler.row import CEILING_MARGIN, DRIFT_LIMIT, MEASUREMENT_RULES
+from tools.profiler.row import CEILING_MARGIN, DRIFT_LIMIT, measurement_reasons
 from tools.profiler.sweep import Session, augment_keywords, default_threads, ranks_of
 
 TARGET = 0.98  # e2e / ceiling that counts as "the GPU is fed"
@@ -287,8 +287,7 @@ def run_tune(
         row = session.row(config, [session.measure(config)])
         figure = f"{row.images_per_sec_per_gpu:.0f} img/s/GPU" if row.ok else row.error
         say(f"tune: {config.label()}: {figure}", file=sys.stderr)
-        unstable = row.unstable if row.ranks > 1 else [
-            why for rule in MEASUREMENT_RULES if row.ok and (why := rule(row))]  # node rows were judged per rank
+        unstable = row.unstable if row.ranks > 1 else measurement_reasons(row)  # node rows were judged per rank
         return row.images_per_sec_per_gpu, row.error, unstable
 
     max_threads = max_threads or default_threads(ranks)
