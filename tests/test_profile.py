@@ -16,8 +16,8 @@ from PIL import Image
 
 from tools import profiler
 from tools.cli import main as cli_main
-from tools.profiler.corpus import describe_corpus
-from tools.profiler.run import cpu_split
+from tools.profiler.measure import cpu_split
+from tools.profiler.report import describe_corpus
 
 # tiny_imagenet's train split (tests/conftest.py): 5 classes x 12 images, 8 samples per shard
 TRAIN_IMAGES, TRAIN_CLASSES, TRAIN_SHARDS = 60, 5, 8
@@ -302,10 +302,10 @@ def test_augment_is_a_sweep_axis_of_the_data_backends(tiny_shards, tmp_path, cap
 
 def test_nproc_checks_out_and_tune_json_before_any_rank_starts(tmp_path, capsys, monkeypatch):
     """Raised in rank 0 alone, the other ranks would wait in a collective until torchrun gave up."""
-    import tools.profiler.node as node
+    import tools.profiler.sweep as sweep
 
     launched = []
-    monkeypatch.setattr(node, "launch", lambda nproc, argv: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda nproc, argv: launched.append(argv) or 0)
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     assert cli_main(["profile", str(tmp_path), "--out", str(blocked), "--nproc", "2"]) == 2

@@ -7,16 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools.profiler import run as run_module
-from tools.profiler.counters import cpu_seconds_delta
+from tools.profiler import measure as measure_module
 from tools.profiler.gpu import GpuMonitor
-from tools.profiler.measure import Measurement, SingleProcess, Timing, Window, measure
-from tools.profiler.node import combine
+from tools.profiler.measure import Measurement, SingleProcess, Timing, Window, Workload, cpu_seconds_delta, measure
 from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, with_cpu_model_threads
-from tools.profiler.ratios import add_ratios, threads_needed
 from tools.profiler.report import Report
-from tools.profiler.row import ProfileRow, summarise
-from tools.profiler.run import Workload
+from tools.profiler.row import ProfileRow, add_ratios, combine, summarise, threads_needed
 from tools.profiler.sweep import Session, schedule
 
 CPU = torch.device("cpu")
@@ -206,9 +202,9 @@ def test_a_drifting_ceiling_is_flagged_not_printed_as_a_result(monkeypatch):
     clock = FakeClock()
     slowdown = lambda now: 2.0 if now < 16.0 else 1.0  # noqa: E731 - faster once the first ceiling is measured
     loader_seconds = {"synthetic": 0.0, "pytorch": 0.05}
-    monkeypatch.setattr(run_module, "build_loader", lambda config, workload: FakeLoader(
+    monkeypatch.setattr(measure_module, "build_loader", lambda config, workload: FakeLoader(
         fake_batches(clock, lambda now: loader_seconds[config.backend])))
-    monkeypatch.setattr(run_module, "build_step", lambda config, arch, num_classes, device: fake_step(
+    monkeypatch.setattr(measure_module, "build_step", lambda config, arch, num_classes, device: fake_step(
         clock, lambda now: 1.0 * slowdown(now)))
     session = Session(SingleProcess(), Workload("unused", "train", "resnet18", 10), CPU,
                       Timing(steps=6, duration=None, windows=3, warmup=2, max_warmup=0.0), GpuMonitor(CPU), clock)

@@ -10,9 +10,8 @@ import shutil
 import pytest
 
 from tools.cli import main as cli_main
-from tools.profiler.autotune import tune
 from tools.profiler.measure import Timing
-from tools.profiler.tune import NOISE, Setting, search
+from tools.profiler.tune import NOISE, Setting, search, tune
 from training import tuning
 from training.config import ConfigError, build_config
 

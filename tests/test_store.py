@@ -194,7 +194,7 @@ def test_verify_decode_on_the_store(converted, s3_env, capsys):
 
 
 def test_profiler_describes_the_corpus_in_the_store(converted, s3_env):
-    from tools.profiler.corpus import describe_corpus
+    from tools.profiler.report import describe_corpus
 
     remote, local = describe_corpus(URL, "train"), describe_corpus(converted, "train")
     assert remote.pop("shards_dir") == URL and local.pop("shards_dir") == str(converted.resolve())

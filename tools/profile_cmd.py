@@ -12,11 +12,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.augment import POLICIES
-from pipeline.constants import HW_DECODER_LOAD
 from shards.process import environment_place, under_torchrun
 from tools.profiler.measure import DEFAULT_DURATION, DEFAULT_MAX_WARMUP, DEFAULT_WARMUP, DEFAULT_WINDOWS
-from tools.profiler.plan import MODES
+from tools.profiler.plan import AXES, LOADER_AXES, STEP_AXES
 from tools.profiler.tune import DEFAULT_MAX_TRIALS, DEFAULT_TIME_BUDGET, TARGET
 
 
@@ -33,17 +31,12 @@ def comma_list(convert: Callable[[str], Any]) -> Callable[[str], list]:
     return parse
 
 
-def on_off(text: str) -> bool:
-    """`--compile off,on`: on/off, true/false, 1/0."""
-    value = text.lower()
-    if value in ("on", "true", "1", "yes"):
-        return True
-    if value in ("off", "false", "0", "no"):
-        return False
-    raise ValueError(text)
-
-
-on_off.__name__ = "on/off"
+def add_axis_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """One comma-list flag per axis (tools/profiler/plan.py), into `args.<its Sweep field>`."""
+    for name in names:
+        a = AXES[name]
+        parser.add_argument(a.flag, dest=a.sweep, metavar=a.metavar, type=comma_list(a.parse),
+                            default=None if a.default is None else list(a.default), help=a.help)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,33 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("shards", help="shard folder or s3://BUCKET/PREFIX holding <split>.manifest.json and its "
                                        "shards")
     parser.add_argument("--out", required=True, help="folder for report.json/.md/.png (or tune.json with --tune)")
-    parser.add_argument("--modes", metavar="MODE[,MODE]", type=comma_list(str), default=list(MODES),
-                        help="any of loader,model,e2e (default: all three)")
-    parser.add_argument("--backends", metavar="BACKEND[,...]", type=comma_list(str),
-                        help="data backends: dali-gpu,dali-cpu,pytorch (default: dali-gpu,pytorch; "
-                             "dali-cpu,pytorch without a GPU)")
-    parser.add_argument("--batch-size", metavar="N[,N...]", type=comma_list(int), default=[256],
-                        help="images per step per GPU (default 256)")
-    parser.add_argument("--image-size", metavar="PX[,PX...]", type=comma_list(int), default=[224],
-                        help="pixels (default 224)")
-    parser.add_argument("--threads", metavar="N[,N...]", type=comma_list(int),
-                        help="DALI CPU threads / pytorch DataLoader workers (default: CPU cores per GPU)")
-    parser.add_argument("--hw-decoder-load", metavar="X[,X...]", type=comma_list(float),
-                        default=[HW_DECODER_LOAD],
-                        help=f"dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default {HW_DECODER_LOAD})")
-    parser.add_argument("--prefetch", metavar="N[,N...]", type=comma_list(int), default=[None],
-                        help="batches prefetched: DALI queue depth, per worker for pytorch (default: the backend's)")
-    parser.add_argument("--augment", metavar="POLICY[,...]", type=comma_list(str), default=[None],
-                        help=f"data backends: augmentation policies to sweep, any of {','.join(POLICIES)} "
-                             "(default: the loaders' default, rrc-flip, and no augment column)")
+    # the sweep's axes: the frame (modes, backends, batch and image size), the loader's, then the step's
+    add_axis_flags(parser, tuple(name for name, a in AXES.items() if a.scope is None) + LOADER_AXES)
     parser.add_argument("--randaugment-n", type=int, metavar="N", help="--augment randaugment: ops per image")
     parser.add_argument("--randaugment-m", type=int, metavar="M", help="--augment randaugment: magnitude bin")
     parser.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
                         help="probability of erasing a box per image, on top of every --augment policy")
-    parser.add_argument("--precision", metavar="P[,P...]", type=comma_list(str), default=["bf16"],
-                        help="bf16,fp16,fp32 (default bf16)")
-    parser.add_argument("--compile", metavar="off[,on]", type=comma_list(on_off), default=[False],
-                        help="torch.compile off,on (default off)")
+    add_axis_flags(parser, STEP_AXES)
     parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--split", default="train", help="split to read (default train)")
     bound = parser.add_mutually_exclusive_group()
@@ -116,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc: an integer >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and not under_torchrun():
-        from tools.profiler.autotune import check_tune_files
-        from tools.profiler.node import launch
         from tools.profiler.report import Report
+        from tools.profiler.sweep import launch
+        from tools.profiler.tune import check_tune_files
 
         # Here, before any rank starts: raised in rank 0 alone, the others would wait in a collective for it
         Report.prepare(args.out)
@@ -131,13 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from tools.profiler import profile
 
     report = profile(
-        args.shards, out_dir=args.out, modes=args.modes, backends=args.backends, batch_sizes=args.batch_size,
-        image_sizes=args.image_size, threads=args.threads, hw_decoder_loads=args.hw_decoder_load,
-        prefetch_depths=args.prefetch, augments=args.augment, randaugment_n=args.randaugment_n,
-        randaugment_m=args.randaugment_m, random_erasing=args.random_erasing, precisions=args.precision,
-        compile_modes=args.compile, arch=args.arch,
-        split=args.split, steps=args.steps, duration=args.duration, warmup=args.warmup, max_warmup=args.max_warmup,
-        windows=args.windows, progress=not args.no_progress,
+        args.shards, out_dir=args.out, **{a.sweep: getattr(args, a.sweep) for a in AXES.values()},
+        randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m, random_erasing=args.random_erasing,
+        arch=args.arch, split=args.split, steps=args.steps, duration=args.duration, warmup=args.warmup,
+        max_warmup=args.max_warmup, windows=args.windows, progress=not args.no_progress,
     )
     if not main:
         return 0
@@ -163,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_tune(args: argparse.Namespace, *, main: bool) -> int:
     """--tune: one configuration (each list flag one value), the search, tune.json, the flags to train with."""
-    from tools.profiler.autotune import check_tune_files, tune, write_entry
     from tools.profiler.measure import Timing
     from tools.profiler.report import Report
     from tools.profiler.sweep import default_backends
+    from tools.profiler.tune import check_tune_files, tune, write_entry
 
     def one(flag: str, values: list) -> Any:
         if len(values) != 1:
@@ -174,12 +144,12 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
         return values[0]
 
     backend = one("--backends", args.backends or [default_backends()[0][0]])
-    settings = dict(arch=args.arch, batch_size=one("--batch-size", args.batch_size),
-                    image_size=one("--image-size", args.image_size), precision=one("--precision", args.precision),
-                    compile=one("--compile", args.compile), augment=one("--augment", args.augment) or "rrc-flip",
+    settings = dict(arch=args.arch, batch_size=one("--batch-size", args.batch_sizes),
+                    image_size=one("--image-size", args.image_sizes), precision=one("--precision", args.precisions),
+                    compile=one("--compile", args.compile_modes), augment=one("--augment", args.augments) or "rrc-flip",
                     randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m,
                     random_erasing=args.random_erasing)
-    for flag, given in (("--threads", args.threads is not None), ("--prefetch", args.prefetch != [None])):
+    for flag, given in (("--threads", args.threads is not None), ("--prefetch", args.prefetch_depths != [None])):
         if given:  # the search picks these; a value here was silently ignored
             raise ValueError(f"{flag}: --tune searches the loader threads and prefetch depth itself "
                              "(bound the threads with --max-threads)")

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if needs_tune(config):
         # 'auto' with no matching tune.json entry runs the profiler's short tune first: handed to train() from
         # here, the command-line layer, so training never imports tools
-        from tools.profiler.autotune import short_tune as run_tune
+        from tools.profiler.tune import short_tune as run_tune
     try:
         train(config, run_tune=run_tune)
     except Preempted as stop:

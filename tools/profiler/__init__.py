@@ -5,20 +5,15 @@
     e2e     the training step fed by each data backend: what training actually gets, and the share of the
             wall time the step loop spent waiting for data
 
-One module per job:
+One module per step of the data flow; one row's measurement reads in plan.py and measure.py:
 
-    plan.py       ProfileConfig, Sweep, plan_configs, check_sweep: what is measured
-    measure.py    Timing, measure: warm-up until steady, timed windows, one sync per window
-    counters.py   CPU seconds of this process and its workers ('CPU cores busy')
-    gpu.py        GpuMonitor: NVML utilisation and memory of this process's GPU, found by UUID / PCI bus id
-    run.py        run_config: build one configuration's loader and training step, measure, tear down
-    row.py        ProfileRow, summarise: one configuration's figures from its measured passes
-    stability.py  the rules that mark a row unstable instead of printing it as a result
-    ratios.py     vs ceiling, vs pytorch, threads needed
-    node.py       Ranks, combine, launch: node scale under torchrun (per-rank, mean, total, scaling)
-    sweep.py      profile(): the whole sweep, the ceiling measured before and after the rows it bounds
-    report.py     Report: report.json, report.md; plot.py: report.png
-    tune.py       tune(): the cheapest loader setting that feeds the ceiling, written to tune.json
+    plan.py     what to measure: ProfileConfig (each swept field declares its own axis), Sweep, plan_configs
+    measure.py  how one configuration is measured: build loader and step, warm up until steady, timed windows
+    gpu.py      GpuMonitor: NVML utilisation and memory of this process's GPU, found by UUID / PCI bus id
+    row.py      what a row is: ProfileRow from its passes (or ranks), the stability rules, the ratios
+    sweep.py    profile(): the whole sweep, the ceiling before and after its rows, node scale under torchrun
+    report.py   Report: report.json, report.md, report.png, and the corpus and machine they were measured on
+    tune.py     tune(): the cheapest loader setting that feeds the ceiling, written to tune.json
 
 Only ratios (against the model ceiling and against the `pytorch` backend) compare across machines.
 """

@@ -1,4 +1,6 @@
-"""Time one configuration: warm up until the step time is steady, then `windows` timed windows.
+"""How one configuration is measured: build its loader (and the trainer's own training step), warm up until the
+step time is steady, time `windows` windows, tear down. What failed is raised for the caller to turn into an
+error row (tools/profiler/sweep.py).
 
 Warm-up: at least `warmup` untimed steps (torch.compile compiles, DALI fills its queue), then warm-up
 windows of the timed windows' length until two consecutive ones agree on the step time within
@@ -12,18 +14,27 @@ torch.cuda.synchronize(), so the work queued in it is finished before its end ti
 Under several processes (node scale) every rank starts each window together: the agreement after each
 window (`Ranks.all_true`) is the barrier, and it is also how all ranks decide together that the warm-up is
 over, or that one rank failed and everyone stops (a rank that left early would hang the others).
+
+On the CPU a configuration's `model_threads` sets the model's intra-op threads: the cores the loader leaves
+(`cpu_split`, the trainer's own rule), so the ceiling and the e2e rows split the cores as `saturate train`.
+
+CPU seconds ('CPU cores busy') count this process and its worker processes. Live children are read one by
+one: the kernel adds a child's time to the parent's `children_*` counters only once it has been waited for,
+and DataLoader workers end at every epoch boundary.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tools.profiler.counters import cpu_seconds_delta, cpu_seconds_snapshot
 from tools.profiler.gpu import GpuMonitor
+from tools.profiler.plan import TRAINING_MODES, ProfileConfig
 
 DEFAULT_WINDOWS = 5  # timed windows per configuration
 DEFAULT_WARMUP = 20  # untimed steps at least, before the steady check
@@ -32,37 +43,8 @@ DEFAULT_MAX_WARMUP = 60.0  # seconds the steady check may take before the row is
 STEADY_TOLERANCE = 0.10  # consecutive warm-up windows whose step times differ by at most this fraction: steady
 #: (fastest - slowest window) / median above this: the windows disagree too much for one figure. A pass
 #: that spreads wider is measured once more (a stall from another process should not cost the row); a
-#: second wide spread stays, and the row is marked unstable (tools/profiler/stability.py).
+#: second wide spread stays, and the row is marked unstable (tools/profiler/row.py).
 SPREAD_LIMIT = 0.30
-
-
-def spread_share(rates: list[float]) -> float:
-    """(max - min) / median of window images/s; 0 for fewer than two windows."""
-    import statistics
-
-    return (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else 0.0
-
-
-class OtherRankFailed(RuntimeError):
-    """Another process of a node-scale profile failed; this one stopped with it (its row says which)."""
-
-
-def agreed(ranks: Any, run: Callable[[], tuple], *, flags: int = 0,
-           failed: str = "failed during this configuration") -> tuple:
-    """Run on this rank, then agree with all ranks: `run` returns (result, *flags) and each flag comes back
-    and-ed over every rank. A failure anywhere stops every rank (this rank re-raises its own error, the others
-    raise OtherRankFailed saying the other rank `failed`), so no rank waits in a collective for one that died."""
-    try:
-        result, *held = run()
-        error = None
-    except Exception as err:
-        result, held, error = None, [False] * flags, err
-    ok, *held = ranks.all_true(error is None, *held)
-    if error is not None:
-        raise error
-    if not ok:
-        raise OtherRankFailed(f"another rank {failed} (see its row)")
-    return (result, *held)
 
 
 @dataclass(frozen=True)
@@ -83,6 +65,18 @@ class Timing:
             return None
         n = min(self.windows, self.steps)
         return [self.steps // n + (1 if w < self.steps % n else 0) for w in range(n)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every configuration of a profile reads and trains."""
+
+    shards_dir: str | os.PathLike
+    split: str
+    arch: str
+    num_classes: int  # the corpus's, so the ceiling trains the same head as e2e
+    #: randaugment_n, randaugment_m, random_erasing for rows with an augmentation policy (build_loader's keywords)
+    augment_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,13 +112,103 @@ class Measurement:
     discarded: list[list[float]] = field(default_factory=list)  # images/s of windows measured again (spread)
 
 
-class SingleProcess:
-    """The Ranks of one process: every agreement is its own."""
+def run_config(
+    config: ProfileConfig,
+    *,
+    workload: Workload,
+    device: Any,
+    timing: Timing,
+    gpu_monitor: GpuMonitor,
+    ranks: Any = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Measurement:
+    """Build, measure, tear down (always). Under several ranks, all agree the build worked before timing."""
+    import torch
 
-    rank, world_size = 0, 1
+    ranks = ranks or SingleProcess()
+    loader = step = None
+    model_threads = torch.get_num_threads()
 
-    def all_true(self, *flags: bool) -> tuple[bool, ...]:
-        return tuple(bool(f) for f in flags)
+    def build() -> tuple:
+        nonlocal loader, step  # set as built, so that `finally` closes a loader whose step then failed to build
+        loader = build_loader(config, workload=workload)
+        if config.mode in TRAINING_MODES:
+            step = build_step(config, arch=workload.arch, num_classes=loader.num_classes, device=device)
+        return (None,)
+
+    try:
+        agreed(ranks, build, failed="failed to build this configuration")
+        if config.model_threads is not None:
+            torch.set_num_threads(config.model_threads)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return measure(endless(loader), step, device=device, timing=timing, gpu_monitor=gpu_monitor, ranks=ranks,
+                       clock=clock)
+    finally:
+        torch.set_num_threads(model_threads)
+        if loader is not None:
+            try:
+                loader.close()
+            except Exception as err:  # closing a loader that failed mid-epoch may fail again; keep the row
+                print(f"saturate profile: closing {config.label()} failed: {err}", file=sys.stderr)
+        step = loader = None  # drop the model, its optimizer state and the loader's buffers ...
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # ... so the next configuration's memory figures start from empty
+
+
+def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:
+    """The training pipeline (augmentation, shuffle) whichever split it reads: that is what feeds a step."""
+    from pipeline import build_loader as pipeline_loader
+
+    if config.backend == "synthetic":
+        # a long epoch so no epoch boundary lands in a window
+        return pipeline_loader(None, "train", train=True, batch_size=config.batch_size, image_size=config.image_size,
+                               backend="synthetic", num_classes=workload.num_classes,
+                               num_samples=config.batch_size * 10_000 * _world_size())
+    # the loader's axes pass straight through as build_loader keywords (tools/profiler/plan.py); an axis not set
+    # (None) leaves the loader's default. The policy's knobs go with a policy.
+    options = workload.augment_options if config.augment is not None else {}
+    return pipeline_loader(workload.shards_dir, workload.split, train=True, batch_size=config.batch_size,
+                           image_size=config.image_size, backend=config.backend, **config.loader_keywords(), **options)
+
+
+def _world_size() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def build_step(config: ProfileConfig, *, arch: str, num_classes: int, device: Any) -> Callable:
+    """The trainer's own TrainStep (same code as `saturate train`) on a fresh model. Not wrapped in DDP: the
+    ranks of a node-scale profile step independently, sharing the node's CPU cores, PCIe and memory."""
+    from training.model import build_model
+    from training.optim import build_optimizer
+    from training.step import TrainStep
+
+    model = build_model(arch, num_classes=num_classes, channels_last=True).to(device)
+    optimizer = build_optimizer(model, lr=0.1)
+    return TrainStep(model, optimizer, **config.step_keywords())  # the step's axes: precision, compile
+
+
+def endless(loader: Any) -> Iterator:
+    """Batches across epoch boundaries: a new iter() starts the next epoch (the boundary is timed too)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(f"the {getattr(loader, 'backend', '?')} loader yielded no batch in an epoch")
+
+
+def cpu_split(device: Any) -> Callable[[int], int] | None:
+    """loader threads -> the model's CPU threads, as `saturate train` splits the cores; None on a GPU, or
+    when $OMP_NUM_THREADS decides (the trainer leaves it alone then, too)."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    from training.train import cpu_model_threads
+
+    return cpu_model_threads
 
 
 def measure(
@@ -215,3 +299,92 @@ def measure(
 
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     return Measurement(windows, warm_steps, warmup_seconds, settled, peak, gpu_monitor.memory_used_gib(), discarded)
+
+
+def spread_share(rates: list[float]) -> float:
+    """(max - min) / median of window images/s; 0 for fewer than two windows."""
+    import statistics
+
+    return (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else 0.0
+
+
+class SingleProcess:
+    """The Ranks of one process: every agreement is its own."""
+
+    rank, world_size = 0, 1
+
+    def all_true(self, *flags: bool) -> tuple[bool, ...]:
+        return tuple(bool(f) for f in flags)
+
+
+class OtherRankFailed(RuntimeError):
+    """Another process of a node-scale profile failed; this one stopped with it (its row says which)."""
+
+
+def agreed(ranks: Any, run: Callable[[], tuple], *, flags: int = 0,
+           failed: str = "failed during this configuration") -> tuple:
+    """Run on this rank, then agree with all ranks: `run` returns (result, *flags) and each flag comes back
+    and-ed over every rank. A failure anywhere stops every rank (this rank re-raises its own error, the others
+    raise OtherRankFailed saying the other rank `failed`), so no rank waits in a collective for one that died."""
+    try:
+        result, *held = run()
+        error = None
+    except Exception as err:
+        result, held, error = None, [False] * flags, err
+    ok, *held = ranks.all_true(error is None, *held)
+    if error is not None:
+        raise error
+    if not ok:
+        raise OtherRankFailed(f"another rank {failed} (see its row)")
+    return (result, *held)
+
+
+# --- CPU seconds of this process and its workers -------------------------------------------------------
+#: Timed wall time below this many kernel clock ticks gives no CPU-busy figure (the quantisation error of
+#: process CPU times, counted in ticks, would be larger than the figure).
+CPU_TICKS_MEASURABLE = 20
+
+Snapshot = dict[int | str, float]  # "self", "reaped" or a child's pid -> CPU seconds
+
+
+def cpu_seconds_snapshot() -> Snapshot:
+    """CPU seconds (user + system) of this process, of each live descendant, and of descendants reaped."""
+    import psutil
+
+    me = psutil.Process()
+    times = me.cpu_times()
+    snapshot: Snapshot = {
+        "self": times.user + times.system,
+        "reaped": times.children_user + times.children_system,
+    }
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.Error:  # exited between listing and reading; its time shows up in "reaped"
+            continue
+        snapshot[child.pid] = t.user + t.system
+    return snapshot
+
+
+def cpu_seconds_delta(before: Snapshot, after: Snapshot) -> float:
+    """CPU seconds spent between two snapshots. A child born in between counts from zero. A child that ended
+    in between moved its whole lifetime into "reaped", so its time before the first snapshot is taken back
+    out (without this, DataLoader workers ending at an epoch boundary were counted twice)."""
+    spent = sum(seconds - before.get(key, 0.0) for key, seconds in after.items())
+    spent -= sum(seconds for key, seconds in before.items() if key not in after)
+    return max(spent, 0.0)
+
+
+def clock_tick() -> float:
+    """Seconds per kernel clock tick, the resolution of process CPU times (0.01 s on Linux)."""
+    try:
+        return 1.0 / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 0.01
+
+
+def cores_busy(cpu_seconds: float, wall_seconds: float) -> float | None:
+    """CPU seconds per wall second, or None when the wall time is too short for the tick resolution."""
+    if wall_seconds < CPU_TICKS_MEASURABLE * clock_tick():
+        return None
+    return cpu_seconds / wall_seconds

@@ -1,22 +1,44 @@
 """What a profile measures: one `ProfileConfig` per point of the sweep, and the sweep itself.
 
-Each axis multiplies only the configurations it changes (`AXES`): threads and prefetch depth the data
-backends, `hw_decoder_load` dali-gpu only, precision and compile the training step (model and e2e modes).
-The number of configurations is the product of the axes that matter, not of all of them.
+Each swept field of `ProfileConfig` declares its own axis in its field metadata (`axis(...)`, an `Axis`): the
+comma-list flag that sets it and its help, how one value is parsed and range-checked, the values swept by
+default, which configurations it changes (its scope), its label, and the keyword it is passed as. The rest
+is derived from those fields: `Sweep` (the values of every axis), `plan_configs`, `check_sweep`'s checks,
+`label()`, report.json's settings and rows, the table's columns (report.py), which pytorch row a row is
+compared with (row.py), the loader's and the training step's keywords (measure.py), `run_profile`'s keywords
+(sweep.py) and the command line's comma-list flags (tools/profile_cmd.py).
 
-A new loader axis is one field in `ProfileConfig` and `Sweep`, one line in `AXES`, one in `label()`, one
-keyword where `tools/profiler/run.py` builds the loader, and one comma-list flag in tools/profile_cmd.py; the
-augmentation policy (`--augment rrc-flip,randaugment`) was added that way.
+Each axis multiplies only the configurations it changes: threads, prefetch depth and the augmentation policy
+the data backends (scope DATA), `hw_decoder_load` dali-gpu only (DALI_GPU), precision and compile the training
+step of the model and e2e modes (TRAINING_STEP). The number of configurations is the product of the axes that
+matter, not of all of them. A configuration reads loader first, then step: labels, table columns, flags and
+the plan's loops take the loader's axes (in field order), then batch and image size, then the step's axes.
+
+A new axis is one edit: a field appended to `ProfileConfig` (positional construction keeps working), declared
+with `axis(...)`, whose arguments hold everything about it, its range check included (`valid=`/`expects=`, or
+`**one_of(NAMES)`). A loader axis (scope DATA or DALI_GPU) names its `pipeline.build_loader` keyword and is
+passed straight through; a step axis names its `training.step.TrainStep` keyword the same way. Two cases take
+a second edit: a rule across axes (a policy pytorch cannot run) is a check in `check_sweep`, and a step axis
+that is not a TrainStep keyword is used in measure.build_step. For example a shard-order axis of the loaders:
+
+    order: str | None = axis(
+        "--order", "orders", str, "ORDER[,...]", "data backends: sample or shard order (default: the loader's)",
+        default=(None,), **one_of(("sample", "shard"), none=True), scope=DATA, label="{}", keyword="order")
+
+Default `(None,)` means the loader's own default: no label, no value passed, and no table column unless a
+row sets one. `saturate profile --tune` searches threads, prefetch and hw_decoder_load only (tune.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+from typing import Any
 
 from pipeline.augment import DALI_ONLY, POLICIES  # light: pulls in neither torch nor DALI
+from pipeline.constants import HW_DECODER_LOAD
 from training.config import PRECISIONS
 
 MODES: tuple[str, ...] = ("loader", "model", "e2e")
@@ -24,73 +46,151 @@ TRAINING_MODES: tuple[str, ...] = ("model", "e2e")
 #: Backends that read the corpus; `synthetic` is the model mode's source, never profiled as a loader.
 DATA_BACKENDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "pytorch")
 
+#: An axis's scope: the (mode, backend) configurations it changes. Scopes DATA and DALI_GPU are the loader's
+#: axes, TRAINING_STEP the training step's; an axis without a scope is the plan's frame, set in every configuration.
+DATA, DALI_GPU, TRAINING_STEP = "data backends", "dali-gpu", "training step"
+SCOPES: dict[str, Callable[[str, str], bool]] = {
+    DATA: lambda mode, backend: backend in DATA_BACKENDS,
+    DALI_GPU: lambda mode, backend: backend == "dali-gpu",
+    TRAINING_STEP: lambda mode, backend: mode in TRAINING_MODES,
+}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """How one `ProfileConfig` field is swept: its field metadata (see the module docstring)."""
+
+    flag: str  # the comma-list flag that sets it
+    sweep: str  # its `Sweep` field: report.json's settings key, run_profile's keyword
+    parse: Callable[[str], Any]  # one item of the comma list; a ValueError names the flag (its __name__ says what)
+    metavar: str
+    help: str
+    default: tuple | None  # values swept when not given; None: tools/profiler/sweep.py picks this machine's
+    valid: Callable[[Any], bool]  # one value's range check ...
+    expects: str  # ... in words: `--threads: integers >= 1, got [0]`
+    scope: str | None = None  # a key of SCOPES; None: the frame (mode, backend, batch size, image size)
+    label: str = ""  # label() format of a value; None and False are not labelled
+    keyword: str | None = None  # the build_loader (loader axes) or TrainStep (step axes) keyword
+    column: str | None = None  # the report table's column; None: the field's name
+
+    @property
+    def optional(self) -> bool:
+        """Not swept unless asked: the loader's own default, and the table shows no column for it then."""
+        return self.default == (None,)
+
+
+def axis(flag: str, sweep: str, parse: Callable[[str], Any], metavar: str, help: str,  # noqa: A002 - argparse's
+         **options: Any) -> Any:
+    """A `ProfileConfig` field swept by `flag`. Frame fields are given for every configuration; the other
+    axes are None where they do not apply."""
+    spec = Axis(flag, sweep, parse, metavar, help, **options)
+    return field(metadata={"axis": spec}) if spec.scope is None else field(default=None, metadata={"axis": spec})
+
+
+def one_of(names: Sequence[str], *, none: bool = False, also: str = "") -> dict[str, Any]:
+    """`valid` and `expects` of an axis whose values are names (None too when `none`: the loader's default)."""
+    return {"valid": lambda value: (none and value is None) or value in names,
+            "expects": f"choose from {', '.join(names)}{also}"}
+
+
+def on_off(text: str) -> bool:
+    """`--compile off,on`: on/off, true/false, 1/0."""
+    value = text.lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
+on_off.__name__ = "on/off"  # argparse's message: "'maybe' is not a comma list of on/off"
+
+
+def whole(unit: str = "", *, none: bool = False) -> dict[str, Any]:
+    """`valid` and `expects` of an axis whose values are counts, integers >= 1 (None too when `none`)."""
+    return {"valid": lambda n: (none and n is None) or (isinstance(n, int) and n >= 1),
+            "expects": f"integers >= 1{unit}"}
+
 
 @dataclass(frozen=True)
 class ProfileConfig:
     """One point of the sweep. Axes that do not apply to the mode/backend are None (printed `-`)."""
 
-    mode: str  # loader | model | e2e
-    backend: str  # dali-gpu | dali-cpu | pytorch | synthetic (model mode)
-    batch_size: int  # images per step per GPU
-    image_size: int  # pixels, side of the square the model sees
-    threads: int | None = None  # DALI CPU threads or DataLoader worker processes; None for synthetic
-    hw_decoder_load: float | None = None  # dali-gpu only: share of JPEGs sent to the hardware decoder
-    precision: str | None = None  # training modes only
-    compile: bool | None = None  # training modes only
-    prefetch: int | None = None  # batches prefetched (DALI queue depth, per-worker for pytorch); None: default
-    model_threads: int | None = None  # model on the CPU only: its intra-op threads (`with_cpu_model_threads`)
-    augment: str | None = None  # data backends: the augmentation policy (pipeline.augment); None: the default
+    mode: str = axis(
+        "--modes", "modes", str, "MODE[,MODE]", "any of loader,model,e2e (default: all three)",
+        default=MODES, **one_of(MODES))
+    backend: str = axis(  # a data backend, or synthetic (the model mode)
+        "--backends", "backends", str, "BACKEND[,...]",
+        "data backends: dali-gpu,dali-cpu,pytorch (default: dali-gpu,pytorch; dali-cpu,pytorch without a GPU)",
+        default=None, **one_of(DATA_BACKENDS, also=" (synthetic is the model mode)"))
+    batch_size: int = axis(  # images per step per GPU
+        "--batch-size", "batch_sizes", int, "N[,N...]", "images per step per GPU (default 256)",
+        default=(256,), **whole())
+    image_size: int = axis(  # pixels, side of the square the model sees
+        "--image-size", "image_sizes", int, "PX[,PX...]", "pixels (default 224)",
+        default=(224,), **whole(" (pixels)"))
+    threads: int | None = axis(  # DALI CPU threads or DataLoader worker processes
+        "--threads", "threads", int, "N[,N...]",
+        "DALI CPU threads / pytorch DataLoader workers (default: CPU cores per GPU)",
+        default=None, **whole(), scope=DATA, label="t{}", keyword="num_threads")
+    hw_decoder_load: float | None = axis(  # share of JPEGs sent to the hardware decoder
+        "--hw-decoder-load", "hw_decoder_loads", float, "X[,X...]",
+        f"dali-gpu only: share of JPEGs for the hardware decoder, 0-1 (default {HW_DECODER_LOAD})",
+        default=(HW_DECODER_LOAD,), valid=lambda x: 0.0 <= x <= 1.0, expects="fractions in [0, 1]",
+        scope=DALI_GPU, label="hw{:g}", keyword="hw_decoder_load", column="hw_load")
+    precision: str | None = axis(
+        "--precision", "precisions", str, "P[,P...]", "bf16,fp16,fp32 (default bf16)",
+        default=("bf16",), **one_of(PRECISIONS), scope=TRAINING_STEP, label="{}", keyword="precision")
+    compile: bool | None = axis(
+        "--compile", "compile_modes", on_off, "off[,on]", "torch.compile off,on (default off)",
+        default=(False,), valid=lambda on: on in (False, True), expects="off or on",
+        scope=TRAINING_STEP, label="compile", keyword="compile")
+    prefetch: int | None = axis(  # batches prefetched (DALI queue depth, per worker for pytorch)
+        "--prefetch", "prefetch_depths", int, "N[,N...]",
+        "batches prefetched: DALI queue depth, per worker for pytorch (default: the backend's)",
+        default=(None,), **whole(" (batches)", none=True), scope=DATA, label="pf{}", keyword="prefetch_depth")
+    #: model on the CPU only: its intra-op threads (`with_cpu_model_threads`); planned, not swept
+    model_threads: int | None = None
+    augment: str | None = axis(  # the augmentation policy (pipeline.augment)
+        "--augment", "augments", str, "POLICY[,...]",
+        f"data backends: augmentation policies to sweep, any of {','.join(POLICIES)} "
+        "(default: the loaders' default, rrc-flip, and no augment column)",
+        default=(None,), **one_of(POLICIES, none=True), scope=DATA, label="{}", keyword="augment")
 
     def label(self) -> str:
         """Short human label of the swept axes, e.g. `dali-gpu t8 hw0.65 bs256 224px bf16 compile`."""
-        parts = [self.backend]
-        if self.threads is not None:
-            parts.append(f"t{self.threads}")
-        if self.hw_decoder_load is not None:
-            parts.append(f"hw{self.hw_decoder_load:g}")
-        if self.prefetch is not None:
-            parts.append(f"pf{self.prefetch}")
-        if self.augment is not None:
-            parts.append(self.augment)
-        parts += [f"bs{self.batch_size}", f"{self.image_size}px"]
-        if self.precision is not None:
-            parts.append(self.precision)
-        if self.compile:
-            parts.append("compile")
-        if self.model_threads is not None:
-            parts.append(f"mt{self.model_threads}")
-        return " ".join(parts)
+        def labels(names: tuple[str, ...]) -> list[str]:
+            values = [(AXES[name], getattr(self, name)) for name in names]
+            return [a.label.format(value) for a, value in values if value is not None and value is not False]
+
+        threads = [] if self.model_threads is None else [f"mt{self.model_threads}"]
+        return " ".join([self.backend, *labels(LOADER_AXES), f"bs{self.batch_size}", f"{self.image_size}px",
+                         *labels(STEP_AXES), *threads])
 
     def ceiling_key(self) -> tuple:
         """What the model ceiling of this row depends on: batch, image size and, for training rows, the step."""
-        return self.batch_size, self.image_size, self.precision, self.compile
+        return self.batch_size, self.image_size, *(getattr(self, name) for name in STEP_AXES)
+
+    def loader_keywords(self) -> dict[str, Any]:
+        """The `pipeline.build_loader` keywords of the loader's axes this configuration sets."""
+        return {AXES[name].keyword: getattr(self, name) for name in LOADER_AXES if getattr(self, name) is not None}
+
+    def step_keywords(self) -> dict[str, Any]:
+        """The `training.step.TrainStep` keywords of the step's axes this configuration sets."""
+        return {AXES[name].keyword: getattr(self, name) for name in STEP_AXES if getattr(self, name) is not None}
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """Every axis of a profile, as the lists to sweep (the command line's comma lists)."""
+#: Field name -> its Axis, in field order.
+AXES: dict[str, Axis] = {f.name: f.metadata["axis"] for f in fields(ProfileConfig) if "axis" in f.metadata}
+#: The loader's axes and the training step's, each in field order: the order of labels, columns and flags.
+LOADER_AXES: tuple[str, ...] = tuple(name for name, a in AXES.items() if a.scope in (DATA, DALI_GPU))
+STEP_AXES: tuple[str, ...] = tuple(name for name, a in AXES.items() if a.scope == TRAINING_STEP)
 
-    modes: tuple[str, ...]
-    backends: tuple[str, ...]
-    batch_sizes: tuple[int, ...]
-    image_sizes: tuple[int, ...]
-    threads: tuple[int, ...]
-    hw_decoder_loads: tuple[float, ...]
-    precisions: tuple[str, ...]
-    compile_modes: tuple[bool, ...]
-    prefetch_depths: tuple[int | None, ...] = (None,)
-    augments: tuple[str | None, ...] = (None,)
-
-
-#: Sweep field -> (ProfileConfig field, does this axis change the (mode, backend) configuration?)
-AXES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
-    "threads": ("threads", lambda mode, backend: backend in DATA_BACKENDS),
-    "hw_decoder_loads": ("hw_decoder_load", lambda mode, backend: backend == "dali-gpu"),
-    "prefetch_depths": ("prefetch", lambda mode, backend: backend in DATA_BACKENDS),
-    "augments": ("augment", lambda mode, backend: backend in DATA_BACKENDS),
-    "precisions": ("precision", lambda mode, backend: mode in TRAINING_MODES),
-    "compile_modes": ("compile", lambda mode, backend: mode in TRAINING_MODES),
-}
+#: Every axis of a profile as the values to sweep (the command line's comma lists): one tuple per axis, named
+#: by its `Axis.sweep`, in ProfileConfig's field order; keyword-only, defaults from the axes.
+Sweep = make_dataclass(
+    "Sweep", [(a.sweep, tuple, field() if a.default is None else field(default=a.default)) for a in AXES.values()],
+    frozen=True, kw_only=True, namespace={"__module__": __name__, "__doc__": "The values of every axis to sweep."})
 
 
 def plan_configs(sweep: Sweep) -> list[ProfileConfig]:
@@ -101,12 +201,10 @@ def plan_configs(sweep: Sweep) -> list[ProfileConfig]:
             if mode not in sweep.modes:
                 continue
             for backend in ("synthetic",) if mode == "model" else sweep.backends:
-                base = ProfileConfig(mode, backend, batch_size, image_size)
-                applied = [(field, getattr(sweep, name)) for name, (field, applies) in AXES.items()
-                           if applies(mode, backend)]
-                for values in itertools.product(*(v for _, v in applied)):
-                    configs.append(replace(base, **{field: value for (field, _), value in
-                                                    zip(applied, values, strict=True)}))
+                applied = [name for name in LOADER_AXES + STEP_AXES if SCOPES[AXES[name].scope](mode, backend)]
+                for values in itertools.product(*(getattr(sweep, AXES[name].sweep) for name in applied)):
+                    configs.append(ProfileConfig(mode, backend, batch_size, image_size,
+                                                 **dict(zip(applied, values, strict=True))))
     return configs
 
 
@@ -128,12 +226,6 @@ def with_cpu_model_threads(configs: list[ProfileConfig], split: Callable[[int], 
     return out
 
 
-#: Sweep field -> the flag that sets it, for messages.
-FLAGS = {"modes": "--modes", "backends": "--backends", "batch_sizes": "--batch-size", "image_sizes": "--image-size",
-         "threads": "--threads", "hw_decoder_loads": "--hw-decoder-load", "precisions": "--precision",
-         "compile_modes": "--compile", "prefetch_depths": "--prefetch", "augments": "--augment"}
-
-
 def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warmup: int, windows: int,
                 max_warmup: float = 0.0) -> None:
     """Reject a bad sweep before anything is built; each message names the flag to fix."""
@@ -141,31 +233,17 @@ def check_sweep(sweep: Sweep, *, steps: int | None, duration: float | None, warm
         if not condition:
             raise ValueError(message)
 
-    s = sweep
-    for name, flag in FLAGS.items():  # `--threads 4,4` would measure one configuration twice as two rows
-        values = list(getattr(s, name))
-        need(len(set(values)) == len(values), f"{flag}: each value once, got {values}")
-    need(bool(s.modes) and set(s.modes) <= set(MODES), f"--modes: choose from {', '.join(MODES)}, got {list(s.modes)}")
-    need(set(s.backends) <= set(DATA_BACKENDS),
-         f"--backends: choose from {', '.join(DATA_BACKENDS)} (synthetic is the model mode), got {list(s.backends)}")
-    need(bool(s.backends) or set(s.modes) == {"model"}, "--backends: none given")
-    need(bool(s.batch_sizes) and all(isinstance(b, int) and b >= 1 for b in s.batch_sizes),
-         f"--batch-size: integers >= 1, got {list(s.batch_sizes)}")
-    need(bool(s.image_sizes) and all(isinstance(p, int) and p >= 1 for p in s.image_sizes),
-         f"--image-size: integers >= 1 (pixels), got {list(s.image_sizes)}")
-    need(bool(s.threads) and all(isinstance(n, int) and n >= 1 for n in s.threads),
-         f"--threads: integers >= 1, got {list(s.threads)}")
-    need(bool(s.hw_decoder_loads) and all(0.0 <= x <= 1.0 for x in s.hw_decoder_loads),
-         f"--hw-decoder-load: fractions in [0, 1], got {list(s.hw_decoder_loads)}")
-    need(bool(s.prefetch_depths) and all(p is None or (isinstance(p, int) and p >= 1) for p in s.prefetch_depths),
-         f"--prefetch: integers >= 1 (batches), got {list(s.prefetch_depths)}")
-    need(bool(s.augments) and all(a is None or a in POLICIES for a in s.augments),
-         f"--augment: choose from {', '.join(POLICIES)}, got {list(s.augments)}")
-    for policy in set(s.augments) & set(DALI_ONLY):  # a sweep row must never run a stand-in policy
-        need("pytorch" not in s.backends, f"--augment: {policy} runs on dali-gpu/dali-cpu only "
+    swept = [(a, list(getattr(sweep, a.sweep))) for a in AXES.values()]
+    for a, values in swept:  # `--threads 4,4` would measure one configuration twice as two rows
+        need(len(set(values)) == len(values), f"{a.flag}: each value once, got {values}")
+    for a, values in swept:
+        if a.sweep == "backends" and not values:  # the model mode alone reads no corpus
+            need(set(sweep.modes) == {"model"}, "--backends: none given")
+        else:
+            need(bool(values) and all(a.valid(v) for v in values), f"{a.flag}: {a.expects}, got {values}")
+    for policy in set(sweep.augments) & set(DALI_ONLY):  # a sweep row must never run a stand-in policy
+        need("pytorch" not in sweep.backends, f"--augment: {policy} runs on dali-gpu/dali-cpu only "
              f"({DALI_ONLY[policy].split(';')[0]}); profile it without pytorch in --backends")
-    need(bool(s.precisions) and set(s.precisions) <= set(PRECISIONS),
-         f"--precision: choose from {', '.join(PRECISIONS)}, got {list(s.precisions)}")
     need(steps is None or duration is None, "give --steps or --duration, not both")
     need(steps is None or steps >= 1, f"--steps: an integer >= 1, got {steps}")
     # finite: `--duration inf` would time one window for ever, and NaN passes every comparison

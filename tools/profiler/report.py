@@ -1,21 +1,30 @@
-"""The report: report.json (every figure, null where not measurable), report.md (corpus, machine, the table)
-and report.png (tools/profiler/plot.py).
+"""The report: report.json (every figure, null where not measurable), report.md (corpus, machine, the table),
+report.png (`plot_report`), and what the figures were measured on (`describe_corpus`, `describe_machine`).
 
-An unstable row (tools/profiler/stability.py) keeps its figures in parentheses and says why in its note:
-it is shown, never presented as a result.
+An unstable row (tools/profiler/row.py) keeps its figures in parentheses and says why in its note: it is
+shown, never presented as a result. Absolute images/s only compare between equal corpora and machines.
+
+report.png: one panel per mode that reads data (loader, e2e), a bar per configuration coloured by backend
+with the slowest and fastest window as whiskers, and the model ceiling as a dashed line per batch/image
+size. Unstable rows are hatched, pale and labelled `unstable`; failed rows say `error`. Model-only profiles
+get bars of their own.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
+import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.profiler.row import ProfileRow
+from tools.profiler.plan import AXES, LOADER_AXES, STEP_AXES
+from tools.profiler.row import ProfileRow, fastest_model_rows
 
 NA = "n/a"
 LEGEND = ("img/s/GPU: median over timed windows (min-max beside it). data wait: share of the e2e wall time the "
@@ -48,23 +57,23 @@ class Report:
 
     def table_markdown(self) -> str:
         """The side-by-side table: one line per configuration, `n/a` where a figure cannot be measured."""
-        prefetch = any(row.config.prefetch is not None for row in self.rows)
-        augment = any(row.config.augment is not None for row in self.rows)
+        # an axis's column (tools/profiler/plan.py): always, unless the axis is optional and no row sets it
+        loader, step = ([name for name in names if not AXES[name].optional
+                         or any(getattr(row.config, name) is not None for row in self.rows)]
+                        for names in (LOADER_AXES, STEP_AXES))
         cpu_model = any(row.config.model_threads is not None for row in self.rows)
         node = self.ranks > 1
-        head = ["mode", "backend", "threads", "hw_load", *(["prefetch"] if prefetch else []),
-                *(["augment"] if augment else []), "batch", "px",
-                "precision", "compile", *(["model threads"] if cpu_model else []), "img/s/GPU", "min-max",
+        head = ["mode", "backend", *(AXES[name].column or name for name in loader), "batch", "px",
+                *(AXES[name].column or name for name in step), *(["model threads"] if cpu_model else []),
+                "img/s/GPU", "min-max",
                 *(["total", "alone", "scaling"] if node else []),
                 "step ms", "data wait", "CPU cores", "GPU util", "GPU mem GiB", "vs ceiling", "vs pytorch",
                 "threads needed", "note"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             c = row.config
-            cells = [c.mode, c.backend, _axis(c.threads), _axis(c.hw_decoder_load),
-                     *([_axis(c.prefetch)] if prefetch else []), *([_axis(c.augment)] if augment else []),
-                     str(c.batch_size), str(c.image_size),
-                     _axis(c.precision), _axis(None if c.compile is None else ("on" if c.compile else "off")),
+            cells = [c.mode, c.backend, *(_axis(getattr(c, name)) for name in loader), str(c.batch_size),
+                     str(c.image_size), *(_axis(getattr(c, name)) for name in step),
                      *([_axis(c.model_threads)] if cpu_model else [])]
             if not row.ok:
                 cells += [""] * (len(head) - len(cells) - 1) + ["ERROR: " + _cell(row.error)]
@@ -135,7 +144,6 @@ class Report:
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write report.json, report.md and report.png into `out_dir` (created); returns their paths."""
         from shards.process import atomic_write
-        from tools.profiler.plot import plot_report
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +160,12 @@ def _result(text: str, *, stable: bool) -> str:
 
 
 def _axis(value: Any) -> str:
-    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    """An axis's cell: `-` where it does not apply, on/off for a switch."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _cell(text: str) -> str:
@@ -165,3 +178,147 @@ def _fmt(value: Any, spec: str = "{}", *, missing: str = NA) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return NA
     return spec.format(value)
+
+
+# --- report.png -----------------------------------------------------------------------------------------
+BACKEND_COLOURS = {"dali-gpu": "tab:green", "dali-cpu": "tab:olive", "pytorch": "tab:blue", "synthetic": "tab:gray"}
+PANEL_TITLES = {"loader": "loader alone", "e2e": "training step fed by the loader",
+                "model": "training step on synthetic data (ceiling)"}
+
+
+def plot_report(report: Report, path: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in ("loader", "e2e") if any(r.config.mode == m for r in report.rows)] or ["model"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.6 * len(report.rows) + 3), 3.6 * len(panels)),
+                             squeeze=False)
+    ceilings = fastest_model_rows(report.rows)  # (batch, px) -> the fastest model row
+    for ax, mode in zip(axes[:, 0], panels, strict=True):
+        rows = [r for r in report.rows if r.config.mode == mode]
+        values = [r.images_per_sec_per_gpu if r.ok else 0.0 for r in rows]
+        # whiskers: the slowest and fastest timed window (node scale: rank) around the median bar
+        spread = [[v - r.images_per_sec_min if r.ok else 0.0 for v, r in zip(values, rows, strict=True)],
+                  [r.images_per_sec_max - v if r.ok else 0.0 for v, r in zip(values, rows, strict=True)]]
+        bars = ax.bar(range(len(rows)), values, color=[BACKEND_COLOURS.get(r.config.backend, "tab:purple")
+                                                       for r in rows], yerr=spread, capsize=3, ecolor="0.3")
+        for x, (bar, r) in enumerate(zip(bars, rows, strict=True)):
+            if not r.ok:
+                ax.text(x, 0, "error", rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
+            elif r.unstable:
+                bar.set_alpha(0.35)
+                bar.set_hatch("//")
+                ax.text(x, bar.get_height() / 2, "unstable", rotation=90, ha="center", va="center", fontsize=8,
+                        color="tab:red", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        if mode != "model":
+            for (batch_size, image_size), ceiling in ceilings.items():
+                style = "--" if not ceiling.unstable else ":"
+                ax.axhline(ceiling.images_per_sec_per_gpu, color="black", linestyle=style, linewidth=1)
+                ax.text(len(rows) - 0.5, ceiling.images_per_sec_per_gpu,
+                        f" ceiling bs{batch_size} {image_size}px: {ceiling.images_per_sec_per_gpu:.0f}"
+                        + (" (unstable)" if ceiling.unstable else ""), va="bottom", ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r.config.label() for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("images/s per GPU")
+        ax.set_title(PANEL_TITLES[mode])
+        top = [r.images_per_sec_max for r in rows if r.ok]
+        ax.set_ylim(0, max([*top, *(c.images_per_sec_per_gpu for c in ceilings.values()), 1.0]) * 1.15)
+    machine = report.machine
+    ranks = f", {report.ranks} ranks" if report.ranks > 1 else ""
+    fig.suptitle(f"{report.settings.get('arch')} on {machine.get('gpu') or 'CPU'}, "
+                 f"{machine.get('cpu_usable')} CPU cores{ranks}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- what was measured on ------------------------------------------------------------------------------
+RESOLUTION_SAMPLE = 256  # images whose JPEG header is read to describe the corpus resolution
+
+
+def describe_corpus(shards_dir: str | os.PathLike, split: str, *, sample: int = RESOLUTION_SAMPLE) -> dict:
+    """Images, classes, mean JPEG size (exact, from the DALI indexes) and mean resolution (JPEG headers of
+    `sample` images spread evenly over the split; headers only, nothing is decoded)."""
+    from PIL import Image
+
+    from shards.schema import IMAGE_EXT, load_manifest, parse_index, shard_files
+    from shards.store import open_store
+
+    store = open_store(shards_dir)  # a folder or an s3:// URL: indexes and JPEG headers are read through it
+    manifest = load_manifest(store, split)
+    shard_files(store, manifest)  # every tar and index present and matching its record (errors name the file)
+    members: list[tuple[str, int, int]] = []  # (tar name, offset, size) of every image, bytes
+    for record in manifest.shards:
+        for sample_members in parse_index(store.read_text(record.index), store.url(record.index)):
+            members += [(record.name, m.offset, m.size) for m in sample_members if m.ext == IMAGE_EXT]
+    if not members:
+        raise ValueError(f"{shards_dir}: the {split} indexes list no .{IMAGE_EXT} member")
+    chosen = [members[i * len(members) // min(sample, len(members))] for i in range(min(sample, len(members)))]
+    widths, heights = [], []
+    for tar, offset, size in chosen:
+        raw = store.read_bytes(tar, offset=offset, length=size)
+        try:
+            with Image.open(io.BytesIO(raw)) as image:
+                widths.append(image.width)
+                heights.append(image.height)
+        except Exception as err:
+            raise ValueError(f"{store.url(tar)}: the JPEG at byte {offset} has an unreadable header ({err})") from err
+    sizes = [size for _, _, size in members]
+    return {
+        "shards_dir": store.resolved(),
+        "split": split,
+        "images": manifest.num_samples,
+        "num_classes": manifest.num_classes,
+        "shards": len(manifest.shards),
+        "total_gb": sum(s.bytes for s in manifest.shards) / 1e9,
+        "mean_jpeg_kb": statistics.fmean(sizes) / 1e3,
+        "mean_width_px": statistics.fmean(widths),
+        "mean_height_px": statistics.fmean(heights),
+        "mean_megapixels": statistics.fmean(w * h for w, h in zip(widths, heights, strict=True)) / 1e6,
+        "resolution_sample": len(chosen),
+    }
+
+
+def describe_machine() -> dict:
+    """What makes figures from two machines comparable or not: GPU, driver, CPU, library versions."""
+    import PIL
+    import torch
+    from PIL import features
+
+    from training.tuning import machine_key
+
+    try:
+        import nvidia.dali as dali
+
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = None
+    driver = None
+    if torch.cuda.is_available():
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+        except Exception:  # NVML missing: the driver stays n/a rather than failing the profile
+            driver = None
+    key = machine_key()
+    return {
+        "gpu": key["gpu"],
+        "gpu_count": key["gpu_count"],
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "cpu": key["cpu"],
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": key["cpu_usable"],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dali": dali_version,
+        "pillow": PIL.__version__,
+        # Pillow-SIMD publishes versions like 9.0.0.post1; libjpeg-turbo is what makes plain Pillow decode fast
+        "pillow_simd": ".post" in PIL.__version__,
+        "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+    }

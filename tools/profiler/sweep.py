@@ -7,6 +7,14 @@ are pooled, and when they disagree the ceiling and every e2e row compared with i
 
 A configuration that fails (no GPU for dali-gpu, a loader that raises, out of memory) becomes an error row
 holding the message; the profile goes on.
+
+Node scale: under torchrun every rank measures the same configuration at the same time. The question is
+images/s per GPU when every GPU of the node trains at once: N loaders then share the node's CPU cores, PCIe
+and memory bandwidth, and a loader that fed one GPU can starve eight. Each configuration is measured twice:
+rank 0 alone while the others wait (the one-process figure of the same run), then all ranks together, every
+window started together (row.combine makes the node row). Rank 0 writes the report. `Ranks` is the few
+collectives the profiler needs: agreement (a barrier that also carries flags), and gathering each rank's
+results; `launch` starts the ranks for `--nproc`.
 """
 
 from __future__ import annotations
@@ -15,10 +23,9 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.constants import HW_DECODER_LOAD
 from tools.profiler.gpu import GpuMonitor
 from tools.profiler.measure import (
     DEFAULT_DURATION,
@@ -28,21 +35,13 @@ from tools.profiler.measure import (
     Measurement,
     SingleProcess,
     Timing,
+    Workload,
+    cpu_split,
+    run_config,
 )
-from tools.profiler.node import combine, ranks_of
-from tools.profiler.plan import (
-    MODES,
-    ProfileConfig,
-    Sweep,
-    check_sweep,
-    plan_configs,
-    sweep_dict,
-    with_cpu_model_threads,
-)
-from tools.profiler.ratios import add_ratios
-from tools.profiler.report import Report
-from tools.profiler.row import ProfileRow, summarise
-from tools.profiler.run import Workload, cpu_split, run_config
+from tools.profiler.plan import ProfileConfig, Sweep, check_sweep, plan_configs, sweep_dict, with_cpu_model_threads
+from tools.profiler.report import Report, describe_corpus, describe_machine
+from tools.profiler.row import ProfileRow, add_ratios, combine, summarise
 
 Outcome = Measurement | str  # a measured pass, or "<ExceptionType>: message"
 
@@ -64,7 +63,7 @@ def schedule(configs: Sequence[ProfileConfig]) -> list[tuple[ProfileConfig, int]
 class Session:
     """What every configuration of one profile (or tune) shares: ranks, corpus and model, device, timing."""
 
-    ranks: Any  # node.Ranks or measure.SingleProcess
+    ranks: Any  # Ranks or measure.SingleProcess
     workload: Workload
     device: Any
     timing: Timing
@@ -131,19 +130,9 @@ def run_profile(
     *,
     info: Any,
     out_dir: str | os.PathLike | None = None,
-    modes: Sequence[str] = MODES,
-    backends: Sequence[str] | None = None,
-    batch_sizes: Sequence[int] = (256,),
-    image_sizes: Sequence[int] = (224,),
-    threads: Sequence[int] | None = None,
-    hw_decoder_loads: Sequence[float] = (HW_DECODER_LOAD,),
-    prefetch_depths: Sequence[int | None] = (None,),
-    augments: Sequence[str | None] = (None,),
     randaugment_n: int | None = None,
     randaugment_m: int | None = None,
     random_erasing: float = 0.0,
-    precisions: Sequence[str] = ("bf16",),
-    compile_modes: Sequence[bool] = (False,),
     arch: str = "resnet50",
     split: str = "train",
     steps: int | None = None,
@@ -152,41 +141,42 @@ def run_profile(
     windows: int = DEFAULT_WINDOWS,
     max_warmup: float = DEFAULT_MAX_WARMUP,
     progress: bool = True,
+    **axes: Sequence | None,
 ) -> Report:
-    """backends: data backends for the loader and e2e modes; None picks `default_backends()`.
-    threads: CPU threads (DALI) / worker processes (pytorch) to sweep; None is `default_threads()`.
+    """axes: the values to sweep, one keyword per `Sweep` field (modes, backends, batch_sizes, image_sizes,
+    threads, hw_decoder_loads, precisions, compile_modes, prefetch_depths, augments: tools/profiler/plan.py);
+    an axis not given (or None) sweeps its default. backends None: `default_backends()`, the data backends for
+    the loader and e2e modes; threads None: `default_threads()`, CPU threads (DALI) / worker processes (pytorch).
     steps / duration: timed work per configuration, in steps or seconds (split over `windows` windows);
     neither means DEFAULT_DURATION seconds. warmup: untimed steps at least; max_warmup: seconds the
-    steady-step-time check may add (0: off). augments: augmentation policies to sweep for the data backends
-    (None: the loader's default); randaugment_n/m and random_erasing apply to every row with a policy."""
+    steady-step-time check may add (0: off). randaugment_n/m and random_erasing apply to every row with an
+    augmentation policy (`augments`; None: the loader's default)."""
     ranks = ranks_of(info)
     main = ranks.rank == 0
     notes: list[str] = []
-    if backends is None:
-        backends, note = default_backends()
+    given = {name: tuple(values) for name, values in axes.items() if values is not None}
+    if "backends" not in given:
+        given["backends"], note = default_backends()
         if note:
             notes.append(note)
             if progress and main:  # said before the long run starts; the CLI's summary repeats report.notes
                 print(f"saturate profile: note: {note}", file=sys.stderr)
-    threads = (default_threads(ranks),) if threads is None else tuple(threads)
+    given.setdefault("threads", (default_threads(ranks),))
     if steps is None and duration is None:
         duration = DEFAULT_DURATION
     augment_options = augment_keywords(randaugment_n=randaugment_n, randaugment_m=randaugment_m,
                                        random_erasing=random_erasing)
-    if tuple(augments) == (None,) and augment_options:  # --random-erasing alone: on top of the default policy
-        augments = ("rrc-flip",)
-    sweep = Sweep(tuple(modes), tuple(backends), tuple(batch_sizes), tuple(image_sizes), tuple(threads),
-                  tuple(hw_decoder_loads), tuple(precisions), tuple(compile_modes), tuple(prefetch_depths),
-                  tuple(augments))
+    sweep = Sweep(**given)
+    if sweep.augments == (None,) and augment_options:  # --random-erasing alone: on top of the default policy
+        sweep = replace(sweep, augments=("rrc-flip",))
     check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows, max_warmup=max_warmup)
     from tqdm import tqdm
 
     from shards.schema import check_split_name
-    from tools.profiler.corpus import describe_corpus, describe_machine
     from training.model import is_classifier
 
     check_split_name(split, "--split")
-    if {"model", "e2e"} & set(modes) and not is_classifier(arch):
+    if {"model", "e2e"} & set(sweep.modes) and not is_classifier(arch):
         # checked once here rather than as one error row per training configuration
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
     corpus = describe_corpus(shards_dir, split)
@@ -252,3 +242,49 @@ def run_notes(device: Any, ranks: Any, monitor: GpuMonitor) -> list[str]:
         notes.append(f"{ranks.world_size} ranks ({ranks.local_world_size} per node) measured each configuration "
                      "together; rank 0 also measured it alone")
     return notes
+
+
+# --- node scale -----------------------------------------------------------------------------------------
+class Ranks:
+    """The processes of this profile's process group (torchrun sets it up; training.dist starts it)."""
+
+    def __init__(self, *, rank: int, world_size: int, local_world_size: int, device: Any) -> None:
+        self.rank, self.world_size, self.local_world_size = rank, world_size, local_world_size
+        self._device = device  # NCCL reduces device tensors, gloo host tensors
+
+    def all_true(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag and-ed over all ranks, in one all-reduce: also the barrier every window starts from."""
+        import torch
+        import torch.distributed as tdist
+
+        values = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self._device)
+        tdist.all_reduce(values, op=tdist.ReduceOp.MIN)
+        return tuple(bool(v) for v in values.tolist())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (small picklable objects only)."""
+        import torch.distributed as tdist
+
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+
+def ranks_of(info: Any) -> Ranks | SingleProcess:
+    """Ranks for the process group training.dist.init() started; a SingleProcess without one."""
+    from shards.process import processes_per_node
+
+    if info.world_size <= 1:
+        return SingleProcess()
+    return Ranks(rank=info.rank, world_size=info.world_size, local_world_size=processes_per_node(),
+                 device=info.device)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `saturate <argv>` as `nproc` processes on this node under torchrun; returns their exit status."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "tools.cli", *argv]
+    print("saturate profile: launching " + " ".join(command[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(command)
