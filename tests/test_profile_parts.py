@@ -53,6 +53,12 @@ def test_plan_multiplies_only_the_axes_that_apply():
                                                         ("loader", "randaugment"), ("e2e", "rrc-flip"),
                                                         ("e2e", "randaugment")]
     assert policies[2].label() == "dali-cpu t2 randaugment bs256 224px"
+    # data order: an axis of the data backends, passed to build_loader as `order`
+    orders = plan_configs(sweep(modes=("model", "loader"), backends=("pytorch",), threads=(2,),
+                                orders=("sample", "shard"), precisions=("bf16",), compile_modes=(False,)))
+    assert [(c.mode, c.order) for c in orders] == [("model", None), ("loader", "sample"), ("loader", "shard")]
+    assert orders[2].label() == "pytorch t2 shard bs256 224px"
+    assert orders[2].loader_keywords() == {"num_threads": 2, "order": "shard"}
 
 
 def test_schedule_measures_the_ceiling_before_and_after_its_data_rows():

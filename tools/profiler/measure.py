@@ -159,23 +159,18 @@ def run_config(
 def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:
     """The training pipeline (augmentation, shuffle) whichever split it reads: that is what feeds a step."""
     from pipeline import build_loader as pipeline_loader
+    from shards.process import job_place
 
     if config.backend == "synthetic":
         # a long epoch so no epoch boundary lands in a window
         return pipeline_loader(None, "train", train=True, batch_size=config.batch_size, image_size=config.image_size,
                                backend="synthetic", num_classes=workload.num_classes,
-                               num_samples=config.batch_size * 10_000 * _world_size())
+                               num_samples=config.batch_size * 10_000 * job_place()[0].world_size)
     # the loader's axes pass straight through as build_loader keywords (tools/profiler/plan.py); an axis not set
     # (None) leaves the loader's default. The policy's knobs go with a policy.
     options = workload.augment_options if config.augment is not None else {}
     return pipeline_loader(workload.shards_dir, workload.split, train=True, batch_size=config.batch_size,
                            image_size=config.image_size, backend=config.backend, **config.loader_keywords(), **options)
-
-
-def _world_size() -> int:
-    import torch.distributed as tdist
-
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
 def build_step(config: ProfileConfig, *, arch: str, num_classes: int, device: Any) -> Callable:

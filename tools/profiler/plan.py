@@ -19,11 +19,12 @@ with `axis(...)`, whose arguments hold everything about it, its range check incl
 `**one_of(NAMES)`). A loader axis (scope DATA or DALI_GPU) names its `pipeline.build_loader` keyword and is
 passed straight through; a step axis names its `training.step.TrainStep` keyword the same way. Two cases take
 a second edit: a rule across axes (a policy pytorch cannot run) is a check in `check_sweep`, and a step axis
-that is not a TrainStep keyword is used in measure.build_step. For example a shard-order axis of the loaders:
+that is not a TrainStep keyword is used in measure.build_step. The data-order axis (`--order sample,shard`)
+was added that way, as this one field:
 
     order: str | None = axis(
-        "--order", "orders", str, "ORDER[,...]", "data backends: sample or shard order (default: the loader's)",
-        default=(None,), **one_of(("sample", "shard"), none=True), scope=DATA, label="{}", keyword="order")
+        "--order", "orders", str, "ORDER[,...]", "data backends: data orders to sweep, ...",
+        default=(None,), **one_of(ORDERS, none=True), scope=DATA, label="{}", keyword="order")
 
 Default `(None,)` means the loader's own default: no label, no value passed, and no table column unless a
 row sets one. `saturate profile --tune` searches threads, prefetch and hw_decoder_load only (tune.py).
@@ -39,6 +40,7 @@ from typing import Any
 
 from pipeline.augment import DALI_ONLY, POLICIES  # light: pulls in neither torch nor DALI
 from pipeline.constants import HW_DECODER_LOAD
+from pipeline.order import DEFAULT_ORDER, ORDERS
 from training.config import PRECISIONS
 
 MODES: tuple[str, ...] = ("loader", "model", "e2e")
@@ -156,6 +158,11 @@ class ProfileConfig:
         f"data backends: augmentation policies to sweep, any of {','.join(POLICIES)} "
         "(default: the loaders' default, rrc-flip, and no augment column)",
         default=(None,), **one_of(POLICIES, none=True), scope=DATA, label="{}", keyword="augment")
+    order: str | None = axis(  # the train data order (pipeline.order)
+        "--order", "orders", str, "ORDER[,...]",
+        f"data backends: data orders to sweep, any of {','.join(ORDERS)} (default: the loaders' default, "
+        f"{DEFAULT_ORDER}, and no order column)",
+        default=(None,), **one_of(ORDERS, none=True), scope=DATA, label="{}", keyword="order")
 
     def label(self) -> str:
         """Short human label of the swept axes, e.g. `dali-gpu t8 hw0.65 bs256 224px bf16 compile`."""
