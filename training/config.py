@@ -29,6 +29,7 @@ from pipeline.augment import (  # light: the pipeline imports DALI only when a l
 )
 from pipeline.base import BACKENDS, LoaderOptionError, check_loader_knobs
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
+from pipeline.order import DEFAULT_ORDER, ORDERS
 from shards.schema import SPLIT_PATTERN
 from shards.store import is_store_url, open_store
 
@@ -60,6 +61,10 @@ class TrainConfig:
     image_size: int = _opt(224, "training crop side in pixels (the final size when progressive resizing)")
     val_image_size: int | None = _opt(None, "validation crop side in pixels (default: --image-size)")
     crop_area: tuple[float, float] = _opt(CROP_AREA, "random-resized-crop area range, fraction of the image")
+    order: str = _opt(DEFAULT_ORDER, "train data order: sample (a fresh sample-level order every epoch; a resume "
+                      "continues mid-epoch on any process count with the same global batch) or shard (the shard "
+                      "order reshuffled every epoch plus a shuffle buffer per rank: the cheapest reads; resumes "
+                      "mid-epoch only on the same processes, backend and threads)")
     num_threads: int | str = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers), or 'auto': "
                                   "from a matching tune.json (`saturate profile --tune`), else a short tune first",
                                   auto=True)
@@ -128,6 +133,8 @@ class TrainConfig:
     resume: str | None = _opt(None, "'auto' (latest in RUN_DIR/checkpoints, if any) or a checkpoint path")
     evaluate_only: bool = _opt(False, "evaluate --resume or --pretrained weights on val and exit")
     progress: bool = _opt(True, "tqdm bar per epoch on rank 0")
+    log_sample_keys: bool = _opt(False, "write the sample keys of every micro-batch to RUN_DIR/sample_keys/"
+                                 "rank-NNN.jsonl (an audit of the data order; copies the keys to the host each step)")
 
     # --- derived values ---------------------------------------------------------------------------------
     def per_process_batch(self, world_size: int) -> int:
@@ -276,6 +283,7 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
             elif isinstance(value, int) and not isinstance(value, bool):
                 need(abs(value) < 2**62, f.name, "is out of range")
     need(c.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
+    need(c.order in ORDERS, "order", f"must be one of {', '.join(ORDERS)}")
     need(0 <= c.seed < 2**32, "seed", "must be in [0, 2**32)")
     need(c.image_size <= MAX_IMAGE_SIZE, "image_size", f"must be <= {MAX_IMAGE_SIZE} pixels")
     need(c.val_image_size is None or c.val_image_size <= MAX_IMAGE_SIZE, "val_image_size",
@@ -356,6 +364,18 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
         need(Path(c.resume).is_file(), "resume", "must be 'auto' or an existing checkpoint file")
 
 
+def process_counts(global_batch: int, grad_accum_steps: int, *, most: int = 12) -> str:
+    """Which process counts keep a global batch (each takes global_batch / (processes x accumulation) images
+    per micro-batch), in words: what a resume on another number of GPUs may use."""
+    if global_batch % grad_accum_steps:
+        return (f"it is not a multiple of --grad-accum-steps {grad_accum_steps} either, so no process count "
+                "keeps it")
+    per_step = global_batch // grad_accum_steps
+    counts = [n for n in range(1, per_step + 1) if per_step % n == 0]
+    shown = ", ".join(map(str, counts[:most])) + (f", ... ({len(counts)} in all)" if len(counts) > most else "")
+    return f"it runs on {shown} processes"
+
+
 def validate_environment(config: TrainConfig, *, world_size: int, cuda: bool) -> None:
     """Checks that depend on the machine and the process group (called once the group is up)."""
     from training.model import is_classifier
@@ -370,6 +390,7 @@ def validate_environment(config: TrainConfig, *, world_size: int, cuda: bool) ->
         raise ConfigError(
             f"--global-batch-size: {c.global_batch_size} is not divisible by the world size {world_size}"
             + (f" x --grad-accum-steps {c.grad_accum_steps}" if c.grad_accum_steps > 1 else "")
+            + f"; {process_counts(c.global_batch_size, c.grad_accum_steps)}"
         )
     if c.precision == "fp16" and not cuda:
         raise ConfigError("--precision: fp16 needs a CUDA GPU (fp16 autocast on CPU is not supported); "

@@ -19,9 +19,11 @@ def make_loader(cfg: TrainConfig, info: DistInfo, *, train: bool, image_size: in
     if cfg.backend == "synthetic":
         options["num_classes"] = cfg.num_classes or 1000
         options["num_samples"] = cfg.synthetic_samples if train else cfg.synthetic_val_samples
-    if train:  # the augmentation policy; val is never augmented
+    if train:  # the augmentation policy and the data order; val is never augmented and reads every sample once
         options.update(augment=cfg.augment, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                       random_erasing=cfg.random_erasing)
+                       random_erasing=cfg.random_erasing, order=cfg.order)
+        if cfg.log_sample_keys and cfg.backend != "synthetic":
+            options["with_keys"] = True
     return build_loader(
         cfg.data if cfg.backend != "synthetic" else None,
         cfg.train_split if train else cfg.val_split,

@@ -91,13 +91,7 @@ class MetricsLog:
     def drop_after(self, step: int) -> int:
         """Remove the records of steps after `step` (a resume from a checkpoint at `step` logs them again: a
         kill -9 after a log step left them behind); returns how many went."""
-        if not self.enabled or not self.path.is_file():
-            return 0
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            atomic_write(self.path, "".join(line + "\n" for line in kept))
-        return len(lines) - len(kept)
+        return drop_records_after(self.path, step) if self.enabled else 0
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -116,6 +110,49 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+class SampleKeyLog:
+    """RUN_DIR/sample_keys/rank-NNN.jsonl (`--log-sample-keys`): the sample keys of every micro-batch this rank
+    trained on, one JSON object each ({"epoch", "step", "micro", "keys"}), so which samples made each global
+    batch can be checked afterwards, on any number of processes. Each rank writes its own file."""
+
+    FOLDER = "sample_keys"
+
+    def __init__(self, run_dir: str | os.PathLike, *, rank: int) -> None:
+        self.path = Path(run_dir) / self.FOLDER / f"rank-{rank:03d}.jsonl"
+        self._file = None
+
+    def write(self, *, epoch: int, step: int, micro: int, keys: list[str]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
+        self._file.write(json.dumps({"epoch": epoch, "step": step, "micro": micro, "keys": list(keys)}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @classmethod
+    def drop_after(cls, run_dir: str | os.PathLike, step: int) -> int:
+        """Remove every rank's records of steps after `step` (a resume from there trains them again); returns how
+        many went."""
+        folder = Path(run_dir) / cls.FOLDER
+        return sum(drop_records_after(path, step) for path in sorted(folder.glob("rank-*.jsonl")))
+
+
+def drop_records_after(path: str | os.PathLike, step: int) -> int:
+    """Remove the JSON-lines records of `path` whose "step" is above `step`, atomically; returns how many."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -5,42 +5,102 @@ run to stop; the loop checkpoints at the next point where every rank agrees, the
 The handler only sets a flag: the loop reads it between steps (a Python attribute, no host sync). One process
 stops after the step in flight; under DDP the ranks agree through the all-reduce of the next log step, so every
 rank saves at the same step (at most --log-every steps later).
+
+A stop signal that finds the loop waiting for a batch (`StopRequest.waiting`) and the wait lasting more than
+`stall_grace` seconds interrupts the wait (StopWaiting is raised in it): a store that stopped answering must not
+hold a preempted job until the scheduler's SIGKILL. A process alone (grace 0) then checkpoints at the last step
+it finished. Under DDP a wait that long is a stall (a healthy one takes milliseconds), and the other ranks may
+be inside a collective nobody can join, so the rank exits without a checkpoint and the run resumes from its last
+one. The wait must be interruptible by Python: the `pytorch` backend's is; DALI's happens inside DALI's C++ and
+ends when DALI's own reader gives up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+#: Seconds a data wait may outlast a stop signal under DDP before it counts as a stall (a healthy wait takes
+#: milliseconds; a pipeline starting an epoch, a few seconds).
+STALL_GRACE = 10.0  # seconds
 
 
 class Preempted(Exception):
     """The run stopped on a signal after writing a checkpoint; `exit_status` is 128 + the signal number."""
 
-    def __init__(self, signum: int, checkpoint: str | None, step: int) -> None:
+    def __init__(self, signum: int, checkpoint: str | None, step: int, *, why_none: str | None = None) -> None:
+        """`why_none`: no checkpoint was written, and why (the run continues from its last one)."""
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
         name = signal.Signals(signum).name
         where = f"checkpoint {checkpoint}" if checkpoint else "its checkpoint"
-        super().__init__(f"stopped by {name} at step {step} after writing {where}; "
-                         "run the same command with --resume auto to continue")
+        if why_none is not None:
+            super().__init__(f"stopped by {name} at step {step} without a checkpoint ({why_none}); run the same "
+                             "command with --resume auto to continue from the last checkpoint")
+        else:
+            super().__init__(f"stopped by {name} at step {step} after writing {where}; "
+                             "run the same command with --resume auto to continue")
 
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
 
 
-class StopRequest:
-    """Context manager: while active, STOP_SIGNALS set `signum` instead of killing the process."""
+class StopWaiting(Exception):
+    """A stop signal interrupted the loop's wait for data (see the module docstring)."""
 
-    def __init__(self) -> None:
+
+class StopRequest:
+    """Context manager: while active, STOP_SIGNALS set `signum` instead of killing the process. `stall_grace`:
+    seconds a data wait may go on after a stop signal before it is interrupted (see the module docstring)."""
+
+    def __init__(self, *, stall_grace: float = 0.0) -> None:
         self.signum: int | None = None
+        self.stall_grace = stall_grace
         self._previous: dict[int, object] = {}
+        self._waiting = False
+        self._expired = False  # the grace of the wait in progress ran out
+        self._timer: threading.Timer | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
+        if not self._waiting:
+            return
+        if self.stall_grace <= 0 or self._expired:
+            self._waiting = False  # raised once: the code that handles it may wait again (closing the loader)
+            raise StopWaiting(f"{signal.Signals(self.signum).name} while waiting for data")
+        self._start_timer()
+
+    def _start_timer(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.stall_grace, self._grace_over)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _grace_over(self) -> None:
+        """Timer thread: the wait outlived the grace; the stop signal goes to the main thread again, whose handler
+        now interrupts the wait."""
+        if self._waiting and self.signum is not None:
+            self._expired = True
+            signal.pthread_kill(threading.main_thread().ident, self.signum)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The loop waits for data inside this (a stop signal received before it counts from the wait's start)."""
+        self._waiting, self._expired = True, False
+        if self.signum is not None and self.stall_grace > 0:
+            self._start_timer()
+        try:
+            yield
+        finally:
+            self._waiting = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

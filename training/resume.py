@@ -2,7 +2,10 @@
 
 A checkpoint is refused (one line naming the flag) when continuing it would silently change the run: another
 architecture or class count, or another global batch (the peak LR and the schedule's length follow it).
-The loader position is restored only when the loader that wrote it is the loader this epoch needs (same
+In `sample` order (the default) the position inside an epoch is the samples the whole job consumed, so it
+continues on any process count, backend or loader thread count that keeps the global batch: the rest of the
+epoch is exactly the samples not yet seen (pipeline.order). In `shard` order, and when the order itself changed,
+the loader position is restored only when the loader that wrote it is the loader this epoch needs (same
 process count, crop size, backend, loader threads, micro-batch and augmentation policy); otherwise the
 epoch's data order restarts, and the run says so.
 """
@@ -26,8 +29,7 @@ class ResumePoint:
     step: int  # optimizer steps already taken
     step_in_epoch: int  # steps already taken in `epoch`
     loader_seed: int  # seed of the train loader of `epoch`
-    loader_state: dict | None  # this rank's saved loader position, or None to start the epoch's order afresh
-    steps_per_epoch: int | None  # the saved epoch length when `loader_state` is restored (it sets the schedule)
+    loader_state: dict | None  # the saved loader position to continue from, or None to start the epoch's order
 
 
 def load_checkpoint(cfg: TrainConfig, run_dir: Path, *, world_size: int, say: Callable[[str], None]) -> dict | None:
@@ -76,21 +78,30 @@ def resume_point(ckpt: dict | None, cfg: TrainConfig, *, rank: int, world_size: 
                  say: Callable[[str], None]) -> ResumePoint:
     """Where to continue: the checkpoint's epoch and step, and its loader position when it can be used."""
     if ckpt is None:
-        return ResumePoint(0, 0, 0, cfg.seed, None, None)
+        return ResumePoint(0, 0, 0, cfg.seed, None)
     epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+    states = ckpt["loader_states"]
+    same_processes = ckpt["world_size"] == world_size
+    saved_order = states[0].get("order", STATE_DEFAULTS["order"])
+    if cfg.order == "sample" and saved_order == "sample":
+        # the loader continues at the job's position, exactly when it is the loader that saved it (pipeline.base)
+        return ResumePoint(epoch, ckpt["step"], step_in_epoch, ckpt["loader_seed"],
+                           states[rank if same_processes else 0])
+    state = states[rank] if same_processes else {}
     saved = ckpt.get("config", {})
-    state = ckpt["loader_states"][rank] if ckpt["world_size"] == world_size else {}
     written = (ckpt["world_size"], ckpt["image_size"], saved.get("backend"), saved.get("num_threads"),
-               state.get("batch_size"), state.get("augment", STATE_DEFAULTS["augment"]))
+               state.get("batch_size"), state.get("augment", STATE_DEFAULTS["augment"]), saved_order)
     wanted = (world_size, cfg.image_size_at(epoch), cfg.backend, cfg.num_threads, cfg.per_process_batch(world_size),
-              cfg.augment_policy().spec)
+              cfg.augment_policy().spec, cfg.order)
     if written == wanted:
-        return ResumePoint(epoch, ckpt["step"], step_in_epoch, ckpt["loader_seed"], state, ckpt["steps_per_epoch"])
+        return ResumePoint(epoch, ckpt["step"], step_in_epoch, ckpt["loader_seed"], state)
     if step_in_epoch:
-        names = ("processes", "crop size", "--backend", "--num-threads", "micro-batch", "--augment")
+        names = ("processes", "crop size", "--backend", "--num-threads", "micro-batch", "--augment", "--order")
         changed = ", ".join(f"{n} {w} -> {x}" for n, w, x in zip(names, written, wanted, strict=True) if w != x)
-        say(f"warning: {ckpt['path']}: {changed} since the checkpoint; the data order of epoch {epoch} restarts")
-    return ResumePoint(epoch, ckpt["step"], step_in_epoch, cfg.seed + epoch, None, None)
+        say(f"warning: {ckpt['path']}: {changed} since the checkpoint; the data order of epoch {epoch} restarts"
+            + (" (--order sample continues mid-epoch on another topology)" if cfg.order == "shard" else ""))
+    # a loader started afresh at a later epoch gets a seed of its own, so the epoch's order is not epoch 0's
+    return ResumePoint(epoch, ckpt["step"], step_in_epoch, cfg.seed + epoch, None)
 
 
 def restore_scaler(scaler, saved: dict, *, say: Callable[[str], None]) -> None:

@@ -29,7 +29,7 @@ from training.config import ConfigError, TrainConfig, validate_environment
 from training.data import make_loader
 from training.ema import ema_weights
 from training.evaluate import evaluate_models, with_ema
-from training.metrics import MetricsLog, write_json
+from training.metrics import MetricsLog, SampleKeyLog, write_json
 from training.resume import load_checkpoint, resume_point
 from training.trainer import Trainer, eval_line, model_for_run, say_on_main
 from training.tuning import resolve_auto
@@ -98,14 +98,21 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
             # also when a requeued job's rank 0 runs on another node
             for stale in remove_stale_temporaries(run_dir / checkpoint.CHECKPOINT_DIR, foreign_after=600):
                 say(f"removed {stale}, left by a checkpoint write that was killed")
-            if ckpt is not None and not cfg.evaluate_only:
-                dropped = log.drop_after(ckpt["step"])
-                if dropped:
-                    say(f"metrics.jsonl: dropped {dropped} record(s) after step {ckpt['step']}, logged again now")
+            if not cfg.evaluate_only:
+                # records after the step this run starts from were left by a run that died before (or after) its
+                # last checkpoint: they are trained and logged again now. Also for a start from step 0 (a crash
+                # before the first checkpoint), else the log would hold the same steps twice.
+                start = ckpt["step"] if ckpt is not None else 0
+                for name, dropped in (("metrics.jsonl", log.drop_after(start)),
+                                      (SampleKeyLog.FOLDER, SampleKeyLog.drop_after(run_dir, start))):
+                    if dropped:
+                        say(f"{name}: dropped {dropped} record(s) after step {start} left by an earlier run; "
+                            "they are logged again now")
             write_json(cfg.to_dict(), run_dir / "config.json")
             say(f"config ({info.world_size} process(es), {info.device.type}):\n{cfg.to_json()}")
         if trainer is None:
             return evaluate_only(cfg, info, ckpt=ckpt, val_loader=val_loader, log=log, run_dir=run_dir, say=say)
+        dist.barrier()  # rank 0 has cleaned RUN_DIR's logs before any rank appends to them
         return trainer.fit()
     finally:
         val_loader.close()

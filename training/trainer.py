@@ -21,11 +21,19 @@ from training.config import ConfigError, TrainConfig
 from training.data import make_loader
 from training.ema import WeightEMA
 from training.evaluate import evaluate_models, with_ema
-from training.metrics import MetricsLog, ThroughputMeter, Window, plot_curves, read_metrics, write_json
+from training.metrics import (
+    MetricsLog,
+    SampleKeyLog,
+    ThroughputMeter,
+    Window,
+    plot_curves,
+    read_metrics,
+    write_json,
+)
 from training.mix import BatchMix
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
-from training.preempt import Preempted, StopRequest
+from training.preempt import STALL_GRACE, Preempted, StopRequest, StopWaiting
 from training.resume import ResumePoint, restore_scaler
 from training.step import TrainStep
 
@@ -84,12 +92,11 @@ class Trainer:
                 raise ConfigError(f"--data: class {index} is {got[0]} in {cfg.train_split} but {got[1]} in "
                                   f"{cfg.val_split} ({len(train_wnids)} and {len(val_wnids)} classes); convert "
                                   f"{cfg.val_split} with --classes {cfg.train_split}.manifest.json")
-            # len() of a loader resumed mid-epoch counts only the batches left in that epoch; the checkpoint
-            # remembers the full length (it sets the LR schedule, so it must not change on resume).
-            # Optimizer steps: the loader's micro-batches in groups of --grad-accum-steps (a remainder is read
-            # and not trained on, like the partial batch a train loader drops).
-            self.steps_per_epoch = (point.steps_per_epoch if point.loader_state
-                                    else len(self.train_loader) // self.accum)
+            # Optimizer steps: the loader's micro-batches of a whole epoch (also after a resume mid-epoch, when len()
+            # counts only those left) in groups of --grad-accum-steps (a remainder is read and not trained on, like
+            # the partial batch a train loader drops). In sample order that is len(split) // global batch on any
+            # number of processes, so the LR schedule does not move on a resume elsewhere.
+            self.steps_per_epoch = self.train_loader.batches_per_epoch // self.accum
             if self.steps_per_epoch == 0:
                 raise ConfigError(f"--batch-size: {self.batch} per process x --grad-accum-steps {self.accum} is "
                                   f"larger than this rank's {self.train_loader.num_samples} training samples")
@@ -128,12 +135,14 @@ class Trainer:
         self.best_ema = {"top1": -1.0, "top5": -1.0}
         self.last_eval: dict | None = None
         self.is_best = False  # the last evaluation beat every earlier one: the next checkpoint is best.pt
-        self.stop = StopRequest()
+        self.stop = StopRequest(stall_grace=STALL_GRACE if info.world_size > 1 else 0.0)
+        self.stalled: tuple[str, int] | None = None  # a stop interrupted a data wait: (why, micro-batch of the step)
         self.stop_agreed = False  # every rank knows a stop signal arrived: save and exit
         #: an evaluation that was due when a stop signal ended the run (fractional epoch); the resumed run runs it
         #: first, with the same weights, so no epoch's result is lost to a preemption
         self.pending_eval: float | None = None
         self.last_checkpoint_time = time.monotonic()
+        self.sample_keys = SampleKeyLog(run_dir, rank=info.rank) if cfg.log_sample_keys else None
 
     def restore(self, ckpt: dict) -> None:
         """Continue `ckpt` (checked by training.resume.load_checkpoint): weights, optimizer, schedule, loss scale,
@@ -176,25 +185,32 @@ class Trainer:
                      f"{self.accum} and are not trained on")
         with self.stop:
             try:
-                if self.pending_eval is not None:  # the evaluation a stop signal postponed
+                if self.pending_eval is not None:  # the evaluation a stop signal (or a failure) left owed
                     self.run_eval(self.pending_eval)
                     self.save()
                 while self.step < self.max_steps and self.epoch < cfg.epochs:
                     finished = self.train_epoch()
+                    if self.stalled is not None:
+                        self.stop_during_stall()
                     if finished:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     last = self.step >= self.max_steps or self.epoch >= cfg.epochs
-                    if last or (finished and self.epoch % cfg.eval_every == 0):
-                        at = self.epoch if finished else self.epoch + self.step_in_epoch / self.steps_per_epoch
-                        if self.stop_agreed:  # no time for it now: the checkpoint says it is owed
-                            self.pending_eval = at
-                        else:
-                            self.run_eval(at)
+                    due = last or (finished and self.epoch % cfg.eval_every == 0)
+                    if due:  # the checkpoint below says it is owed until it has run
+                        self.pending_eval = self.epoch if finished else (
+                            self.epoch + self.step_in_epoch / self.steps_per_epoch)
+                    # written before the evaluation: an evaluation that fails (a store gone away) cannot cost the
+                    # epoch's steps; the resumed run evaluates first
                     path = self.save()
+                    if due and not self.stop_agreed:  # a stop leaves it owed: no time for it now
+                        self.run_eval(self.pending_eval)
+                        path = self.save()  # again, with the result (best.pt follows it)
                     if self.stop_agreed:
                         raise Preempted(self.stop.signum or 15, str(path) if path else None, self.step)
             finally:
                 self.train_loader.close()
+                if self.sample_keys is not None:
+                    self.sample_keys.close()
         return self.finish(time.perf_counter() - start_time)
 
     def train_epoch(self) -> bool:
@@ -202,9 +218,14 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch
         size = cfg.image_size_at(epoch)
         if size != self.train_image_size:  # progressive resizing: a new loader at the new crop size
+            # sample order: the new loader continues the old one's epochs (its state, at this epoch's start);
+            # shard order cannot start a later epoch, so its loader gets a seed of its own
+            state = self.train_loader.state_dict() if cfg.order == "sample" else None
             self.train_loader.close()
-            self.train_image_size, self.train_loader_seed = size, cfg.seed + epoch
-            self.train_loader = make_loader(cfg, self.info, train=True, image_size=size, seed=self.train_loader_seed)
+            self.train_image_size = size
+            self.train_loader_seed = self.train_loader_seed if state is not None else cfg.seed + epoch
+            self.train_loader = make_loader(cfg, self.info, train=True, image_size=size, seed=self.train_loader_seed,
+                                            state=state)
             self.meter.reset_warmup()  # cudnn.benchmark re-tunes, torch.compile may recompile
             self.say(f"epoch {epoch}: training crop {size} px")
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", unit="step",
@@ -213,20 +234,28 @@ class Trainer:
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         loss_sum = torch.zeros((), device=self.device)
         while self.step_in_epoch < self.steps_per_epoch and self.step < self.max_steps:
-            for _ in range(self.accum):  # micro-batches; the last one also steps the optimizer
+            for micro in range(self.accum):  # micro-batches; the last one also steps the optimizer
                 # Data wait = host time blocked in next(): no batch was ready. On a GPU the host runs ahead of
                 # the device, so while the loader keeps up this is ~0 even though kernels are still queued;
                 # when it does not, the GPU drains its queue and idles for about this long. Summed over the
                 # window and divided by the window's wall time (which ends at the sync below) it is the share
                 # of training time lost to input.
                 t = time.perf_counter()
-                batch = next(batches, None)
+                try:
+                    with self.stop.waiting():  # a stop signal during a stall interrupts the wait
+                        batch = next(batches, None)
+                except StopWaiting as stop:
+                    self.stalled = (str(stop), micro)
+                    bar.close()
+                    return False
                 data_wait += time.perf_counter() - t
                 if batch is None:
                     break
                 images = batch[0].to(self.device, non_blocking=True)  # no-op when the loader is on-device
                 labels = batch[1].to(self.device, non_blocking=True)
                 loss_sum += self.train_step(images, labels)  # stays on the device: no sync
+                if self.sample_keys is not None and len(batch) > 2:  # --log-sample-keys: keys are host strings
+                    self.sample_keys.write(epoch=epoch, step=self.step + 1, micro=micro, keys=batch[2])
             if batch is None:  # the loader ended its epoch early (not expected: train drops only the tail)
                 self.say(f"warning: the train loader ended epoch {epoch} after {self.step_in_epoch} of "
                          f"{self.steps_per_epoch} steps")
@@ -296,6 +325,22 @@ class Trainer:
             f"step {record['step_time_ms']:.1f} ms | data wait {100 * record['data_wait_share']:.1f}%"
         )
         return save_flag > 0, stop_flag > 0
+
+    def stop_during_stall(self) -> None:
+        """A stop signal interrupted a wait for data (training.preempt): a process alone checkpoints at the last
+        step it finished, when it is not half-way through a group of --grad-accum-steps micro-batches (the
+        loader's position would be inside the step); else the run ends without one."""
+        why, micro = self.stalled
+        self.say(f"{why}: the loader did not deliver (step {self.step + 1} of epoch {self.epoch})")
+        signum = self.stop.signum or 15
+        if self.info.world_size > 1:
+            raise Preempted(signum, None, self.step, why_none="the other ranks may wait in a collective this rank "
+                            "cannot join")
+        if micro > 0:
+            raise Preempted(signum, None, self.step, why_none=f"{micro} of the step's --grad-accum-steps "
+                            "micro-batches were already read")
+        path = self.save()  # the loader's position is the step's start: the wait gave it nothing
+        raise Preempted(signum, str(path) if path else None, self.step)
 
     def run_eval(self, epoch: float) -> dict:
         """The model on the whole val split, and its EMA when there is one (keys prefixed `ema_`), in one pass
