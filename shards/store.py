@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from shards.process import atomic_open, atomic_write
+from shards.request_log import count_requests
 
 #: A streamed read that breaks (connection dropped, server gone) is resumed from the byte it reached, at most
 #: this many times, waiting RETRY_BACKOFF * 2**attempt seconds between tries; then it fails naming the URL.
@@ -144,6 +145,21 @@ class Store:
         """A sequential binary stream over `name` (what tarfile's stream mode and webdataset read)."""
         raise NotImplementedError
 
+    def open_range(self, name: str, offset: int, length: int) -> BinaryIO:
+        """A stream over `length` bytes of `name` from byte `offset` (one ranged GET on an object store)."""
+        return io.BytesIO(self.read_bytes(name, offset=offset, length=length))
+
+    def local_path(self, name: str) -> Path | None:
+        """A local file holding `name` that may be read with file calls (pread, mmap), or None."""
+        return None
+
+    def hold(self, names: list[str]) -> Hold:
+        """Keep `names` in a node-local cache (shards.cache) until released: what a reader may open."""
+        return Hold()
+
+    def want(self, names: list[str]) -> None:
+        """The shards read next, soonest first: a cache fetches them in that order (others: ignored)."""
+
     def sha256(self, name: str) -> str | None:
         """Hex sha256 of `name`: hashed from the file (folder), or the value recorded when it was uploaded
         (S3 object metadata; hashing a remote object would mean downloading it). None when unknown."""
@@ -160,6 +176,13 @@ class Store:
     def delete(self, name: str) -> None:
         """Remove `name`; nothing happens when it is already gone."""
         raise NotImplementedError
+
+
+class Hold:
+    """What `Store.hold` returns; `release()` lets a cache evict the shards again (here: nothing held)."""
+
+    def release(self) -> None:
+        pass
 
 
 class LocalStore(Store):
@@ -203,6 +226,9 @@ class LocalStore(Store):
 
     def open(self, name: str) -> BinaryIO:
         return open(self.root / name, "rb")
+
+    def local_path(self, name: str) -> Path:
+        return self.root / name
 
     def sha256(self, name: str) -> str | None:
         path = self.root / name
@@ -251,7 +277,7 @@ class S3Store(Store):
 
             config = Config(retries={"max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
                             connect_timeout=CONNECT_TIMEOUT, read_timeout=read_timeout)
-            self._clients[read_timeout] = boto3.session.Session().client("s3", config=config)
+            self._clients[read_timeout] = count_requests(boto3.session.Session().client("s3", config=config))
         return self._clients[read_timeout]
 
     @property
@@ -324,11 +350,14 @@ class S3Store(Store):
         extra = {}
         if offset or length is not None:
             extra["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
-        stream = _ObjectStream(self, name, extra)
-        return stream.read()
+        return _ObjectStream(self, name, extra).read()
 
     def open(self, name: str) -> BinaryIO:
         return io.BufferedReader(_ObjectStream(self, name, {}), buffer_size=STREAM_BUFFER)
+
+    def open_range(self, name: str, offset: int, length: int) -> BinaryIO:
+        span = _ObjectStream(self, name, {"Range": f"bytes={offset}-{offset + length - 1}"})
+        return io.BufferedReader(span, buffer_size=STREAM_BUFFER)
 
     def sha256(self, name: str) -> str | None:
         head = self._head(name)
@@ -420,4 +449,4 @@ class _ObjectStream(io.RawIOBase):
         super().close()
 
 
-__all__ = ["LocalStore", "S3Store", "Store", "StoreError", "is_store_url", "open_store"]
+__all__ = ["Hold", "LocalStore", "S3Store", "Store", "StoreError", "is_store_url", "open_store"]

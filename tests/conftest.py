@@ -1,4 +1,5 @@
-"""Shared small data: an ImageNet-layout tree of tiny JPEGs and its shards, made once per test session."""
+"""Shared small data: an ImageNet-layout tree of tiny JPEGs and its shards, made once per test session; and the
+local S3 server of the object-store tests (tests/s3_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from s3_fixtures import s3_env, s3_server  # noqa: F401  the object-store tests' fixtures, one server per session
 
 from shards.convert import convert
 

@@ -1,10 +1,11 @@
 """Shards on object storage, against a real S3-protocol server on 127.0.0.1 (moto's standalone server, started
 here on a free port, stopped at the end; nothing reaches the network).
 
-The server sits behind `Relay` (tests/s3_relay.py), a TCP relay the tests can cut: `stop()` drops every
-connection and refuses new ones (a store gone mid-epoch), `start()` serves again, `start(budget=N)` ends each
-connection after N bytes (a store that drops connections mid-object). DALI's AWS client keeps the first endpoint
-it saw for the whole process, so every test here uses this one endpoint.
+The server sits behind `Relay` (tests/s3_fixtures.py, shared with tests/test_cache.py), a relay the tests can
+cut: `stop()` drops every connection and refuses new ones (a store gone mid-epoch), `start()` serves again,
+`start(budget=N)` ends each connection after N bytes (a store that drops connections mid-object). DALI's AWS
+client keeps the first endpoint it saw for the whole process, so every test of the session uses this one
+endpoint (the server and relay are made once per session).
 
 The quirk tree (CMYK, grayscale, PNG, progressive, EXIF-rotated files among plain JPEGs) is converted once to
 a local folder and once to s3://shards/quirks; everything read back from the store must equal the local copy.
@@ -12,7 +13,6 @@ a local folder and once to s3://shards/quirks; everything read back from the sto
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -33,108 +33,12 @@ from shards.store import S3Store, StoreError, open_store
 from shards.verify import verify
 from tools import synth
 from tools.cli import main as cli
-from tools.local_s3 import free_port, wait_for_port
+from tools.local_s3 import free_port
 
 BUCKET = "shards"
 URL = f"s3://{BUCKET}/quirks"
 SIZE = 32  # pixels
 SPLITS = ("train", "val")
-
-
-def die_with_pytest() -> None:
-    """preexec_fn of the server and relay processes: killed with the test process (Linux PR_SET_PDEATHSIG), so a
-    run stopped by a timeout or Ctrl-C leaves no server behind."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-class Relay:
-    """tests/s3_relay.py in its own process, 127.0.0.1:port -> the S3 server (see the module docstring)."""
-
-    def __init__(self, target: int, count_file: Path) -> None:
-        self.target, self.port, self.count_file = target, free_port(), count_file
-        self.budget: int | None = None  # bytes per connection towards the client, then it is cut
-        self._process: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def connections(self) -> int:
-        """Connections accepted so far."""
-        return len(self.count_file.read_text().splitlines()) if self.count_file.exists() else 0
-
-    def start(self, *, budget: int | None = None) -> None:
-        self.stop()
-        self.budget = budget
-        command = [sys.executable, str(Path(__file__).with_name("s3_relay.py")), str(self.port), str(self.target),
-                   "-" if budget is None else str(budget), str(self.count_file)]
-        self._process = subprocess.Popen(command, preexec_fn=die_with_pytest)
-        wait_for_port(self.port, timeout=30.0)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """moto's S3 server with authentication on, an IAM user allowed everything, and the bucket; yields
-    (relay, access key id, secret key). Credentials are enforced from the 4th request on, so wrong keys fail
-    as on a real store."""
-    import boto3
-
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=die_with_pytest,
-    )
-    try:
-        wait_for_port(port, timeout=30.0)
-        endpoint = f"http://127.0.0.1:{port}"
-        iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup",
-                           region_name="us-east-1")
-        iam.create_user(UserName="saturate")
-        key = iam.create_access_key(UserName="saturate")["AccessKey"]
-        iam.put_user_policy(UserName="saturate", PolicyName="all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key["AccessKeyId"],
-                     aws_secret_access_key=key["SecretAccessKey"], region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        relay = Relay(port, tmp_path_factory.mktemp("relay") / "connections")
-        yield relay, key["AccessKeyId"], key["SecretAccessKey"]
-        relay.stop()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
-@pytest.fixture()
-def s3_env(s3_server, monkeypatch, tmp_path):
-    """The standard AWS variables pointing at the local server (what a user sets for MinIO or Ceph); no user
-    config file, no instance metadata lookups."""
-    relay, key_id, secret = s3_server
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{relay.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    # fail fast when the tests cut the store; the defaults are for real stores
-    monkeypatch.setattr(store_module, "REQUEST_ATTEMPTS", 1)
-    monkeypatch.setattr(store_module, "RETRY_BACKOFF", 0.05)
-    if relay.budget is not None or relay._process is None:
-        relay.start()
-    yield relay
-    if relay.budget is not None or relay._process is None:
-        relay.start()
 
 
 @pytest.fixture(scope="module")
