@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -127,15 +128,27 @@ def split_digest(plan: Sequence[ShardPlan], options: WriteOptions, classes: list
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def parse_size(text: str) -> int:
-    """'512MB' -> 512_000_000 bytes (decimal units; KiB/MiB/GiB binary)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+def parse_size(text: str, flag: str = "--shard-size") -> int:
+    """'512MB' -> 512_000_000 bytes (decimal units; KiB/MiB/GiB/TiB binary); errors name `flag`."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
     stripped = text.strip().upper()
-    number = stripped.rstrip("KMGIB")
+    number = stripped.rstrip("KMGTIB")
     try:
         value = int(float(number) * units[stripped[len(number):]])
     except (KeyError, ValueError):
-        raise ValueError(f"--shard-size {text!r}: expected bytes such as 512MB or 1GB") from None
+        raise ValueError(f"{flag} {text!r}: expected bytes such as 512MB or 1GB") from None
     if value < 1:
-        raise ValueError(f"--shard-size {text!r} must be positive")
+        raise ValueError(f"{flag} {text!r} must be positive")
     return value
+
+
+def format_size(size: int, *, up: bool = False) -> str:
+    """Bytes for people, in the decimal units parse_size reads back, to 3 significant digits: 1_400_000_000 ->
+    '1.4GB'. `up` rounds up, for a smallest value that must still be enough when typed back."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= scale:
+            decimals = max(0, 3 - len(str(size // scale)))
+            value = (math.ceil if up else round)(size / scale * 10**decimals) / 10**decimals
+            return f"{value:g}{unit}"
+    return f"{size}B"

@@ -109,6 +109,13 @@ def index_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.{INDEX_EXT}"
 
 
+def index_beside(tar: str) -> str | None:
+    """The index file of the shard file `tar` (`train-000000.tar` -> `train-000000.idx`); None for a name that
+    is not a shard's tar (a cache folder lists every file and keeps shards and indexes together)."""
+    match = re.match(rf"^({SPLIT_PATTERN.pattern[1:-1]}-\d{{6}})\.{SHARD_EXT}$", tar)
+    return f"{match.group(1)}.{INDEX_EXT}" if match else None
+
+
 def manifest_name(split: str) -> str:
     """File name of a split's manifest: `train.manifest.json`."""
     return f"{split}{MANIFEST_SUFFIX}"
