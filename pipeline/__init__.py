@@ -31,6 +31,7 @@ from pipeline.base import (
     check_loader_knobs,
     resolve_rank,
 )
+from pipeline.cache_use import check_cache_options
 from pipeline.order import ORDERS, check_order
 
 __all__ = ["BACKENDS", "ORDERS", "POLICIES", "Loader", "LoaderOptionError", "PolicyError", "ShardReadError",
@@ -51,6 +52,8 @@ def build_loader(
     order: str | None = None,
     prefetch_depth: int | None = None,
     hw_decoder_load: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | str | None = None,
     seed: int = 0,
     device_id: int | None = None,
     state: dict[str, Any] | None = None,
@@ -77,6 +80,11 @@ def build_loader(
     backend's default (2). hw_decoder_load: `dali-gpu` only, the share of JPEGs sent to the GPU's hardware JPEG
     decoder (the rest go to the CUDA decoder); None: pipeline.constants.HW_DECODER_LOAD. A backend without the
     knob refuses a value (LoaderOptionError, a ValueError naming the keyword).
+    cache_dir: an s3:// split is read through a node-local shard cache in this folder, shared by the node's
+    processes (pipeline.cache_use, shards.cached_store): whole shards are downloaded in the background, verified
+    and then read locally; what is not cached yet is read from the store. cache_limit: bytes (or "200GB") the
+    cache may hold; None: the disk's free space. A limit below what the readers hold at once is refused with the
+    smallest that works. Refused for `synthetic` and for a local folder (read in place).
     seed: the same on every rank (shard order is global; augmentation streams differ per rank).
     device_id: CUDA device for GPU backends; default $LOCAL_RANK, else the current device.
     state: a `loader.state_dict()` to continue from (same backend/split/batch_size/image_size/rank/
@@ -94,6 +102,7 @@ def build_loader(
     """
     rank, world_size = resolve_rank(rank, world_size)
     check_loader_knobs(backend, prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
+    cache_limit = check_cache_options(backend, shards_dir, cache_dir=cache_dir, cache_limit=cache_limit)
     order = check_order(order, train=train)
     check_arguments(
         split=split, train=train, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
@@ -108,14 +117,15 @@ def build_loader(
         order=order,
     )
     knobs = dict(prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
+    cache = dict(cache_dir=cache_dir, cache_limit=cache_limit)
     if backend in ("dali-gpu", "dali-cpu"):
         from pipeline.dali import DaliLoader
 
-        return DaliLoader(shards_dir, split, **common, **knobs, **backend_options)
+        return DaliLoader(shards_dir, split, **common, **knobs, **cache, **backend_options)
     if backend == "pytorch":
         from pipeline.pytorch_loader import PytorchLoader
 
-        return PytorchLoader(shards_dir, split, **common, prefetch_depth=prefetch_depth, **backend_options)
+        return PytorchLoader(shards_dir, split, **common, prefetch_depth=prefetch_depth, **cache, **backend_options)
     from pipeline.synthetic import SyntheticLoader
 
     return SyntheticLoader(shards_dir, split, **common, **backend_options)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shards.cached_store import CachedStore
 from shards.process import environment_place, job_place, under_torchrun
 from shards.schema import Manifest, ShardFormatError, check_split_name, load_manifest, shard_files
 from shards.store import Store, open_store
@@ -130,17 +131,21 @@ def resolve_options(backend: str, given: dict[str, Any], defaults: dict[str, Any
 
 
 def open_split(
-    shards_dir: str | os.PathLike | None, split: str
+    shards_dir: str | os.PathLike | None, split: str, *, cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
 ) -> tuple[Store, Manifest, list[tuple[Path | str, Path | str]]]:
     """The store (opened once: on S3 each opening builds boto3 clients), the split's manifest and its (tar, idx)
     paths or URLs (`shards_dir` is a folder or a store URL such as s3://bucket/prefix), every shard checked
     cheaply against its record (exists, size, sample count: `shards.schema.shard_files`). A shard that does
     not match is a ShardReadError naming it: training must never start on shards that are not the ones the
-    manifest describes."""
+    manifest describes. With `cache_dir`, the store is read through a node-local shard cache of at most
+    `cache_limit` bytes (shards.cached_store; its downloader starts with pipeline.cache_use.start_cache)."""
     if shards_dir is None:
         raise ValueError("shards_dir is required for every backend but 'synthetic'")
     store = open_store(shards_dir)
     manifest = load_manifest(store, split)
+    if cache_dir is not None:
+        store = CachedStore(store, cache_dir, manifest, limit=cache_limit)
     try:
         pairs = shard_files(store, manifest)
     except ShardFormatError as err:
@@ -243,6 +248,7 @@ class Loader:
     num_samples: int  # samples this rank yields per full epoch
     num_classes: int
     wnids: list[str] | None = None  # the manifest's classes in index order (None: synthetic data)
+    store: Store | None = None  # where the shards are read from (None: synthetic data)
     device: Any  # torch.device
 
     def __init__(self) -> None:
@@ -300,6 +306,8 @@ class Loader:
     def _epoch(self, epoch: int) -> Iterator:
         """The rest of epoch `epoch`; the epoch is completed when its last batch was taken."""
         while self.epoch == epoch and self.batch_in_epoch < self.batches_per_epoch:
+            if isinstance(self.store, CachedStore):
+                self.store.raise_failure()  # a cache that cannot go on (a full disk) stops the epoch, named
             batch = self._next_batch()
             self.batch_in_epoch += 1
             yield batch

@@ -47,6 +47,7 @@ import base64
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,9 +65,12 @@ from pipeline.base import (
     rank_seed,
     resolve_options,
 )
+from pipeline.cache_use import cached_shards, segments_minimum, shard_sizes, start_cache, stop_cache
 from pipeline.dali_segments import SegmentReads
 from pipeline.order import ORDER_CHUNK, SplitIndex
+from shards.cached_store import CachedStore
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
+from shards.store import Hold
 
 READER_NAME = "Reader"
 #: Batches DALI keeps in flight when build_loader's `prefetch_depth` is None (DALI's own default).
@@ -225,16 +229,19 @@ class DaliLoader(Loader):
         order: str | None = None,
         prefetch_depth: int | None = None,
         hw_decoder_load: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | None = None,
         **backend_options: Any,
     ) -> None:
         super().__init__()
+        self._held = Hold()  # shard-order/val: the cached shards the pipeline was built with
         options = resolve_options(backend, backend_options, DALI_OPTIONS)
         import torch
         from nvidia.dali import pipeline_def
 
         gpu = backend == "dali-gpu"
         dali_device = _device_id(gpu, device_id)
-        self.store, manifest, pairs = open_split(shards_dir, split)
+        self.store, manifest, _ = open_split(shards_dir, split, cache_dir=cache_dir, cache_limit=cache_limit)
         self.manifest = manifest
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -267,6 +274,11 @@ class DaliLoader(Loader):
             self.num_samples = self.batches_per_epoch * batch_size
             self._reads = SegmentReads(self, self._restore(state))
             self._dali = None
+            sizes = shard_sizes(self.store)
+            if sizes is not None:
+                start_cache(self.store, minimum=segments_minimum(
+                    self._index, sizes, seed=seed, epoch=self.epoch, rank=rank, world_size=world_size,
+                    batch_size=batch_size, chunk=self.order_chunk))
             return
         start, end = rank_range(manifest.num_samples, rank, world_size)
         if end == start or (train and manifest.num_samples // world_size < batch_size):
@@ -280,16 +292,47 @@ class DaliLoader(Loader):
         self.num_samples = self.batches_per_epoch * batch_size if train else end - start
         state = self._restore(state)
         checkpoint = base64.b64decode(state["dali_checkpoint"]) if state is not None else None
-        reader = shard_order_reader(pairs, train=train, rank=rank, world_size=world_size, seed=seed,
-                                    shuffle_buffer=options["shuffle_buffer"])
-        self._reads = None
-        self._dali = self.iterator(reader, seed=rank_seed(seed, rank), checkpoint=checkpoint, prefetch=False)
+        self._shuffle_buffer, self._reads = options["shuffle_buffer"], None
+        self._dali = self.iterator(self._shard_reader(), seed=rank_seed(seed, rank), checkpoint=checkpoint,
+                                   prefetch=False)
+        # the rank's share first; DALI reads the other shards' names only to count them
+        share = [r.name for r in manifest.shards if r.name in self._rank_shards()]
+        start_cache(self.store, minimum=None, want=share)
+
+    def _rank_shards(self) -> set[str]:
+        """The shards holding samples of this rank's contiguous share (val; `shard` order's first epoch)."""
+        start, end = rank_range(self.manifest.num_samples, self.rank, self.world_size)
+        first, found = 0, set()
+        for record in self.manifest.shards:
+            if first < end and first + record.num_samples > start:
+                found.add(record.name)
+            first += record.num_samples
+        return found
+
+    def _shard_reader(self) -> dict[str, Any]:
+        """The `shard`-order/val reader. With a shard cache it names the local copy of every shard cached by now
+        (held for the pipeline's life: DALI opens them when it is built) and the store's URL of the others."""
+        shards = self.manifest.shards
+        hold = self.store.hold([r.name for r in shards])  # while deciding: nothing is evicted under our feet
+        pairs = [(self.store.url(r.name), self.store.url(r.index)) for r in shards]
+        self._held.release()
+        self._held = self.store.hold([r.name for r, (tar, _) in zip(shards, pairs, strict=True)
+                                      if isinstance(tar, Path)])
+        hold.release()
+        self._local = sum(isinstance(tar, Path) for tar, _ in pairs)
+        return shard_order_reader(pairs, train=self.train, rank=self.rank, world_size=self.world_size,
+                                  seed=self.seed, shuffle_buffer=self._shuffle_buffer)
 
     def iterator(self, reader: dict[str, Any], *, seed: int, checkpoint: bytes | None, prefetch: bool) -> Any:
         """A DALI iterator over the graph with `reader` (the pipeline is built and its indexes parsed here);
         `prefetch` starts reading at once (a segment built ahead), else at the first batch."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        if isinstance(self.store, CachedStore):
+            # DALI 2.4 maps local tars into memory by default; reading a shard cache whose files are evicted and
+            # fetched again under the same names while pipelines run, its webdataset reader died of SIGFPE in
+            # WebdatasetLoader::ReadSample (reproduced with tests/test_cache.py's eviction test); plain reads do not
+            reader = {**reader, "dont_use_mmap": True}
         pipe = self._build(reader=reader, seed=seed, checkpoint=checkpoint, **self._graph)
         output_map = ["images", "labels"] + (["source_info"] if self.with_keys else [])
         with self._dali_errors("building the pipeline"):
@@ -337,6 +380,11 @@ class DaliLoader(Loader):
     def _start_pass(self) -> None:
         if self._reads is not None:
             self._reads.start(self.epoch, self.batch_in_epoch)
+        elif not self.train and self.batch_in_epoch == 0 and cached_shards(self.store) > self._local:
+            # val reads the same samples in the same order every pass: a new pipeline reads what was cached since
+            self._dali = None
+            self._dali = self.iterator(self._shard_reader(), seed=rank_seed(self.seed, self.rank), checkpoint=None,
+                                       prefetch=False)
 
     def _complete_epoch(self) -> None:
         """Run DALI to the end of this rank's epoch (a rank with a bigger share has one batch more than the
@@ -377,3 +425,5 @@ class DaliLoader(Loader):
         if getattr(self, "_dali", None) is not None:
             del self._dali
             self._dali = None
+        self._held.release()
+        stop_cache(getattr(self, "store", None))

@@ -6,6 +6,11 @@ next (the next segment, or the next epoch's first) is built in a background thre
 neither a segment nor an epoch boundary shows in the step time. A segment's pipeline is seeded from (seed, rank,
 epoch, first batch), and a state saved mid-segment holds its DALI checkpoint: restored on the same loader it
 continues bit for bit; at a segment's end nothing more is needed.
+
+With a node-local shard cache (shards.cached_store), each segment's entries name the local copy of every shard
+cached by the time the segment is built and the store's URL of the others; the segment holds its shards until its
+pipeline is dropped (a held shard is never evicted), and each new current segment tells the cache which shards
+the rest of the epoch reads first.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.base import ShardReadError
-from pipeline.order import EntryFolder, Segment, epoch_stream, rank_batches, segments
+from pipeline.order import EntryFolder, Segment, rank_segments, shards_read
+from shards.store import Hold
 
 
 def sample_order_reader(tars: list[str], indexes: list[str]) -> dict[str, Any]:
@@ -45,23 +51,42 @@ class SegmentReads:
         self._plan: list[Segment] = []  # the epoch's segments still to read, the current one first
         self._epoch = -1
         self._dali: Any = None  # the current segment's iterator
+        self._hold = Hold()  # its shards, kept in a shard cache while its pipeline may read them
         self._left = 0  # its batches not yet read
-        self._ahead: Future | None = None  # (epoch, first batch, plan, iterator) being built
+        self._ahead: Future | None = None  # (epoch, first batch, plan, (iterator, hold)) being built
 
     def plan(self, epoch: int, first_batch: int) -> list[Segment]:
         loader = self.loader
-        stream = epoch_stream(loader._index.counts, seed=loader.seed, epoch=epoch, chunk=loader.order_chunk)
-        batches = rank_batches(stream, rank=loader.rank, world_size=loader.world_size, batch_size=loader.batch_size)
-        return segments(loader._index, batches, first_batch=first_batch)
+        return rank_segments(loader._index, seed=loader.seed, epoch=epoch, rank=loader.rank,
+                             world_size=loader.world_size, batch_size=loader.batch_size, chunk=loader.order_chunk,
+                             first_batch=first_batch)
 
-    def open(self, epoch: int, segment: Segment, *, checkpoint: bytes | None = None, prefetch: bool = True) -> Any:
+    def open(self, epoch: int, segment: Segment, *, checkpoint: bytes | None = None,
+             prefetch: bool = True) -> tuple[Any, Hold]:
+        """(the segment's DALI iterator, the hold on its shards: release it when the iterator is dropped)."""
         loader = self.loader
-        tars, indexes, folder = self.folder.write(loader._index, segment.entries, loader.store.url)
-        try:  # DALI parses the indexes when the pipeline is built; the files are not needed afterwards
-            return loader.iterator(sample_order_reader(tars, indexes), checkpoint=checkpoint, prefetch=prefetch,
-                                   seed=segment_seed(loader.seed, loader.rank, epoch, segment.first_batch))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        hold = loader.store.hold(shards_read(loader._index, [segment]))  # before the entries name local copies
+        try:
+            tars, indexes, folder = self.folder.write(loader._index, segment.entries, loader.store.url)
+            try:  # DALI parses the indexes when the pipeline is built; the files are not needed afterwards
+                return loader.iterator(sample_order_reader(tars, indexes), checkpoint=checkpoint, prefetch=prefetch,
+                                       seed=segment_seed(loader.seed, loader.rank, epoch, segment.first_batch)), hold
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        except BaseException:
+            hold.release()
+            raise
+
+    def _current(self, plan: list[Segment], opened: tuple[Any, Hold]) -> None:
+        """Make `plan[0]` (opened) the segment being read, releasing the one before."""
+        self._release()
+        self._plan, (self._dali, self._hold) = plan, opened
+        self._left = plan[0].num_batches
+        self.loader.store.want(shards_read(self.loader._index, plan))
+
+    def _release(self) -> None:
+        self._dali = None
+        self._hold.release()
 
     def start(self, epoch: int, batch: int) -> None:
         """Read `epoch` from micro-batch `batch` on."""
@@ -70,28 +95,25 @@ class SegmentReads:
         self._epoch = epoch
         if saved is not None and "dali_checkpoint" in saved:  # mid-segment, same loader: continue it exactly
             first = int(saved["segment_first_batch"])
-            self._plan = self.plan(epoch, first)
-            self._dali = self.open(epoch, self._plan[0], checkpoint=base64.b64decode(saved["dali_checkpoint"]),
-                                   prefetch=False)
+            plan = self.plan(epoch, first)
+            self._current(plan, self.open(epoch, plan[0], checkpoint=base64.b64decode(saved["dali_checkpoint"]),
+                                          prefetch=False))
             self._left = first + self._plan[0].num_batches - batch
         else:
             ahead = self._take_ahead(epoch, batch)
             if ahead is None:
-                self._plan = self.plan(epoch, batch)
-                ahead = self._plan, self.open(epoch, self._plan[0], prefetch=False)
-            self._plan, self._dali = ahead
-            self._left = self._plan[0].num_batches
+                plan = self.plan(epoch, batch)
+                ahead = plan, self.open(epoch, plan[0], prefetch=False)
+            self._current(*ahead)
         self._prepare_next()
 
     def next(self) -> dict:
         loader = self.loader
         if self._left == 0:  # the current segment is read: the next one, built ahead
             following = self._plan[0].first_batch + self._plan[0].num_batches
-            self._dali = None
+            self._release()
             ahead = self._take_ahead(self._epoch, following)
-            self._plan, self._dali = ahead if ahead is not None else (
-                self._plan[1:], self.open(self._epoch, self._plan[1]))
-            self._left = self._plan[0].num_batches
+            self._current(*(ahead if ahead is not None else (self._plan[1:], self.open(self._epoch, self._plan[1]))))
             self._prepare_next()
         with loader._dali_errors("reading"):
             try:
@@ -116,12 +138,16 @@ class SegmentReads:
         self._ahead = self._pool.submit(build)
 
     def _take_ahead(self, epoch: int, first_batch: int) -> tuple | None:
-        """(plan, iterator) built ahead when it starts at (`epoch`, `first_batch`); else None (it is dropped)."""
+        """(plan, (iterator, hold)) built ahead when it starts at (`epoch`, `first_batch`); else None (it is
+        dropped)."""
         if self._ahead is None:
             return None
         future, self._ahead = self._ahead, None
-        built_epoch, built_first, plan, dali = future.result()  # a failure to build it is raised here
-        return (plan, dali) if (built_epoch, built_first) == (epoch, first_batch) else None
+        built_epoch, built_first, plan, opened = future.result()  # a failure to build it is raised here
+        if (built_epoch, built_first) == (epoch, first_batch):
+            return plan, opened
+        opened[1].release()
+        return None
 
     def checkpoint(self, batch: int) -> dict[str, Any]:
         """What continues this segment exactly (on a loader like this one): its first batch and, mid-segment, the
@@ -135,14 +161,14 @@ class SegmentReads:
 
     def stop(self) -> None:
         """Drop the segment in progress (what was built ahead stays, for the next start to take)."""
-        self._dali = None
+        self._release()
         self._left = 0
 
     def close(self) -> None:
         self.stop()
         if self._ahead is not None:
             try:
-                self._ahead.result()
+                self._ahead.result()[3][1].release()
             except Exception:  # closing: a build that failed has nothing left to report to
                 pass
             self._ahead = None

@@ -43,7 +43,7 @@ import numpy as np
 from pipeline.base import LoaderOptionError, ShardReadError
 from shards.process import temporary_folder
 from shards.schema import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, Manifest, ShardFormatError, split_member_name
-from shards.store import Store
+from shards.store import Hold, Store
 
 ORDERS: tuple[str, ...] = ("sample", "shard")
 DEFAULT_ORDER = "sample"
@@ -158,13 +158,14 @@ class SplitIndex:
 
 class SampleReader:
     """The `pytorch` backend's read in `sample` order: one sample by its index offsets, image and label members
-    in one read (a file read, with a bounded set of open files, in a folder; one ranged GET on an object store)."""
+    in one read: a file read when the tar is a local file (a folder, or a shard cache's verified copy, held while
+    it is open), one ranged GET on an object store otherwise. A bounded set of files is kept open."""
 
-    OPEN_FILES = 32  # tars kept open per worker in a folder
+    OPEN_FILES = 32  # tars kept open per worker
 
     def __init__(self, store: Store, index: SplitIndex) -> None:
         self.store, self.index = store, index
-        self._files: dict[int, int] = {}  # shard -> file descriptor, oldest first
+        self._files: dict[int, tuple[int, Hold]] = {}  # shard -> (file descriptor, its hold), oldest first
 
     def __call__(self, sample: int, position: int) -> dict:
         shard, within = self.index.locate(np.array([sample]))
@@ -172,8 +173,9 @@ class SampleReader:
         name = self.index.tars[shard]
         key, first, length, members = self.index.read_span(shard, within)
         try:
-            if self.store.local_dir is not None:
-                data = os.pread(self._file(shard, name), length, first)
+            fd = self._file(shard, name)
+            if fd is not None:
+                data = os.pread(fd, length, first)
             else:
                 data = self.store.read_bytes(name, offset=first, length=length)
         except (OSError, ValueError) as err:
@@ -185,17 +187,31 @@ class SampleReader:
         out.update({ext: data[offset:offset + size] for ext, (offset, size) in members.items()})
         return out
 
-    def _file(self, shard: int, name: str) -> int:
+    def _file(self, shard: int, name: str) -> int | None:
+        """An open descriptor of the shard's local file; None when there is no local file (yet)."""
         if shard not in self._files:
+            hold = self.store.hold([name])  # before looking: a cached copy then stays while it is open
+            path = self.store.local_path(name)
+            if path is None:
+                hold.release()
+                return None
             if len(self._files) >= self.OPEN_FILES:
-                os.close(self._files.pop(next(iter(self._files))))
-            self._files[shard] = os.open(self.store.url(name), os.O_RDONLY)
-        return self._files[shard]
+                self._close(next(iter(self._files)))
+            try:
+                self._files[shard] = (os.open(path, os.O_RDONLY), hold)
+            except OSError:
+                hold.release()
+                raise
+        return self._files[shard][0]
+
+    def _close(self, shard: int) -> None:
+        fd, hold = self._files.pop(shard)
+        os.close(fd)
+        hold.release()
 
     def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        for shard in list(self._files):
+            self._close(shard)
 
 
 @dataclass(frozen=True)
@@ -233,6 +249,20 @@ def segments(index: SplitIndex, batches: np.ndarray, *, first_batch: int = 0,
         out.append(Segment(start, batches[start:end], entries_of(index, batches[start:end].reshape(-1))))
         start = end
     return out
+
+
+def rank_segments(index: SplitIndex, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                  chunk: int = ORDER_CHUNK, first_batch: int = 0) -> list[Segment]:
+    """Rank `rank`'s segments of epoch `epoch` in `sample` order, from micro-batch `first_batch` on."""
+    stream = epoch_stream(index.counts, seed=seed, epoch=epoch, chunk=chunk)
+    batches = rank_batches(stream, rank=rank, world_size=world_size, batch_size=batch_size)
+    return segments(index, batches, first_batch=first_batch)
+
+
+def shards_read(index: SplitIndex, plan: Sequence[Segment]) -> list[str]:
+    """The tars `plan`'s segments read, each once, in the order they are first read (what a shard cache is asked
+    to fetch first)."""
+    return list(dict.fromkeys(index.tars[shard] for segment in plan for shard, _ in segment.entries))
 
 
 class EntryFolder:

@@ -42,6 +42,7 @@ the tar and the sample key.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 import random
@@ -62,7 +63,16 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from pipeline.order import ORDER_CHUNK, SampleReader, SplitIndex, epoch_stream, rank_batches
+from pipeline.cache_use import shard_sizes, start_cache, stop_cache, workers_minimum
+from pipeline.order import (
+    ORDER_CHUNK,
+    SampleReader,
+    SplitIndex,
+    epoch_stream,
+    rank_batches,
+    segments,
+    shards_read,
+)
 from pipeline.pillow import Augment, collate
 from shards.schema import ShardFormatError
 from shards.store import Store, StoreError
@@ -115,21 +125,24 @@ def round_robin(batches: list[int], limit: int) -> list[int]:
 
 # --- per-worker stages ----------------------------------------------------------------------------------
 def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> Iterator[dict]:
-    """Keep samples `first .. first+count-1` of each tar (the worker's slice); a tar that ends early (truncated,
-    or not the tar the manifest describes) is an error naming it, never a silently shorter epoch."""
+    """Keep samples `first .. first+count-1` of each tar (`ranges` by tar name: the worker's slice); a tar that
+    ends early (truncated, or not the tar the manifest describes) is an error naming it, never a silently
+    shorter epoch. By name, not URL: with a shard cache a tar's URL becomes its local path once it is cached."""
     position: dict[str, int] = {}
+    urls: dict[str, str] = {}
     for sample in samples:
-        url = sample["__url__"]
-        index = position.get(url, 0)
-        position[url] = index + 1
-        first, count = ranges[url]
+        name = sample["__url__"].rsplit("/", 1)[-1]
+        urls[name] = sample["__url__"]
+        index = position.get(name, 0)
+        position[name] = index + 1
+        first, count = ranges[name]
         if first <= index < first + count:
             yield sample
-    for url, (first, count) in ranges.items():
-        if position.get(url, 0) < first + count:
+    for name, (first, count) in ranges.items():
+        if position.get(name, 0) < first + count:
             raise ShardReadError(
-                f"{url}: ended after {position.get(url, 0)} samples, the manifest promises at least "
-                f"{first + count}; the shard is truncated or was replaced, re-convert it"
+                f"{urls.get(name, name)}: ended after {position.get(name, 0)} samples, the manifest promises at "
+                f"least {first + count}; the shard is truncated or was replaced, re-convert it"
             )
 
 
@@ -152,6 +165,8 @@ def open_shards(names: Iterable[str], store: Store) -> Iterator[dict]:
             exn.args = exn.args + (url,)
             unreadable_tar(exn)
         yield {"url": url, "stream": stream}
+        stream.close()  # the expander asks for the next tar once it is done with this one (a cached copy is held
+        # while it is open)
 
 
 def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
@@ -185,7 +200,7 @@ class RankShare(IterableDataset):
         physical = info.id if info is not None else 0
         worker = (physical + p["rotation"]) % p["num_workers"]  # rotated so the right worker goes first
         units = p["units"][worker]
-        ranges = {str(p["store"].url(p["tars"][shard])): (first, count) for shard, first, count in units}
+        ranges = {p["tars"][shard]: (first, count) for shard, first, count in units}
         prefix = f"{p['seed']}:{p['epoch']}:{p['rank']}:{worker}"
         stages: list[Any] = [
             lambda: open_shards([p["tars"][shard] for shard, _, _ in units], p["store"]),
@@ -253,6 +268,8 @@ class PytorchLoader(Loader):
         policy: AugmentPolicy,
         order: str | None = None,
         prefetch_depth: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | None = None,
         **backend_options: Any,
     ) -> None:
         super().__init__()
@@ -263,7 +280,7 @@ class PytorchLoader(Loader):
 
         self.options = resolve_options(backend, backend_options, PYTORCH_OPTIONS)
         self.prefetch_depth = PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
-        self.store, manifest, _ = open_split(shards_dir, split)
+        self.store, manifest, _ = open_split(shards_dir, split, cache_dir=cache_dir, cache_limit=cache_limit)
         self.backend, self.split, self.batch_size, self.image_size = backend, split, batch_size, image_size
         self.rank, self.world_size, self.seed, self.crop_area = rank, world_size, seed, crop_area
         self.num_classes, self.wnids = manifest.num_classes, manifest.wnids
@@ -293,6 +310,7 @@ class PytorchLoader(Loader):
                                  f"world_size={world_size} x batch_size={batch_size}")
             self.num_samples = self.batches_per_epoch * batch_size
             self._restore(state)  # the position is all there is to restore: randomness is per stream position
+            self._start_cache(sample_order=True)
             return
 
         # Batches per worker do not depend on the shard order, so the epoch length is fixed: train takes the
@@ -316,6 +334,14 @@ class PytorchLoader(Loader):
             )
         self.num_samples = self.batches_per_epoch * batch_size if self.train else end - start
         self._restore(state)
+        self._start_cache(sample_order=False)
+
+    def _start_cache(self, *, sample_order: bool) -> None:
+        """With a shard cache: check its limit against what the workers hold and start its downloader."""
+        sizes = shard_sizes(self.store)
+        if sizes is not None:
+            start_cache(self.store, minimum=workers_minimum(sizes, rank=self.rank, world_size=self.world_size,
+                                                            workers=self.num_workers, sample_order=sample_order))
 
     def identity(self) -> dict[str, Any]:
         # In `shard` order the worker count shapes each worker's slice, the skip counts on resume and the epoch
@@ -362,7 +388,16 @@ class PytorchLoader(Loader):
         self._end_epoch()
 
     def _start_pass(self) -> None:
-        dataset = SampleOrderBatches(self._sample_plan()) if self.order == "sample" else RankShare(self._plan())
+        if self.order == "sample":
+            plan = self._sample_plan()
+            self.store.want(shards_read(self._index, segments(self._index, plan["batches"])))
+            dataset: IterableDataset = SampleOrderBatches(plan)
+        else:
+            plan = self._plan()
+            # the workers read their units side by side: interleaved, that is the order the tars are needed in
+            self.store.want([self.tars[unit[0]] for step in itertools.zip_longest(*plan["units"]) for unit in step
+                             if unit is not None])
+            dataset = RankShare(plan)
         pin = self.device.type == "cuda"
         # Collect garbage before the DataLoader forks its workers: a DALI pipeline left for the collector (the
         # profiler runs DALI and pytorch configurations in one process) would otherwise be finalised inside a
@@ -415,3 +450,4 @@ class PytorchLoader(Loader):
 
     def close(self) -> None:
         self._batches = None
+        stop_cache(getattr(self, "store", None))
