@@ -1,4 +1,4 @@
-"""`saturate shards convert|verify|merge`: the command-line layer over `shards/`."""
+"""`saturate shards convert|verify|merge|cache`: the command-line layer over `shards/`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--split", required=True)
     merge.set_defaults(func=run_merge)
 
+    cache = sub.add_parser("cache", help="copy a split's shards from an object store into a node-local cache "
+                                         "folder before a job (the --cache-dir of `saturate train`)")
+    cache.add_argument("src", help="s3://BUCKET/PREFIX holding the shards")
+    cache.add_argument("dir", help="the cache folder (the job's --cache-dir): shards land in DIR/BUCKET/PREFIX")
+    cache.add_argument("--split", action="append", help="only this split (repeatable; default: all manifests)")
+    cache.add_argument("--cache-limit", metavar="SIZE",
+                       help="bytes the folder may hold (e.g. 200GB): shards that do not fit are left in the store")
+    cache.set_defaults(func=run_cache)
+
 
 def run_convert(args: argparse.Namespace) -> int:
     from shards.convert import convert
@@ -96,4 +105,44 @@ def run_merge(args: argparse.Namespace) -> int:
     if manifest is None:
         raise RuntimeError(f"{args.split}: some shards of the plan in {args.out} are not written yet")
     print(f"{args.split}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shards")
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """Every shard of each split downloaded (or found and checked) in DIR, as a loader with --cache-dir DIR
+    would: verified against the manifest, published atomically, the per-shard locks shared with any job
+    already running on the node. One line per split."""
+    import time
+
+    from shards.cached_store import CachedStore
+    from shards.plan import format_size, parse_size
+    from shards.request_log import request_counts
+    from shards.schema import check_split_name, load_manifest, splits_in
+    from shards.store import open_store
+
+    remote = open_store(args.src)
+    if remote.local_dir is not None:
+        raise ValueError(f"{args.src} is a folder; `shards cache` copies from an object store (s3://)")
+    limit = parse_size(args.cache_limit, "--cache-limit") if args.cache_limit else None
+    splits = [check_split_name(s) for s in args.split] if args.split else splits_in(remote)
+    if not splits:
+        raise FileNotFoundError(f"{args.src}: no <split>.manifest.json found")
+    for split in splits:
+        started, before = time.perf_counter(), request_counts()
+        store = CachedStore(remote, args.dir, load_manifest(remote, split), limit=limit)
+        try:
+            store.start()
+            while not store.wait_idle(timeout=1.0):
+                if store.store_error is not None:  # boto3 has retried already; a person should look
+                    raise store.store_error
+        finally:
+            store.close()
+        cached, total = store.cached()
+        stats, seconds = store.cache.stats, time.perf_counter() - started
+        print(f"{split}: {cached}/{total} shards cached in {store.cache.folder} "
+              f"({format_size(store.cache.usage()[0])} in the folder); {stats.downloaded} downloaded "
+              f"({format_size(stats.downloaded_bytes)} in {seconds:.1f} s), {stats.rechecked} re-checked, "
+              f"{stats.refetched} re-fetched, {stats.evicted} evicted; {(request_counts() - before).line()}")
+        if cached < total and limit is None:
+            return 1
     return 0
