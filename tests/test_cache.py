@@ -384,3 +384,32 @@ def test_throttling_fails_dali_reads_from_the_store_but_not_reads_through_the_ca
     ldr = loader(remote, "dali-cpu", train=False, cache_dir=tmp_path)
     seen = len(s3_env.requests())
     assert same_batches(epochs(ldr, 1), local["dali-cpu"]) and len(s3_env.requests()) == seen
+
+
+# --- the trainer ----------------------------------------------------------------------------------------------
+def test_train_flags_for_the_cache(tiny_shards, tmp_path):
+    from training.config import ConfigError, build_config
+
+    config = build_config(overrides={"data": URL, "backend": "pytorch", "cache_dir": str(tmp_path),
+                                     "cache_limit": "2GB"}, check_paths=False)
+    assert (config.cache_dir, config.cache_limit) == (str(tmp_path), "2GB")
+    with pytest.raises(ConfigError, match=f"^--cache-dir: {tiny_shards} is a folder and is read in place"):
+        build_config(overrides={"data": str(tiny_shards), "backend": "pytorch", "cache_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="^--cache-dir: backend 'synthetic' reads no data"):
+        build_config(overrides={"backend": "synthetic", "cache_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="^--cache-limit: expected bytes such as 200GB"):
+        build_config(overrides={"data": URL, "backend": "pytorch", "cache_dir": str(tmp_path), "cache_limit": "x"})
+
+
+def test_train_reads_through_the_cache_and_logs_the_requests(remote, s3_env, tmp_path, capsys):
+    from training.config import build_config
+    from training.train import train
+
+    config = build_config(overrides=dict(
+        data=remote, backend="pytorch", arch="resnet18", image_size=32, precision="fp32", batch_size=4, epochs=1,
+        max_steps=2, num_threads=1, log_every=1, throughput_warmup_steps=0, run_dir=str(tmp_path / "run"),
+        progress=False, checkpoint_minutes=0, cache_dir=str(tmp_path / "cache"),
+    ))
+    assert train(config)["steps"] == 2
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 0: store (boto3"))
+    assert " requests (" in line and f"; cache {folder(tmp_path / 'cache')}: " in line

@@ -28,6 +28,7 @@ from pipeline.augment import (  # light: the pipeline imports DALI only when a l
     make_policy,
 )
 from pipeline.base import BACKENDS, LoaderOptionError, check_loader_knobs
+from pipeline.cache_use import check_cache_options
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
 from pipeline.order import DEFAULT_ORDER, ORDERS
 from shards.schema import SPLIT_PATTERN
@@ -74,6 +75,10 @@ class TrainConfig:
     prefetch_depth: int | None = _opt(None, "batches the loader prefetches (DALI queue depth; per worker for "
                                       "pytorch); default: the backend's, or the tuned one with --num-threads auto")
     tune_file: str | None = _opt(None, "tune.json that 'auto' reads (default: DATA/tune.json)")
+    cache_dir: str | None = _opt(None, "s3:// --data: a node-local folder, shared by the node's processes, where "
+                                 "whole shards are cached (downloaded ahead, verified, then read locally)")
+    cache_limit: str | None = _opt(None, "bytes --cache-dir may hold, e.g. 200GB (default: its disk's free "
+                                   "space); size it for train and val, see the README's 'Object storage'")
     synthetic_samples: int = _opt(1_281_167, "training samples per epoch with --backend synthetic")
     synthetic_val_samples: int = _opt(50_000, "validation samples with --backend synthetic")
     num_classes: int | None = _opt(None, "classes (default: from the train manifest; synthetic: 1000)")
@@ -327,9 +332,11 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
     need(c.hw_decoder_load in (None, AUTO) or 0.0 <= c.hw_decoder_load <= 1.0, "hw_decoder_load",
          "must be in [0, 1] or 'auto'")
     need(c.prefetch_depth is None or c.prefetch_depth > 0, "prefetch_depth", "must be > 0")
-    try:  # the loader's own rule: a knob the backend lacks is refused, not ignored
+    try:  # the loader's own rules: a knob the backend lacks is refused, not ignored; so is a cache it cannot use
         check_loader_knobs(c.backend, prefetch_depth=c.prefetch_depth,
                            hw_decoder_load=None if c.hw_decoder_load == AUTO else c.hw_decoder_load)
+        check_cache_options(c.backend, c.data if c.backend != "synthetic" else None, cache_dir=c.cache_dir,
+                            cache_limit=c.cache_limit)
     except LoaderOptionError as err:
         raise ConfigError(f"{flag(err.keyword)}: {err.reason}, got {err.value!r}") from None
     need(c.log_every > 0, "log_every", "must be > 0")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from shards.cached_store import describe
+from shards.request_log import request_counts
+from shards.store import is_store_url
 from training.config import TrainConfig
 from training.dist import DistInfo
 
@@ -40,5 +43,24 @@ def make_loader(cfg: TrainConfig, info: DistInfo, *, train: bool, image_size: in
         device_id=info.local_rank if info.device.type == "cuda" else None,
         state=state,
         crop_area=tuple(cfg.crop_area),
+        **({"cache_dir": cfg.cache_dir, "cache_limit": cfg.cache_limit} if cfg.cache_dir is not None else {}),
         **options,
     )
+
+
+class StoreLog:
+    """Once an epoch, for a run reading an object store: the requests this process sent since the last line
+    (every attempt boto3 made, retries and throttled answers included, shards.request_log; DALI's own reader is
+    not counted there) and, with --cache-dir, the cache's state."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.enabled = cfg.backend != "synthetic" and cfg.data is not None and is_store_url(cfg.data)
+        self._last = request_counts()
+
+    def line(self, loader: Any) -> str | None:
+        if not self.enabled:
+            return None
+        now = request_counts()
+        counted, self._last = now - self._last, now
+        cache = describe(getattr(loader, "store", None))
+        return f"store (boto3, this process): {counted.line()}" + (f"; {cache}" if cache else "")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig
-from training.data import make_loader
+from training.data import StoreLog, make_loader
 from training.ema import WeightEMA
 from training.evaluate import evaluate_models, with_ema
 from training.metrics import (
@@ -143,6 +143,7 @@ class Trainer:
         self.pending_eval: float | None = None
         self.last_checkpoint_time = time.monotonic()
         self.sample_keys = SampleKeyLog(run_dir, rank=info.rank) if cfg.log_sample_keys else None
+        self.store_log = StoreLog(cfg)  # requests to an object store (and its cache) once an epoch
 
     def restore(self, ckpt: dict) -> None:
         """Continue `ckpt` (checked by training.resume.load_checkpoint): weights, optimizer, schedule, loss scale,
@@ -190,6 +191,8 @@ class Trainer:
                     self.save()
                 while self.step < self.max_steps and self.epoch < cfg.epochs:
                     finished = self.train_epoch()
+                    if (line := self.store_log.line(self.train_loader)) is not None:
+                        self.say(f"epoch {self.epoch}: {line}")
                     if self.stalled is not None:
                         self.stop_during_stall()
                     if finished:
