@@ -65,7 +65,7 @@ from pipeline.base import (
     resolve_options,
 )
 from pipeline.dali_segments import SegmentReads
-from pipeline.order import ORDER_CHUNK, SplitIndex
+from pipeline.order import ORDER_CHUNK, SplitIndex, refuse_shuffle_buffer
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
 
 READER_NAME = "Reader"
@@ -255,6 +255,7 @@ class DaliLoader(Loader):
         )
         self._build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
         if order == "sample":
+            refuse_shuffle_buffer(backend_options)
             self.order_chunk = ORDER_CHUNK
             try:
                 self._index = SplitIndex(self.store, manifest)

@@ -97,6 +97,14 @@ def check_order(order: str | None, *, train: bool) -> str | None:
     return order
 
 
+def refuse_shuffle_buffer(backend_options: dict) -> None:
+    """`sample` order has no shuffle buffer (the order is the whole split's): a `shuffle_buffer` given for it
+    would be ignored, so it is refused naming the keyword."""
+    if "shuffle_buffer" in backend_options:
+        raise LoaderOptionError("shuffle_buffer", backend_options["shuffle_buffer"], "order='sample' shuffles the "
+                                "whole split and has no buffer; it applies to order='shard'")
+
+
 class SplitIndex:
     """Every shard's DALI index of one split, read once: the lines entries are made of, and each sample's
     member offsets (what the `pytorch` backend reads by). Kept as each index's bytes and its line offsets

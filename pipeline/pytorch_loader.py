@@ -62,7 +62,14 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from pipeline.order import ORDER_CHUNK, SampleReader, SplitIndex, epoch_stream, rank_batches
+from pipeline.order import (
+    ORDER_CHUNK,
+    SampleReader,
+    SplitIndex,
+    epoch_stream,
+    rank_batches,
+    refuse_shuffle_buffer,
+)
 from pipeline.pillow import Augment, collate
 from shards.schema import ShardFormatError
 from shards.store import Store, StoreError
@@ -282,6 +289,7 @@ class PytorchLoader(Loader):
         self._mean, self._inv_std = mean, 1.0 / std
         self._batches = None  # the DataLoader iterator of the pass in progress
         if order == "sample":
+            refuse_shuffle_buffer(backend_options)
             self.order_chunk = ORDER_CHUNK
             try:
                 self._index = SplitIndex(self.store, manifest)
@@ -358,8 +366,19 @@ class PytorchLoader(Loader):
         }
 
     def _complete_epoch(self) -> None:
-        self._batches = None  # shuts the workers down
+        self._stop_workers()
         self._end_epoch()
+
+    def _stop_workers(self) -> None:
+        """Drop the pass in progress, its worker processes killed first: a worker ignores SIGTERM (see
+        leave_stop_signals_to_parent), so one blocked in a read from a store that stopped answering would hold
+        torch's shutdown and then the interpreter's exit (which joins it) for as long as the read waits. Killing
+        a worker loses nothing: it only reads and decodes, and the loader's position is the batches yielded."""
+        workers = getattr(self._batches, "_workers", None) or []  # torch's iterator keeps its worker processes
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+        self._batches = None
 
     def _start_pass(self) -> None:
         dataset = SampleOrderBatches(self._sample_plan()) if self.order == "sample" else RankShare(self._plan())
@@ -402,7 +421,7 @@ class PytorchLoader(Loader):
             # DataLoader iterator; cut it so dropping the iterator shuts the workers down now (left to the
             # garbage collector, shutdown waits out a 5 s join timeout).
             err.__traceback__ = None
-        self._batches = None
+        self._stop_workers()
         kind, message = failure
         marker = f"{kind.__name__}: "  # torch prefixes the worker's traceback; the message is its last line
         if message.startswith("Caught ") and marker in message:
@@ -414,4 +433,4 @@ class PytorchLoader(Loader):
         raise error
 
     def close(self) -> None:
-        self._batches = None
+        self._stop_workers()
