@@ -65,7 +65,7 @@ from pipeline.base import (
     resolve_options,
 )
 from pipeline.dali_segments import SegmentReads
-from pipeline.order import ORDER_CHUNK, SplitIndex, refuse_shuffle_buffer
+from pipeline.order import SplitIndex, refuse_shuffle_buffer
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
 
 READER_NAME = "Reader"
@@ -223,6 +223,7 @@ class DaliLoader(Loader):
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
         order: str | None = None,
+        order_chunk: int | None = None,
         prefetch_depth: int | None = None,
         hw_decoder_load: float | None = None,
         **backend_options: Any,
@@ -256,7 +257,7 @@ class DaliLoader(Loader):
         self._build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
         if order == "sample":
             refuse_shuffle_buffer(backend_options)
-            self.order_chunk = ORDER_CHUNK
+            self.order_chunk = order_chunk
             try:
                 self._index = SplitIndex(self.store, manifest)
             except ShardFormatError as err:

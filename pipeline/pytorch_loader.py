@@ -63,7 +63,6 @@ from pipeline.base import (
     resolve_options,
 )
 from pipeline.order import (
-    ORDER_CHUNK,
     SampleReader,
     SplitIndex,
     epoch_stream,
@@ -259,6 +258,7 @@ class PytorchLoader(Loader):
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
         order: str | None = None,
+        order_chunk: int | None = None,
         prefetch_depth: int | None = None,
         **backend_options: Any,
     ) -> None:
@@ -290,7 +290,7 @@ class PytorchLoader(Loader):
         self._batches = None  # the DataLoader iterator of the pass in progress
         if order == "sample":
             refuse_shuffle_buffer(backend_options)
-            self.order_chunk = ORDER_CHUNK
+            self.order_chunk = order_chunk
             try:
                 self._index = SplitIndex(self.store, manifest)
             except ShardFormatError as err:

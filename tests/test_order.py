@@ -8,6 +8,7 @@ test_train_elastic.py.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -195,3 +196,44 @@ def test_index_folders_are_private_and_cleaned(tiny_shards, tmp_path, monkeypatc
     assert list(ours[0].iterdir()) == []  # each segment's index files went once its reader was built
     ldr.close()
     assert not ours[0].exists()
+
+
+def test_the_chunk_is_a_knob_of_sample_order_only(tiny_shards):
+    for kwargs, message in (({"order": "shard", "order_chunk": 4}, "order_chunk=4: order='shard' reads whole"),
+                            ({"order_chunk": 0}, r"order_chunk=0: must be an integer >= 1 \(samples\)")):
+        with pytest.raises(LoaderOptionError, match=message):
+            build_loader(tiny_shards, "train", train=True, batch_size=4, backend="pytorch", **kwargs)
+    with pytest.raises(LoaderOptionError, match="order_chunk=2: val loaders read every sample once"):
+        build_loader(tiny_shards, "val", train=False, batch_size=4, backend="pytorch", order_chunk=2)
+    ldr = make(tiny_shards, "pytorch", 1, 0, order_chunk=2)
+    state = ldr.state_dict()
+    assert (ldr.order_chunk, state["order_chunk"]) == (2, 2)
+    with pytest.raises(ValueError, match="saved loader state has order_chunk=2, this loader has order_chunk=16"):
+        make(tiny_shards, "pytorch", 1, 0, state=state)
+    def runs(chunk: int) -> int:  # reads from one shard in a row: smaller chunks switch shards more often
+        shard = epoch_stream([40] * 8, seed=0, epoch=0, chunk=chunk) // 40
+        return int(np.count_nonzero(np.diff(shard))) + 1
+    assert runs(2) > runs(4) > runs(16)
+
+
+def test_the_quality_tool_measures_what_it_says(tmp_path, capsys):
+    """tools/order_quality.py on a small split: an i.i.d. order re-meets as often as chance says ((b-1)/(n-1) of
+    the pairs of a batch of b share one again), the previous shard order re-meets more per GPU, chunks of 4
+    mix small per-GPU batches better than chunks of 16, and the cost table counts what the loader writes."""
+    from tools.order_quality import main, quality
+
+    counts = np.full(8, 1000, dtype=np.int64)
+    labels = np.random.default_rng(0).permutation(np.arange(8000) % 10)
+    q = quality(counts, labels, 10, world=8, global_batch=256, chunks=[16, 4])
+    assert q["iid"]["remeet_micro"] == pytest.approx(31 / 7999, rel=0.2)
+    assert q["iid"]["remeet_global"] == pytest.approx(255 / 7999, rel=0.1)
+    assert q["shard"]["remeet_micro"] > 3 * q["iid"]["remeet_micro"]
+    assert q["sample (4)"]["remeet_micro"] < q["sample (16)"]["remeet_micro"] < q["shard"]["remeet_micro"]
+    assert q["sample (16)"]["shards_global"] > q["shard"]["shards_micro"]
+    assert main(["--samples", "8000", "--shards", "8", "--classes", "10", "--ranks", "8", "--global-batch", "256",
+                 "--json", str(tmp_path / "q.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 256 | 32 | iid | " in out and "(1.0x)" in out
+    cost = json.loads((tmp_path / "q.json").read_text())["cost"]
+    assert [(c["ranks"], c["chunk"]) for c in cost] == [(8, 16), (8, 4)]
+    assert cost[1]["index_files"] > cost[0]["index_files"] >= 1000 // 16
