@@ -50,6 +50,7 @@ def build_loader(
     world_size: int | None = None,
     num_threads: int = 4,
     order: str | None = None,
+    order_chunk: int | None = None,
     prefetch_depth: int | None = None,
     hw_decoder_load: float | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -76,6 +77,8 @@ def build_loader(
     order: train only, "sample" (the default: a fresh sample-level order every epoch, the same on every backend
     and for any number of ranks, so a state continues on another process count) or "shard" (the shard order
     reshuffled every epoch plus a shuffle buffer per rank: the cheapest reads); see pipeline.order.
+    order_chunk: "sample" order only, samples read together from one shard (default pipeline.order.ORDER_CHUNK,
+    16): smaller mixes small per-GPU batches better, larger writes fewer index files per epoch.
     prefetch_depth: batches kept in flight (DALI's prefetch queue depth; per worker for `pytorch`); None: the
     backend's default (2). hw_decoder_load: `dali-gpu` only, the share of JPEGs sent to the GPU's hardware JPEG
     decoder (the rest go to the CUDA decoder); None: pipeline.constants.HW_DECODER_LOAD. A backend without the
@@ -103,7 +106,7 @@ def build_loader(
     rank, world_size = resolve_rank(rank, world_size)
     check_loader_knobs(backend, prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
     cache_limit = check_cache_options(backend, shards_dir, cache_dir=cache_dir, cache_limit=cache_limit)
-    order = check_order(order, train=train)
+    order, order_chunk = check_order(order, train=train, chunk=order_chunk)
     check_arguments(
         split=split, train=train, backend=backend, batch_size=batch_size, image_size=image_size, rank=rank,
         world_size=world_size, crop_area=crop_area,
@@ -114,7 +117,7 @@ def build_loader(
     common = dict(
         train=train, batch_size=batch_size, image_size=image_size, backend=backend, rank=rank, world_size=world_size,
         num_threads=num_threads, seed=seed, device_id=device_id, state=state, crop_area=tuple(crop_area), policy=policy,
-        order=order,
+        order=order, order_chunk=order_chunk,
     )
     knobs = dict(prefetch_depth=prefetch_depth, hw_decoder_load=hw_decoder_load)
     cache = dict(cache_dir=cache_dir, cache_limit=cache_limit)

@@ -19,6 +19,7 @@ every pass needs every shard all the time, so no cache can keep "only what the c
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -99,6 +100,21 @@ def workers_minimum(sizes: dict[str, int], *, rank: int, world_size: int, worker
     readers = processes * max(1, workers)
     largest = sorted(sizes.values(), reverse=True)[: readers * per_worker]
     return int(sum(largest)), (f"{processes} process(es) x {max(1, workers)} worker(s) x {per_worker} open tar(s)")
+
+
+def start_workers_cache(loader: Any) -> None:
+    """`start_cache` for a `pytorch` loader: its limit checked against the tars the node's workers hold."""
+    sizes = shard_sizes(loader.store)
+    if sizes is not None:
+        start_cache(loader.store, minimum=workers_minimum(sizes, rank=loader.rank, world_size=loader.world_size,
+                                                          workers=loader.num_workers,
+                                                          sample_order=loader.order == "sample"))
+
+
+def interleaved(tars: list[str], units: list[list[tuple[int, int, int]]]) -> list[str]:
+    """The tars `pytorch` workers read side by side in `shard` order (each worker's (shard, first sample, samples)
+    units), interleaved: the order they are needed in."""
+    return [tars[unit[0]] for step in itertools.zip_longest(*units) for unit in step if unit is not None]
 
 
 def start_cache(store: Store, *, minimum: tuple[int, str] | None, want: list[str] | None = None) -> None:

@@ -67,7 +67,7 @@ from pipeline.base import (
 )
 from pipeline.cache_use import cached_shards, segments_minimum, shard_sizes, start_cache, stop_cache
 from pipeline.dali_segments import SegmentReads
-from pipeline.order import ORDER_CHUNK, SplitIndex
+from pipeline.order import SplitIndex, refuse_shuffle_buffer
 from shards.cached_store import CachedStore
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
 from shards.store import Hold
@@ -227,6 +227,7 @@ class DaliLoader(Loader):
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
         order: str | None = None,
+        order_chunk: int | None = None,
         prefetch_depth: int | None = None,
         hw_decoder_load: float | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -262,7 +263,8 @@ class DaliLoader(Loader):
         )
         self._build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
         if order == "sample":
-            self.order_chunk = ORDER_CHUNK
+            refuse_shuffle_buffer(backend_options)
+            self.order_chunk = order_chunk
             try:
                 self._index = SplitIndex(self.store, manifest)
             except ShardFormatError as err:

@@ -47,7 +47,9 @@ from shards.store import Hold, Store
 
 ORDERS: tuple[str, ...] = ("sample", "shard")
 DEFAULT_ORDER = "sample"
-#: Samples read together from one shard in `sample` order (see the module docstring and docs/data-order.md).
+#: Samples read together from one shard in `sample` order, unless `order_chunk` says otherwise (see the module
+#: docstring and the README's "Data order": smaller mixes small per-GPU batches better, larger writes fewer
+#: index files).
 ORDER_CHUNK = 16
 #: Reader entries per DALI pipeline in `sample` order: far below the ~32,000 at which DALI 2.4's reader fails.
 MAX_ENTRIES = 4096
@@ -83,18 +85,36 @@ def rank_batches(stream: np.ndarray, *, rank: int, world_size: int, batch_size: 
     return stream[: count * width].reshape(count, world_size, batch_size)[:, rank, :]
 
 
-def check_order(order: str | None, *, train: bool) -> str | None:
-    """The order a loader reads in: `order`, or DEFAULT_ORDER when None; None for val (every sample once, in
-    manifest order). LoaderOptionError naming the keyword for an unknown order or one asked of a val loader."""
+def check_order(order: str | None, *, train: bool, chunk: int | None = None) -> tuple[str | None, int | None]:
+    """(order, chunk) a loader reads in: `order` or DEFAULT_ORDER, and for `sample` order `chunk` or ORDER_CHUNK
+    (samples read together from one shard); None, None for val (every sample once, in manifest order).
+    LoaderOptionError naming the keyword for an unknown order, a chunk below 1, or either asked where it does
+    not apply."""
     if not train:
-        if order is not None:
-            raise LoaderOptionError("order", order, "val loaders read every sample once in manifest order; leave "
-                                    "it unset")
-        return None
+        for keyword, value in (("order", order), ("order_chunk", chunk)):
+            if value is not None:
+                raise LoaderOptionError(keyword, value, "val loaders read every sample once in manifest order; "
+                                        "leave it unset")
+        return None, None
     order = DEFAULT_ORDER if order is None else order
     if order not in ORDERS:
         raise LoaderOptionError("order", order, f"choose one of {', '.join(ORDERS)}")
-    return order
+    if order != "sample":
+        if chunk is not None:
+            raise LoaderOptionError("order_chunk", chunk, f"order={order!r} reads whole shards; the chunk applies "
+                                    "to order='sample'")
+        return order, None
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise LoaderOptionError("order_chunk", chunk, "must be an integer >= 1 (samples)")
+    return order, ORDER_CHUNK if chunk is None else chunk
+
+
+def refuse_shuffle_buffer(backend_options: dict) -> None:
+    """`sample` order has no shuffle buffer (the order is the whole split's): a `shuffle_buffer` given for it
+    would be ignored, so it is refused naming the keyword."""
+    if "shuffle_buffer" in backend_options:
+        raise LoaderOptionError("shuffle_buffer", backend_options["shuffle_buffer"], "order='sample' shuffles the "
+                                "whole split and has no buffer; it applies to order='shard'")
 
 
 class SplitIndex:

@@ -42,7 +42,6 @@ the tar and the sample key.
 from __future__ import annotations
 
 import gc
-import itertools
 import math
 import os
 import random
@@ -63,13 +62,13 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from pipeline.cache_use import shard_sizes, start_cache, stop_cache, workers_minimum
+from pipeline.cache_use import interleaved, start_workers_cache, stop_cache
 from pipeline.order import (
-    ORDER_CHUNK,
     SampleReader,
     SplitIndex,
     epoch_stream,
     rank_batches,
+    refuse_shuffle_buffer,
     segments,
     shards_read,
 )
@@ -165,8 +164,7 @@ def open_shards(names: Iterable[str], store: Store) -> Iterator[dict]:
             exn.args = exn.args + (url,)
             unreadable_tar(exn)
         yield {"url": url, "stream": stream}
-        stream.close()  # the expander asks for the next tar once it is done with this one (a cached copy is held
-        # while it is open)
+        stream.close()  # the expander is done with it (a cached copy is held while it is open)
 
 
 def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
@@ -267,6 +265,7 @@ class PytorchLoader(Loader):
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
         order: str | None = None,
+        order_chunk: int | None = None,
         prefetch_depth: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
@@ -299,7 +298,8 @@ class PytorchLoader(Loader):
         self._mean, self._inv_std = mean, 1.0 / std
         self._batches = None  # the DataLoader iterator of the pass in progress
         if order == "sample":
-            self.order_chunk = ORDER_CHUNK
+            refuse_shuffle_buffer(backend_options)
+            self.order_chunk = order_chunk
             try:
                 self._index = SplitIndex(self.store, manifest)
             except ShardFormatError as err:
@@ -310,7 +310,7 @@ class PytorchLoader(Loader):
                                  f"world_size={world_size} x batch_size={batch_size}")
             self.num_samples = self.batches_per_epoch * batch_size
             self._restore(state)  # the position is all there is to restore: randomness is per stream position
-            self._start_cache(sample_order=True)
+            start_workers_cache(self)
             return
 
         # Batches per worker do not depend on the shard order, so the epoch length is fixed: train takes the
@@ -334,14 +334,7 @@ class PytorchLoader(Loader):
             )
         self.num_samples = self.batches_per_epoch * batch_size if self.train else end - start
         self._restore(state)
-        self._start_cache(sample_order=False)
-
-    def _start_cache(self, *, sample_order: bool) -> None:
-        """With a shard cache: check its limit against what the workers hold and start its downloader."""
-        sizes = shard_sizes(self.store)
-        if sizes is not None:
-            start_cache(self.store, minimum=workers_minimum(sizes, rank=self.rank, world_size=self.world_size,
-                                                            workers=self.num_workers, sample_order=sample_order))
+        start_workers_cache(self)
 
     def identity(self) -> dict[str, Any]:
         # In `shard` order the worker count shapes each worker's slice, the skip counts on resume and the epoch
@@ -384,20 +377,26 @@ class PytorchLoader(Loader):
         }
 
     def _complete_epoch(self) -> None:
-        self._batches = None  # shuts the workers down
+        self._stop_workers()
         self._end_epoch()
 
+    def _stop_workers(self) -> None:
+        """Drop the pass in progress, its worker processes killed first: a worker ignores SIGTERM (see
+        leave_stop_signals_to_parent), so one blocked in a read from a store that stopped answering would hold
+        torch's shutdown and then the interpreter's exit (which joins it) for as long as the read waits. Killing
+        a worker loses nothing: it only reads and decodes, and the loader's position is the batches yielded."""
+        workers = getattr(self._batches, "_workers", None) or []  # torch's iterator keeps its worker processes
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+        self._batches = None
+
     def _start_pass(self) -> None:
-        if self.order == "sample":
-            plan = self._sample_plan()
-            self.store.want(shards_read(self._index, segments(self._index, plan["batches"])))
-            dataset: IterableDataset = SampleOrderBatches(plan)
-        else:
-            plan = self._plan()
-            # the workers read their units side by side: interleaved, that is the order the tars are needed in
-            self.store.want([self.tars[unit[0]] for step in itertools.zip_longest(*plan["units"]) for unit in step
-                             if unit is not None])
-            dataset = RankShare(plan)
+        sample = self.order == "sample"
+        plan = self._sample_plan() if sample else self._plan()  # a shard cache fetches first what is read first:
+        self.store.want(shards_read(self._index, segments(self._index, plan["batches"])) if sample
+                        else interleaved(self.tars, plan["units"]))
+        dataset = SampleOrderBatches(plan) if sample else RankShare(plan)
         pin = self.device.type == "cuda"
         # Collect garbage before the DataLoader forks its workers: a DALI pipeline left for the collector (the
         # profiler runs DALI and pytorch configurations in one process) would otherwise be finalised inside a
@@ -437,7 +436,7 @@ class PytorchLoader(Loader):
             # DataLoader iterator; cut it so dropping the iterator shuts the workers down now (left to the
             # garbage collector, shutdown waits out a 5 s join timeout).
             err.__traceback__ = None
-        self._batches = None
+        self._stop_workers()
         kind, message = failure
         marker = f"{kind.__name__}: "  # torch prefixes the worker's traceback; the message is its last line
         if message.startswith("Caught ") and marker in message:
@@ -449,5 +448,5 @@ class PytorchLoader(Loader):
         raise error
 
     def close(self) -> None:
-        self._batches = None
+        self._stop_workers()
         stop_cache(getattr(self, "store", None))

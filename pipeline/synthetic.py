@@ -38,6 +38,7 @@ class SyntheticLoader(Loader):
         crop_area: tuple[float, float],
         policy: AugmentPolicy,
         order: str | None = None,
+        order_chunk: int | None = None,
         **backend_options: Any,
     ) -> None:
         super().__init__()
@@ -54,7 +55,7 @@ class SyntheticLoader(Loader):
         self.num_classes = num_classes
         self.train = train
         self.augment = policy.spec  # always rrc-flip: build_loader refuses a policy for synthetic
-        self.order = order  # recorded only: one random batch, yielded again and again, has no order
+        self.order, self.order_chunk = order, order_chunk  # recorded only: one random batch has no order
         self.batches_per_epoch = batches_per_epoch(
             train=train, num_samples=total, batch_size=batch_size, world_size=world_size, rank=rank
         )

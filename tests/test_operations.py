@@ -298,3 +298,55 @@ def test_train_and_val_with_shifted_class_lists_are_refused(tiny_imagenet, tmp_p
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert "class 4 is zz_renamed in train but n00000005 in val" in err and not (tmp_path / "run").exists()
+
+
+# --- issue 19: an evaluation that fails costs no epoch; a crash before the first checkpoint logs nothing twice ----
+def synthetic_run(run_dir: Path, **overrides):
+    from training.config import build_config
+
+    return build_config(overrides={**dict(
+        backend="synthetic", arch="resnet18", image_size=32, precision="fp32", batch_size=4, synthetic_samples=16,
+        synthetic_val_samples=8, num_classes=3, epochs=2, log_every=1, throughput_warmup_steps=0,
+        checkpoint_minutes=0, progress=False, run_dir=str(run_dir)), **overrides})
+
+
+def test_an_epoch_is_checkpointed_before_its_evaluation(tmp_path, monkeypatch):
+    """The evaluation at an epoch's end fails (its store went away): the epoch's steps are already in a
+    checkpoint that says the evaluation is owed, and the resumed run evaluates first, then goes on."""
+    import training.trainer as trainer_module
+    from training.train import train
+
+    real = trainer_module.evaluate_models
+
+    def store_gone(*args, **kwargs):
+        raise OSError("s3://bucket/val-000000.tar: reading stopped at byte 0 after 4 attempts")
+
+    monkeypatch.setattr(trainer_module, "evaluate_models", store_gone)
+    with pytest.raises(OSError, match="reading stopped"):
+        train(synthetic_run(tmp_path / "run"))
+    saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
+    assert (saved["step"], saved["epoch"], saved["step_in_epoch"], saved["pending_eval"]) == (4, 1, 0, 1)
+    monkeypatch.setattr(trainer_module, "evaluate_models", real)
+    summary = train(synthetic_run(tmp_path / "run", resume="auto"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records if r["kind"] == "eval"] == [("eval", 4), ("eval", 8)]
+    assert summary["steps"] == 8 and checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])[
+        "pending_eval"] is None
+
+
+def test_a_crash_before_the_first_checkpoint_leaves_no_records_twice(tmp_path):
+    """A run killed after some log lines but before its first checkpoint: the rerun with --resume auto starts
+    from step 0 and its metrics.jsonl holds each step once (the old records used to stay, and curves.png
+    plotted both)."""
+    from training.train import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    left = [{"kind": "train", "epoch": 0, "step": s, "loss": 9.0} for s in (1, 2, 3)] + [
+        {"kind": "eval", "epoch": 1, "step": 3, "top1": 1.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in left))
+    train(synthetic_run(run_dir, resume="auto", epochs=1))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4] and 9.0 not in [r.get("loss") for r in records]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4]

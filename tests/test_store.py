@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -34,11 +35,14 @@ from shards.verify import verify
 from tools import synth
 from tools.cli import main as cli
 from tools.local_s3 import free_port
+from training import checkpoint as checkpoint_module
 
 BUCKET = "shards"
 URL = f"s3://{BUCKET}/quirks"
 SIZE = 32  # pixels
 SPLITS = ("train", "val")
+#: Seconds from SIGTERM to exit for a run whose store froze: the checkpoint write and the process teardown.
+STOP_BOUND = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +248,8 @@ def test_every_sample_read_from_the_store_equals_the_local_one(converted, s3_env
 
 def batches(location, split, backend, **kwargs):
     kwargs.setdefault("num_threads", 1)
-    if split == "train":  # DALI fills its buffer by re-reading a split smaller than it: one GET per sample
-        kwargs.setdefault("shuffle_buffer", 8)
+    if split == "train" and kwargs.get("order") == "shard":  # DALI fills its buffer by re-reading a split
+        kwargs.setdefault("shuffle_buffer", 8)  # smaller than it: one GET per sample
     ldr = build_loader(location, split, train=split == "train", batch_size=4, image_size=SIZE, backend=backend,
                        with_keys=True, **kwargs)
     with ldr:
@@ -253,12 +257,39 @@ def batches(location, split, backend, **kwargs):
 
 
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
-@pytest.mark.parametrize("split", SPLITS)
-def test_loaders_yield_the_same_batches_from_the_store(converted, s3_env, backend, split):
-    remote, local = batches(URL, split, backend, seed=3), batches(converted, split, backend, seed=3)
+@pytest.mark.parametrize(("split", "order"), [("train", "sample"), ("train", "shard"), ("val", None)])
+def test_loaders_yield_the_same_batches_from_the_store(converted, s3_env, backend, split, order):
+    remote = batches(URL, split, backend, seed=3, order=order)
+    local = batches(converted, split, backend, seed=3, order=order)
     assert [k for _, _, k in remote] == [k for _, _, k in local] and remote
     for (x, y, _), (x_local, y_local, _) in zip(remote, local, strict=True):
         assert x.equal(x_local) and y.equal(y_local)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+def test_sample_order_resumes_on_another_process_count_from_the_store(converted, s3_env, backend):
+    """The order's guarantees hold on s3:// too: global batches of 6 on 1, 2 and 3 processes are the same, and a
+    state saved on 2 processes continues on 3 with exactly the samples not yet seen."""
+    def run(world, state=None, steps=None):
+        loaders = [build_loader(URL, "train", train=True, batch_size=6 // world, image_size=SIZE, backend=backend,
+                                rank=r, world_size=world, num_threads=1, seed=5, with_keys=True, state=state)
+                   for r in range(world)]
+        passes, out = [iter(ldr) for ldr in loaders], []
+        for batch in zip(*passes, strict=True):
+            out.append(sorted(k for b in batch for k in b[2]))
+            if steps is not None and len(out) == steps:
+                break
+        states = [ldr.state_dict() for ldr in loaders]
+        for ldr in loaders:
+            ldr.close()
+        return out, states
+
+    whole, _ = run(1)
+    assert len(whole) == 3 and sorted(k for ks in whole for k in ks) == sorted(keys_in(converted, "train"))
+    assert run(3)[0] == whole
+    first, states = run(2, steps=1)
+    rest, _ = run(3, state=states[0])
+    assert first + rest == whole
 
 
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
@@ -357,10 +388,12 @@ def test_dropped_connections_are_resumed(converted, s3_env):
 
 @pytest.mark.timeout(120, method="thread")  # a hang must fail, not stall the suite
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
-def test_store_stopped_mid_epoch_is_a_clear_error(converted, s3_env, backend):
+@pytest.mark.parametrize("order", ["sample", "shard"])
+def test_store_stopped_mid_epoch_is_a_clear_error(converted, s3_env, backend, order):
     # little read-ahead, so most of the epoch is still in the store when it goes away
+    buffer = {"shuffle_buffer": 1} if order == "shard" else {}
     ldr = build_loader(URL, "train", train=True, batch_size=2, image_size=SIZE, backend=backend, num_threads=1,
-                       shuffle_buffer=1, prefetch_depth=1)
+                       prefetch_depth=1, order=order, **buffer)
     batches_seen, started = 0, time.monotonic()
     try:
         with pytest.raises(ShardReadError) as caught:
@@ -392,3 +425,38 @@ def test_train_reads_train_and_val_from_the_store(converted, s3_env, tmp_path):
     summary = train(config)
     assert summary["steps"] == 2
     assert summary["final_eval"]["total"] == load_manifest(converted, "val").num_samples  # every val sample once
+
+
+@pytest.mark.timeout(180, method="thread")
+def test_a_stop_during_a_frozen_store_ends_in_a_checkpoint_at_once(converted, s3_env, tmp_path):
+    """The store freezes mid-epoch (its relay stopped with SIGSTOP: connections open, nothing answers) and the
+    scheduler sends SIGTERM: the run writes its checkpoint at the last finished step and exits 143 within
+    STOP_BOUND seconds, instead of waiting out the store's retries while the scheduler's grace period runs out."""
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "tools.cli", "train", "--data", URL, "--backend", "pytorch", "--num-threads", "1",
+            "--arch", "resnet18", "--image-size", str(SIZE), "--precision", "fp32", "--batch-size", "2",
+            "--epochs", "3", "--log-every", "1", "--throughput-warmup-steps", "0", "--checkpoint-minutes", "0",
+            "--no-progress", "--run-dir", str(run_dir), "--prefetch-depth", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
+    try:
+        while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        os.kill(s3_env._process.pid, signal.SIGSTOP)  # the store stops answering
+        time.sleep(3)  # the loader's read-ahead runs dry; the loop waits on the store
+        stopped_at = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=STOP_BOUND * 4)
+        took = time.monotonic() - stopped_at
+    finally:
+        os.kill(s3_env._process.pid, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert took < STOP_BOUND, f"{took:.1f} s"
+    assert "SIGTERM while waiting for data" in out and "after writing checkpoint" in err
+    saved = checkpoint_module.load(checkpoint_module.list_checkpoints(run_dir)[-1])
+    assert saved["step"] >= 2 and saved["loader_states"][0]["position"] == saved["step_in_epoch"] * 2

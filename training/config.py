@@ -30,7 +30,7 @@ from pipeline.augment import (  # light: the pipeline imports DALI only when a l
 from pipeline.base import BACKENDS, LoaderOptionError, check_loader_knobs
 from pipeline.cache_use import check_cache_options
 from pipeline.constants import CROP_AREA, HW_DECODER_LOAD
-from pipeline.order import DEFAULT_ORDER, ORDERS
+from pipeline.order import DEFAULT_ORDER, ORDER_CHUNK, check_order
 from shards.schema import SPLIT_PATTERN
 from shards.store import is_store_url, open_store
 
@@ -66,6 +66,9 @@ class TrainConfig:
                       "continues mid-epoch on any process count with the same global batch) or shard (the shard "
                       "order reshuffled every epoch plus a shuffle buffer per rank: the cheapest reads; resumes "
                       "mid-epoch only on the same processes, backend and threads)")
+    order_chunk: int | None = _opt(None, f"--order sample: samples read together from one shard (default "
+                                   f"{ORDER_CHUNK}; smaller mixes small per-GPU batches better, larger writes fewer "
+                                   "index files; see the README's Data order)")
     num_threads: int | str = _opt(4, "loader threads per process (DALI CPU threads / PyTorch workers), or 'auto': "
                                   "from a matching tune.json (`saturate profile --tune`), else a short tune first",
                                   auto=True)
@@ -288,7 +291,10 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
             elif isinstance(value, int) and not isinstance(value, bool):
                 need(abs(value) < 2**62, f.name, "is out of range")
     need(c.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
-    need(c.order in ORDERS, "order", f"must be one of {', '.join(ORDERS)}")
+    try:  # the loader's own rule, reported with the flag
+        check_order(c.order, train=True, chunk=c.order_chunk)
+    except LoaderOptionError as err:
+        raise ConfigError(f"{flag(err.keyword)}: {err.reason}, got {err.value!r}") from None
     need(0 <= c.seed < 2**32, "seed", "must be in [0, 2**32)")
     need(c.image_size <= MAX_IMAGE_SIZE, "image_size", f"must be <= {MAX_IMAGE_SIZE} pixels")
     need(c.val_image_size is None or c.val_image_size <= MAX_IMAGE_SIZE, "val_image_size",

@@ -24,7 +24,8 @@ def make_loader(cfg: TrainConfig, info: DistInfo, *, train: bool, image_size: in
         options["num_samples"] = cfg.synthetic_samples if train else cfg.synthetic_val_samples
     if train:  # the augmentation policy and the data order; val is never augmented and reads every sample once
         options.update(augment=cfg.augment, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                       random_erasing=cfg.random_erasing, order=cfg.order)
+                       random_erasing=cfg.random_erasing, order=cfg.order,
+                       order_chunk=cfg.order_chunk)
         if cfg.log_sample_keys and cfg.backend != "synthetic":
             options["with_keys"] = True
     return build_loader(
