@@ -413,3 +413,25 @@ def test_train_reads_through_the_cache_and_logs_the_requests(remote, s3_env, tmp
     assert train(config)["steps"] == 2
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 0: store (boto3"))
     assert " requests (" in line and f"; cache {folder(tmp_path / 'cache')}: " in line
+
+
+# --- the profiler ---------------------------------------------------------------------------------------------
+def test_profile_reports_requests_per_image_for_every_backend(remote, s3_env, tmp_path):
+    """`saturate profile` counts the store's requests on a relay of its own in front of the http:// endpoint
+    (DALI's AWS client included), in a process of its own (DALI keeps the first endpoint it saw): from the store
+    each backend sends requests per image; through a staged cache, none."""
+    assert cli(["shards", "cache", remote, str(tmp_path / "cache"), "--split", "train"]) == 0
+    figures = {}
+    for name, extra in (("store", []), ("cache", ["--cache-dir", str(tmp_path / "cache")])):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "tools.cli", "profile", remote, "--out", str(out), "--modes", "loader",
+                        "--backends", "dali-cpu,pytorch", "--threads", "1", "--batch-size", "8", "--image-size", "48",
+                        "--steps", "6", "--windows", "2", "--warmup", "2", "--max-warmup", "0", "--no-progress",
+                        *extra], cwd=ROOT, check=True, capture_output=True, timeout=600)
+        rows = json.loads((out / "report.json").read_text())["rows"]
+        assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
+        figures[name] = {row["backend"]: row["requests_per_image"] for row in rows}
+    report = (tmp_path / "store" / "report.md").read_text()
+    assert "| req/img |" in report and "counted on a relay in front of the store's http:// endpoint" in report
+    assert figures["store"]["dali-cpu"] > 1.0 and 0.5 < figures["store"]["pytorch"] < 2.0  # a GET per sample
+    assert figures["cache"] == {"dali-cpu": 0.0, "pytorch": 0.0}

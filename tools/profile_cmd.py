@@ -60,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_axis_flags(parser, STEP_AXES)
     parser.add_argument("--arch", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--split", default="train", help="split to read (default train)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="s3:// shards: every data row reads through a node-local "
+                        "shard cache in DIR (as `saturate train --cache-dir`); pre-stage it with `saturate shards "
+                        "cache` to measure it warm from the first row")
+    parser.add_argument("--cache-limit", metavar="SIZE", help="bytes --cache-dir may hold, e.g. 200GB")
     bound = parser.add_mutually_exclusive_group()
     bound.add_argument("--duration", type=float, help=f"timed seconds per configuration (default {DEFAULT_DURATION:g})")
     bound.add_argument("--steps", type=int, help="timed steps per configuration instead of --duration")
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         args.shards, out_dir=args.out, **{a.sweep: getattr(args, a.sweep) for a in AXES.values()},
         randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m, random_erasing=args.random_erasing,
         arch=args.arch, split=args.split, steps=args.steps, duration=args.duration, warmup=args.warmup,
-        max_warmup=args.max_warmup, windows=args.windows, progress=not args.no_progress,
+        max_warmup=args.max_warmup, windows=args.windows, progress=not args.no_progress, cache_dir=args.cache_dir,
+        cache_limit=args.cache_limit,
     )
     if not main:
         return 0
@@ -143,6 +148,9 @@ def run_tune(args: argparse.Namespace, *, main: bool) -> int:
             raise ValueError(f"{flag}: --tune tunes one configuration, got {values}")
         return values[0]
 
+    if args.cache_dir is not None or args.cache_limit is not None:
+        raise ValueError("--cache-dir: --tune measures the loader without a cache; tune on a folder, or profile "
+                         "the cache without --tune")
     backend = one("--backends", args.backends or [default_backends()[0][0]])
     settings = dict(arch=args.arch, batch_size=one("--batch-size", args.batch_sizes),
                     image_size=one("--image-size", args.image_sizes), precision=one("--precision", args.precisions),

@@ -2,7 +2,7 @@
 request that passes, whoever sends it (boto3, or the AWS C++ SDK inside DALI's reader, which no Python hook
 sees), and for tests it can answer requests with `503 Slow Down` or cut connections.
 
-    python -m tools.request_relay PORT TARGET_PORT --requests FILE [--connections FILE] [--slow-down-every K]
+    python -m tools.request_relay PORT [HOST:]PORT --requests FILE [--connections FILE] [--slow-down-every K]
         [--budget BYTES]
 
 --requests FILE     one line per request, `METHOD PATH` (what the profiler counts requests per image from)
@@ -136,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.request_relay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("port", type=int, help="port to listen on (127.0.0.1)")
-    parser.add_argument("target", type=int, help="port of the store on 127.0.0.1")
+    parser.add_argument("target", help="the store: PORT on 127.0.0.1, or HOST:PORT")
     parser.add_argument("--requests", metavar="FILE")
     parser.add_argument("--connections", metavar="FILE")
     parser.add_argument("--slow-down-every", type=int, metavar="K")
     parser.add_argument("--budget", type=int, metavar="BYTES")
     args = parser.parse_args(argv)
     requests, connections = Requests(Counter(args.requests), args.slow_down_every), Counter(args.connections)
+    host, _, port = args.target.rpartition(":")
+    target = (host or "127.0.0.1", int(port))
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", args.port))
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         client, _ = listener.accept()
         try:
-            upstream = socket.create_connection(("127.0.0.1", args.target))
+            upstream = socket.create_connection(target)
         except OSError:
             _close(client)
             continue

@@ -18,6 +18,12 @@ over, or that one rank failed and everyone stops (a rank that left early would h
 On the CPU a configuration's `model_threads` sets the model's intra-op threads: the cores the loader leaves
 (`cpu_split`, the trainer's own rule), so the ceiling and the e2e rows split the cores as `saturate train`.
 
+Requests to an object store are counted per window (`RequestCounter`), so each row says how many requests per
+image its backend sends: on a relay in front of a plain-http endpoint when the profile started one
+(tools/request_relay.py: every request on the wire, DALI's own AWS client included), else through boto3's hooks
+(shards.request_log: the `pytorch` backend, the indexes and a shard cache's downloads, not DALI's own reads, so
+DALI rows say n/a); a local folder sends none.
+
 CPU seconds ('CPU cores busy') count this process and its worker processes. Live children are read one by
 one: the kernel adds a child's time to the parent's `children_*` counters only once it has been waited for,
 and DataLoader workers end at every epoch boundary.
@@ -31,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tools.profiler.gpu import GpuMonitor
@@ -77,6 +84,8 @@ class Workload:
     num_classes: int  # the corpus's, so the ceiling trains the same head as e2e
     #: randaugment_n, randaugment_m, random_erasing for rows with an augmentation policy (build_loader's keywords)
     augment_options: dict = field(default_factory=dict)
+    #: build_loader's cache_dir/cache_limit for the data rows: the store read through a node-local shard cache
+    cache_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class Window:
     wait_seconds: float  # host time blocked in next(loader)
     cpu_seconds: float  # this process and its workers
     gpu_util_pct: float | None = None
+    requests: int | None = None  # to the object store during the window (RequestCounter); None: not counted
 
     @property
     def images_per_sec(self) -> float:
@@ -121,6 +131,7 @@ def run_config(
     gpu_monitor: GpuMonitor,
     ranks: Any = None,
     clock: Callable[[], float] = time.perf_counter,
+    requests: RequestCounter | None = None,
 ) -> Measurement:
     """Build, measure, tear down (always). Under several ranks, all agree the build worked before timing."""
     import torch
@@ -143,7 +154,7 @@ def run_config(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return measure(endless(loader), step, device=device, timing=timing, gpu_monitor=gpu_monitor, ranks=ranks,
-                       clock=clock)
+                       clock=clock, requests=requests, backend=config.backend)
     finally:
         torch.set_num_threads(model_threads)
         if loader is not None:
@@ -170,7 +181,8 @@ def build_loader(config: ProfileConfig, *, workload: Workload) -> Any:
     # (None) leaves the loader's default. The policy's knobs go with a policy.
     options = workload.augment_options if config.augment is not None else {}
     return pipeline_loader(workload.shards_dir, workload.split, train=True, batch_size=config.batch_size,
-                           image_size=config.image_size, backend=config.backend, **config.loader_keywords(), **options)
+                           image_size=config.image_size, backend=config.backend, **config.loader_keywords(), **options,
+                           **workload.cache_options)
 
 
 def build_step(config: ProfileConfig, *, arch: str, num_classes: int, device: Any) -> Callable:
@@ -215,8 +227,11 @@ def measure(
     gpu_monitor: GpuMonitor,
     ranks: Any = None,
     clock: Callable[[], float] = time.perf_counter,
+    requests: RequestCounter | None = None,
+    backend: str = "",
 ) -> Measurement:
-    """Time `step` over `batches` (or the loader alone when `step` is None); see the module docstring."""
+    """Time `step` over `batches` (or the loader alone when `step` is None); see the module docstring.
+    `requests` counts the object store's requests of `backend` in each window."""
     ranks = ranks or SingleProcess()
 
     def sync() -> None:
@@ -233,6 +248,7 @@ def measure(
             step(images, labels)
 
     def window(steps: int | None, seconds: float | None) -> Window:
+        sent = requests.count(backend) if requests is not None else None
         cpu_start, start = cpu_seconds_snapshot(), clock()
         images = count = 0
         wait = 0.0
@@ -248,7 +264,10 @@ def measure(
         util = gpu_monitor.utilization()  # sampled while the window's work is still running
         sync()  # the one host sync of this window
         wall = clock() - start
-        return Window(images, count, wall, wait, cpu_seconds_delta(cpu_start, cpu_seconds_snapshot()), util)
+        cpu = cpu_seconds_delta(cpu_start, cpu_seconds_snapshot())
+        if sent is not None:
+            sent = requests.count(backend) - sent
+        return Window(images, count, wall, wait, cpu, util, sent)
 
     def minimum_warmup() -> tuple:
         for _ in range(timing.warmup):
@@ -301,6 +320,39 @@ def spread_share(rates: list[float]) -> float:
     import statistics
 
     return (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else 0.0
+
+
+class RequestCounter:
+    """Requests sent to the object store so far, by the rows of one backend (see the module docstring): a
+    running count (compare two readings), or None where it cannot be counted honestly."""
+
+    def __init__(self, *, store: bool, relay_log: Path | None = None) -> None:
+        """`store`: the profile reads an object store (else nothing is sent: 0); `relay_log`: the relay's
+        one-line-per-request file, when a relay carries the traffic."""
+        self.store, self.relay_log = store, relay_log
+
+    @property
+    def how(self) -> str:
+        """How the requests are counted, for the report."""
+        if not self.store:
+            return "a local folder: no requests"
+        if self.relay_log is not None:
+            return ("on a relay in front of the store's http:// endpoint (tools/request_relay.py): every request, "
+                    "DALI's own reads included")
+        return ("through boto3's hooks (shards.request_log): pytorch reads, indexes and a cache's downloads; "
+                "DALI's own AWS client is not seen, so DALI rows are n/a (an http:// endpoint is counted on a relay)")
+
+    def count(self, backend: str) -> int | None:
+        if not self.store or backend == "synthetic":
+            return 0
+        if self.relay_log is not None:
+            with open(self.relay_log, "rb") as f:
+                return f.read().count(b"\n")
+        if backend.startswith("dali"):
+            return None
+        from shards.request_log import request_counts
+
+        return request_counts().requests
 
 
 class SingleProcess:

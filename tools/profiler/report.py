@@ -28,7 +28,9 @@ from tools.profiler.row import ProfileRow, fastest_model_rows
 
 NA = "n/a"
 LEGEND = ("img/s/GPU: median over timed windows (min-max beside it). data wait: share of the e2e wall time the "
-          "step loop spent in next(loader). CPU cores: CPU seconds of this process and its workers per wall second. "
+          "step loop spent in next(loader). req/img (an object store): requests sent to it per image read (how they "
+          "were counted: see Notes). CPU cores: CPU seconds of this process and its workers per wall "
+          "second. "
           "vs ceiling: against the model mode (synthetic data) at the same batch and image size, measured before "
           "and after the data rows. threads needed: whole CPU threads this loader needs to feed the ceiling "
           "(assumes linear scaling; the thread sweep shows whether it holds). (...) marks an unstable row: its "
@@ -63,12 +65,13 @@ class Report:
                         for names in (LOADER_AXES, STEP_AXES))
         cpu_model = any(row.config.model_threads is not None for row in self.rows)
         node = self.ranks > 1
+        store = bool(self.settings.get("store"))  # an object store: requests per image (a folder sends none)
         head = ["mode", "backend", *(AXES[name].column or name for name in loader), "batch", "px",
                 *(AXES[name].column or name for name in step), *(["model threads"] if cpu_model else []),
                 "img/s/GPU", "min-max",
                 *(["total", "alone", "scaling"] if node else []),
-                "step ms", "data wait", "CPU cores", "GPU util", "GPU mem GiB", "vs ceiling", "vs pytorch",
-                "threads needed", "note"]
+                "step ms", "data wait", *(["req/img"] if store else []), "CPU cores", "GPU util", "GPU mem GiB",
+                "vs ceiling", "vs pytorch", "threads needed", "note"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             c = row.config
@@ -89,6 +92,7 @@ class Report:
             cells += [
                 _fmt(row.step_time_ms, "{:.1f}"),
                 _fmt(row.data_wait_share, "{:.0%}", missing="-" if c.mode != "e2e" else NA),
+                *([_fmt(row.requests_per_image, "{:.3g}") if c.mode != "model" else "-"] if store else []),
                 _fmt(row.cpu_cores_busy, "{:.1f}"),
                 _fmt(row.gpu_util_pct, "{:.0f}%"),
                 _fmt(memory, "{:.1f}"),

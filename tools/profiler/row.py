@@ -42,6 +42,7 @@ class ProfileRow:
     step_time_ms: float | None = None  # median over windows of window wall time / steps
     data_wait_share: float | None = None  # e2e: fraction of wall time the host spent waiting in next(loader)
     cpu_cores_busy: float | None = None  # process + worker CPU seconds / wall seconds (per GPU)
+    requests_per_image: float | None = None  # object-store requests per image read (measure.RequestCounter)
     gpu_util_pct: float | None = None  # NVML, median of one sample per window
     gpu_memory_peak_gib: float | None = None  # torch.cuda.max_memory_allocated (torch tensors only)
     gpu_memory_used_gib: float | None = None  # NVML: whole device in use (includes DALI's and cuDNN's pools)
@@ -85,6 +86,7 @@ def summarise(config: ProfileConfig, passes: list[Measurement]) -> ProfileRow:
     settled = [p.settled for p in passes if p.settled is not None]
     notes = [f"measured again: a pass's windows spread {min(r):.0f}-{max(r):.0f} img/s"
              for p in passes for r in p.discarded]
+    sent = [w.requests for w in windows]
     return ProfileRow(
         config,
         timed_steps=sum(w.steps for w in windows),
@@ -97,6 +99,7 @@ def summarise(config: ProfileConfig, passes: list[Measurement]) -> ProfileRow:
         step_time_ms=statistics.median(w.step_seconds for w in windows) * 1e3,
         data_wait_share=sum(w.wait_seconds for w in windows) / wall if config.mode == "e2e" else None,
         cpu_cores_busy=cores_busy(sum(w.cpu_seconds for w in windows), wall),
+        requests_per_image=sum(sent) / sum(w.images for w in windows) if None not in sent else None,
         gpu_util_pct=statistics.median(utils) if utils else None,
         gpu_memory_peak_gib=max(peaks) if peaks else None,
         gpu_memory_used_gib=max(used) if used else None,
@@ -133,6 +136,7 @@ def combine(config: ProfileConfig, rank_rows: list[ProfileRow], solo: ProfileRow
         step_time_ms=mean_of("step_time_ms"),
         data_wait_share=mean_of("data_wait_share"),
         cpu_cores_busy=mean_of("cpu_cores_busy"),  # per GPU: each rank counts its own process and workers
+        requests_per_image=mean_of("requests_per_image"),  # each rank counts its own requests
         gpu_util_pct=mean_of("gpu_util_pct"),
         gpu_memory_peak_gib=mean_of("gpu_memory_peak_gib"),
         gpu_memory_used_gib=mean_of("gpu_memory_used_gib"),

@@ -8,6 +8,13 @@ are pooled, and when they disagree the ceiling and every e2e row compared with i
 A configuration that fails (no GPU for dali-gpu, a loader that raises, out of memory) becomes an error row
 holding the message; the profile goes on.
 
+Object storage: every row says how many requests per image its loader sent to the store (measure.RequestCounter).
+When the store's endpoint is plain http:// (a MinIO, a local test server), the profile starts a counting relay
+in front of it (`counting_relay`) and points this process at it before anything reads the store, so DALI's own
+AWS client, which keeps the first endpoint it sees for the whole process, is counted too. With `cache_dir` every
+data row reads through a node-local shard cache (pipeline.cache_use); the rows are measured once steady, so they
+show the cache as it is by then (pre-stage it with `saturate shards cache` to measure it warm from the first row).
+
 Node scale: under torchrun every rank measures the same configuration at the same time. The question is
 images/s per GPU when every GPU of the node trains at once: N loaders then share the node's CPU cores, PCIe
 and memory bandwidth, and a loader that fed one GPU can starve eight. Each configuration is measured twice:
@@ -24,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from tools.profiler.gpu import GpuMonitor
@@ -33,6 +41,7 @@ from tools.profiler.measure import (
     DEFAULT_WARMUP,
     DEFAULT_WINDOWS,
     Measurement,
+    RequestCounter,
     SingleProcess,
     Timing,
     Workload,
@@ -69,13 +78,14 @@ class Session:
     timing: Timing
     monitor: GpuMonitor
     clock: Callable[[], float] = time.perf_counter
+    requests: RequestCounter | None = None  # the store's requests per window (None: not counted)
 
     def measure(self, config: ProfileConfig) -> list[tuple[Outcome, Outcome | None]]:
         """One pass of `config`: per rank, (outcome measured with every rank, rank 0's outcome alone)."""
         def attempt(ranks: Any) -> Outcome:
             try:
                 return run_config(config, workload=self.workload, device=self.device, timing=self.timing,
-                                  gpu_monitor=self.monitor, ranks=ranks, clock=self.clock)
+                                  gpu_monitor=self.monitor, ranks=ranks, clock=self.clock, requests=self.requests)
             except Exception as err:  # a broken backend is a row of the report, not the end of the profile
                 return f"{type(err).__name__}: {err}"
 
@@ -141,6 +151,8 @@ def run_profile(
     windows: int = DEFAULT_WINDOWS,
     max_warmup: float = DEFAULT_MAX_WARMUP,
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: str | int | None = None,
     **axes: Sequence | None,
 ) -> Report:
     """axes: the values to sweep, one keyword per `Sweep` field (modes, backends, batch_sizes, image_sizes,
@@ -150,7 +162,8 @@ def run_profile(
     steps / duration: timed work per configuration, in steps or seconds (split over `windows` windows);
     neither means DEFAULT_DURATION seconds. warmup: untimed steps at least; max_warmup: seconds the
     steady-step-time check may add (0: off). randaugment_n/m and random_erasing apply to every row with an
-    augmentation policy (`augments`; None: the loader's default)."""
+    augmentation policy (`augments`; None: the loader's default). cache_dir/cache_limit: every data row reads an
+    object store through a node-local shard cache (build_loader's keywords)."""
     ranks = ranks_of(info)
     main = ranks.rank == 0
     notes: list[str] = []
@@ -170,8 +183,6 @@ def run_profile(
     if sweep.augments == (None,) and augment_options:  # --random-erasing alone: on top of the default policy
         sweep = replace(sweep, augments=("rrc-flip",))
     check_sweep(sweep, steps=steps, duration=duration, warmup=warmup, windows=windows, max_warmup=max_warmup)
-    from tqdm import tqdm
-
     from shards.schema import check_split_name
     from training.model import is_classifier
 
@@ -179,6 +190,23 @@ def run_profile(
     if {"model", "e2e"} & set(sweep.modes) and not is_classifier(arch):
         # checked once here rather than as one error row per training configuration
         raise ValueError(f"--arch: {arch!r} is not a torchvision classification model")
+    cache_options = cache_keywords(shards_dir, sweep, cache_dir=cache_dir, cache_limit=cache_limit)
+    requests, stop_relay = counting_relay(shards_dir)
+    try:
+        return measure_sweep(shards_dir, sweep, info=info, ranks=ranks, main=main, notes=notes, out_dir=out_dir,
+                             augment_options=augment_options, cache_options=cache_options, requests=requests,
+                             arch=arch, split=split, timing=Timing(steps, duration, windows, warmup, max_warmup),
+                             progress=progress)
+    finally:
+        stop_relay()
+
+
+def measure_sweep(shards_dir: str | os.PathLike, sweep: Sweep, *, info: Any, ranks: Any, main: bool, notes: list[str],
+                  out_dir: str | os.PathLike | None, augment_options: dict, cache_options: dict,
+                  requests: RequestCounter, arch: str, split: str, timing: Timing, progress: bool) -> Report:
+    """run_profile once the sweep is checked: describe, measure every configuration, write the report."""
+    from tqdm import tqdm
+
     corpus = describe_corpus(shards_dir, split)
     if out_dir is not None and main:
         Report.prepare(out_dir)
@@ -187,9 +215,8 @@ def run_profile(
     model_threads = cpu_split(info.device)
     if model_threads is not None:
         configs = with_cpu_model_threads(configs, model_threads)
-    workload = Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000, augment_options)
-    session = Session(ranks, workload, info.device,
-                      Timing(steps, duration, windows, warmup, max_warmup), GpuMonitor(info.device))
+    workload = Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000, augment_options, cache_options)
+    session = Session(ranks, workload, info.device, timing, GpuMonitor(info.device), requests=requests)
     passes: dict[ProfileConfig, list] = {}
     units = schedule(configs)
     bar = tqdm(units, desc="saturate profile", unit="config", disable=not (progress and main), file=sys.stderr)
@@ -203,14 +230,69 @@ def run_profile(
     if augment_options:
         notes.append("every row with an augment policy also has " + ", ".join(
             f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in augment_options.items()))
+    if requests.store:
+        notes.append(f"req/img: requests per image read from the store, counted {requests.how}")
     settings = {"shards_dir": str(shards_dir), "split": split, "arch": arch, "device": str(info.device),
-                **sweep_dict(sweep), **augment_options, "steps": steps, "duration": duration, "warmup": warmup,
-                "windows": windows,
-                "max_warmup": max_warmup, "ranks": ranks.world_size, "configurations": len(configs)}
+                **sweep_dict(sweep), **augment_options, "steps": timing.steps, "duration": timing.duration,
+                "warmup": timing.warmup, "windows": timing.windows, "max_warmup": timing.max_warmup,
+                "ranks": ranks.world_size, "configurations": len(configs), "store": requests.store, **cache_options}
     report = Report(corpus=corpus, machine=machine, settings=settings, rows=rows, notes=notes)
     if out_dir is not None and main:
         report.write(out_dir)
     return report
+
+
+def cache_keywords(shards_dir: str | os.PathLike, sweep: Sweep, *, cache_dir: Any, cache_limit: Any) -> dict:
+    """build_loader's cache_dir/cache_limit for the data rows, checked once for every backend swept
+    (pipeline.cache_use names the keyword of a bad one: it becomes the flag)."""
+    from pipeline import LoaderOptionError
+    from pipeline.cache_use import check_cache_options
+    from training.config import flag
+
+    if cache_dir is None and cache_limit is None:
+        return {}
+    try:
+        for backend in sweep.backends:
+            cache_limit = check_cache_options(backend, shards_dir, cache_dir=cache_dir, cache_limit=cache_limit)
+    except LoaderOptionError as err:
+        raise ValueError(f"{flag(err.keyword)}: {err.reason}, got {err.value!r}") from None
+    return {"cache_dir": str(cache_dir), "cache_limit": cache_limit}
+
+
+def counting_relay(shards_dir: str | os.PathLike) -> tuple[RequestCounter, Callable[[], None]]:
+    """(the counter of the store's requests, what stops it). For an s3:// location behind a plain-http endpoint,
+    a relay (tools/request_relay.py) in its own process in front of the endpoint, and this process pointed at it
+    (AWS_ENDPOINT_URL) until stopped. It must start before anything in this process reads the store: DALI's AWS
+    client keeps the first endpoint it saw."""
+    import subprocess
+    import tempfile
+    from urllib.parse import urlsplit
+
+    from shards.store import is_store_url
+    from tools.local_s3 import free_port, wait_for_port
+
+    if not is_store_url(str(shards_dir)):
+        return RequestCounter(store=False), lambda: None
+    names = [n for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(n)]
+    endpoint = urlsplit(os.environ[names[0]]) if names else None
+    if endpoint is None or endpoint.scheme != "http" or not endpoint.port:
+        return RequestCounter(store=True), lambda: None  # https or AWS itself: boto3's hooks count
+    fd, log = tempfile.mkstemp(prefix="saturate-requests-", suffix=".log")
+    os.close(fd)
+    port = free_port()
+    relay = subprocess.Popen([sys.executable, "-m", "tools.request_relay", str(port),
+                              f"{endpoint.hostname}:{endpoint.port}", "--requests", log])
+    saved = {name: os.environ[name] for name in names}
+    wait_for_port(port)
+    os.environ.update({name: f"http://127.0.0.1:{port}" for name in names})
+
+    def stop() -> None:
+        os.environ.update(saved)
+        relay.terminate()
+        relay.wait(timeout=30)
+        os.unlink(log)
+
+    return RequestCounter(store=True, relay_log=Path(log)), stop
 
 
 def augment_keywords(*, randaugment_n: int | None = None, randaugment_m: int | None = None,
