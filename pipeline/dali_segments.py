@@ -62,25 +62,33 @@ class SegmentReads:
                              first_batch=first_batch)
 
     def open(self, epoch: int, segment: Segment, *, checkpoint: bytes | None = None,
-             prefetch: bool = True) -> tuple[Any, Hold]:
-        """(the segment's DALI iterator, the hold on its shards: release it when the iterator is dropped)."""
+             prefetch: bool = True) -> tuple[Any, Hold, int]:
+        """(the segment's DALI iterator, the hold on its shards: release it when the iterator is dropped, how many
+        of them it reads from local files)."""
         loader = self.loader
         hold = loader.store.hold(shards_read(loader._index, [segment]))  # before the entries name local copies
+        local = self._local(segment)
         try:
             tars, indexes, folder = self.folder.write(loader._index, segment.entries, loader.store.url)
             try:  # DALI parses the indexes when the pipeline is built; the files are not needed afterwards
-                return loader.iterator(sample_order_reader(tars, indexes), checkpoint=checkpoint, prefetch=prefetch,
-                                       seed=segment_seed(loader.seed, loader.rank, epoch, segment.first_batch)), hold
+                dali = loader.iterator(sample_order_reader(tars, indexes), checkpoint=checkpoint, prefetch=prefetch,
+                                       seed=segment_seed(loader.seed, loader.rank, epoch, segment.first_batch))
+                return dali, hold, local
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         except BaseException:
             hold.release()
             raise
 
-    def _current(self, plan: list[Segment], opened: tuple[Any, Hold]) -> None:
+    def _local(self, segment: Segment) -> int:
+        """How many of the segment's shards are local files now (all in a folder; none on a store without cache)."""
+        return sum(self.loader.store.local_path(name) is not None for name in shards_read(self.loader._index,
+                                                                                          [segment]))
+
+    def _current(self, plan: list[Segment], opened: tuple[Any, Hold, int]) -> None:
         """Make `plan[0]` (opened) the segment being read, releasing the one before."""
         self._release()
-        self._plan, (self._dali, self._hold) = plan, opened
+        self._plan, (self._dali, self._hold, _) = plan, opened
         self._left = plan[0].num_batches
         self.loader.store.want(shards_read(self.loader._index, plan))
 
@@ -138,16 +146,22 @@ class SegmentReads:
         self._ahead = self._pool.submit(build)
 
     def _take_ahead(self, epoch: int, first_batch: int) -> tuple | None:
-        """(plan, (iterator, hold)) built ahead when it starts at (`epoch`, `first_batch`); else None (it is
-        dropped)."""
+        """(plan, (iterator, hold, local)) built ahead when it starts at (`epoch`, `first_batch`); else None (it is
+        dropped). Built again when a shard cache has verified shards it would read from the store: the same
+        segment with the same seed, so the same batches, read from local files (a pipeline build, once per
+        segment while the cache fills)."""
         if self._ahead is None:
             return None
         future, self._ahead = self._ahead, None
         built_epoch, built_first, plan, opened = future.result()  # a failure to build it is raised here
-        if (built_epoch, built_first) == (epoch, first_batch):
-            return plan, opened
-        opened[1].release()
-        return None
+        if (built_epoch, built_first) != (epoch, first_batch):
+            opened[1].release()
+            return None
+        if self._local(plan[0]) > opened[2]:
+            fresh = self.open(epoch, plan[0], prefetch=False)
+            opened[1].release()
+            opened = fresh
+        return plan, opened
 
     def checkpoint(self, batch: int) -> dict[str, Any]:
         """What continues this segment exactly (on a loader like this one): its first batch and, mid-segment, the
