@@ -382,11 +382,6 @@ class DaliLoader(Loader):
     def _start_pass(self) -> None:
         if self._reads is not None:
             self._reads.start(self.epoch, self.batch_in_epoch)
-        elif not self.train and self.batch_in_epoch == 0 and cached_shards(self.store) > self._local:
-            # val reads the same samples in the same order every pass: a new pipeline reads what was cached since
-            self._dali = None
-            self._dali = self.iterator(self._shard_reader(), seed=rank_seed(self.seed, self.rank), checkpoint=None,
-                                       prefetch=False)
 
     def _complete_epoch(self) -> None:
         """Run DALI to the end of this rank's epoch (a rank with a bigger share has one batch more than the
@@ -403,7 +398,14 @@ class DaliLoader(Loader):
                     next(self._dali)
                 except StopIteration:
                     break
-            self._dali.reset()
+            if not self.train and cached_shards(self.store) > self._local:
+                # val reads the same samples in the same order every pass: a new pipeline reads the shards cached
+                # since from local files (a reset would start the old one prefetching from the store)
+                self._dali = None
+                self._dali = self.iterator(self._shard_reader(), seed=rank_seed(self.seed, self.rank),
+                                           checkpoint=None, prefetch=False)
+            else:
+                self._dali.reset()
         self._end_epoch()
 
     def _next_batch(self) -> tuple:

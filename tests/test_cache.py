@@ -174,6 +174,22 @@ def test_a_cold_cache_reads_from_the_store_until_shards_arrive(remote, tiny_shar
     assert cached_store(tmp_path).cached() == (8, 8)
 
 
+def test_dali_val_reads_what_was_cached_since_from_its_next_pass(remote, tiny_shards, s3_env, tmp_path):
+    """DALI's val pipeline takes its paths when it is built: a pass that starts after the cache filled builds it
+    again on the local copies (val reads the same samples in the same order every pass); from then on no request
+    is sent."""
+    local = epochs(loader(tiny_shards, "dali-cpu", train=False), 1)[0]
+    with loader(remote, "dali-cpu", train=False, cache_dir=tmp_path) as ldr:
+        batches = iter(ldr)
+        first = [(x.clone(), list(k)) for x, _, k in (next(batches) for _ in range(len(ldr)))]
+        assert ldr.store.wait_idle(timeout=60) and ldr.store.cached() == (4, 4)  # cached while the pass ran
+        second = [(x.clone(), list(k)) for x, _, k in ldr]  # a new pipeline; the old one's read-ahead into
+        seen = len(s3_env.requests())  # this pass (DALI prefetches across the epoch's end) still went to the store
+        third = [(x.clone(), list(k)) for x, _, k in ldr]
+        assert len(s3_env.requests()) == seen
+    assert same_batches([first, second, third], [local, local, local])
+
+
 # --- damage and kills ------------------------------------------------------------------------------------
 def test_a_corrupted_cached_shard_is_detected_and_fetched_again(remote, tiny_shards, s3_env, tmp_path, monkeypatch):
     fill(cached_store(tmp_path))
