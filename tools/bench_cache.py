@@ -41,6 +41,23 @@ def built(requests: Any, backend: str, make: Any) -> tuple[Any, int]:
     return loader, requests.count(backend) - sent
 
 
+def stage(url: str, requests: Any) -> dict:
+    """What `saturate shards cache URL DIR` does for the train split, into an empty folder: requests, seconds."""
+    from shards.cached_store import CachedStore
+    from shards.schema import load_manifest
+    from shards.store import open_store
+
+    manifest = load_manifest(url, "train")
+    sent, started = requests.count("store"), time.perf_counter()
+    store = CachedStore(open_store(url), tempfile.mkdtemp(prefix="saturate-bench-stage-"), manifest, limit=None)
+    store.start()
+    store.wait_idle()
+    store.close()
+    seconds, sent = time.perf_counter() - started, requests.count("store") - sent
+    return {"requests": sent, "seconds": seconds, "images": manifest.num_samples,
+            "requests_per_image": sent / manifest.num_samples, "bytes": store.cache.stats.downloaded_bytes}
+
+
 def bench(url: str, folder: str, *, backend: str, requests: Any, epochs: int, **settings: Any) -> dict:
     from pipeline import build_loader
 
@@ -73,6 +90,10 @@ def bench(url: str, folder: str, *, backend: str, requests: Any, epochs: int, **
 def table(results: dict[str, dict]) -> str:
     lines = ["| backend | from | img/s | requests/image | note |", "|---|---|---|---|---|"]
     for backend, r in results.items():
+        if backend == "stage":
+            lines.append(f"| - | staging the split (`saturate shards cache`) | - | {r['requests_per_image']:.4f} | "
+                         f"{r['requests']} requests, {r['bytes'] / 1e6:.0f} MB in {r['seconds']:.1f} s |")
+            continue
         warm = ", ".join(f"{e['images_per_sec']:.0f}" for e in r["warm_epochs"])
         disk = ", ".join(f"{e['images_per_sec']:.0f}" for e in r["disk_epochs"])
         lines += [
@@ -110,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {backend: bench(args.url, args.folder, backend=backend, requests=requests, epochs=args.epochs,
                                   num_threads=args.threads, batch_size=args.batch_size, image_size=args.image_size)
                    for backend in args.backends.split(",")}
+        results["stage"] = stage(args.url, requests)
     finally:
         stop()
     print(table(results))
