@@ -22,7 +22,7 @@ node failure) leaves a temporary (removed by the next process) or files without 
 half shard. Files without a valid stamp (a cache left by a killed job, copied in, changed since, or from before a
 reboot) are hashed again, with the index fetched again, before they are trusted, and fetched again when they
 differ. A stamp cannot see a bit that flips on the disk without the file being written (mtime unchanged): after a
-reboot everything is hashed again, and `saturate shards verify DIR/<bucket>/<prefix>` checks a cache in full.
+reboot everything is hashed again, and removing `.verified/` has every shard hashed again by the next process.
 
 Processes. Each shard has two lock files. `.get` is held exclusively while a process downloads, re-checks or
 evicts the shard, so a shard is downloaded once per node however many ranks want it; the others read it from the

@@ -40,7 +40,8 @@ from shards.request_log import count_requests
 #: this many times, waiting RETRY_BACKOFF * 2**attempt seconds between tries; then it fails naming the URL.
 READ_RETRIES = 3
 RETRY_BACKOFF = 0.5  # seconds
-#: botocore's own retries per request (standard mode: throttling, 5xx, connection errors), and its timeouts.
+#: botocore's own retries per request (standard mode: 503 Slow Down and other throttling, 5xx, connection errors,
+#: with exponential back-off and jitter; each attempt counted by shards.request_log), and its timeouts.
 REQUEST_ATTEMPTS = 3
 CONNECT_TIMEOUT = 10  # seconds
 READ_TIMEOUT = 60  # seconds without a byte before a data request (a shard's GET, an upload) counts as failed
