@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,10 +67,12 @@ class SegmentReads:
         """(the segment's DALI iterator, the hold on its shards: release it when the iterator is dropped, how many
         of them it reads from local files)."""
         loader = self.loader
-        hold = loader.store.hold(shards_read(loader._index, [segment]))  # before the entries name local copies
-        local = self._local(segment)
+        names = shards_read(loader._index, [segment])
+        hold = loader.store.hold(names)  # before the entries name local copies
         try:
-            tars, indexes, folder = self.folder.write(loader._index, segment.entries, loader.store.url)
+            urls = {name: loader.store.url(name) for name in names}  # once per shard, not per entry
+            local = sum(isinstance(url, Path) for url in urls.values())
+            tars, indexes, folder = self.folder.write(loader._index, segment.entries, urls.__getitem__)
             try:  # DALI parses the indexes when the pipeline is built; the files are not needed afterwards
                 dali = loader.iterator(sample_order_reader(tars, indexes), checkpoint=checkpoint, prefetch=prefetch,
                                        seed=segment_seed(loader.seed, loader.rank, epoch, segment.first_batch))

@@ -185,7 +185,7 @@ class SampleReader:
 
     def __init__(self, store: Store, index: SplitIndex) -> None:
         self.store, self.index = store, index
-        self._files: dict[int, tuple[int, Hold]] = {}  # shard -> (file descriptor, its hold), oldest first
+        self._files: dict[int, tuple[int, Hold, str]] = {}  # shard -> (file descriptor, hold, path), oldest first
 
     def __call__(self, sample: int, position: int) -> dict:
         shard, within = self.index.locate(np.array([sample]))
@@ -199,11 +199,11 @@ class SampleReader:
             else:
                 data = self.store.read_bytes(name, offset=first, length=length)
         except (OSError, ValueError) as err:
-            raise ShardReadError(f"{self.store.url(name)}: sample {key} could not be read ({err})") from None
+            raise ShardReadError(f"{self._where(shard, name)}: sample {key} could not be read ({err})") from None
         if len(data) != length:
-            raise ShardReadError(f"{self.store.url(name)}: sample {key} ends at byte {first + len(data)}, its index "
-                                 f"says {first + length}; the shard is truncated or was replaced, re-convert it")
-        out = {"__url__": str(self.store.url(name)), "__key__": key, "__position__": position}
+            raise ShardReadError(f"{self._where(shard, name)}: sample {key} ends at byte {first + len(data)}, its "
+                                 f"index says {first + length}; the shard is truncated or was replaced, re-convert it")
+        out = {"__url__": self._where(shard, name), "__key__": key, "__position__": position}
         out.update({ext: data[offset:offset + size] for ext, (offset, size) in members.items()})
         return out
 
@@ -218,14 +218,18 @@ class SampleReader:
             if len(self._files) >= self.OPEN_FILES:
                 self._close(next(iter(self._files)))
             try:
-                self._files[shard] = (os.open(path, os.O_RDONLY), hold)
+                self._files[shard] = (os.open(path, os.O_RDONLY), hold, str(path))
             except OSError:
                 hold.release()
                 raise
         return self._files[shard][0]
 
+    def _where(self, shard: int, name: str) -> str:
+        """The tar's path (an open local file: asked of the store once, not per sample) or URL, for messages."""
+        return self._files[shard][2] if shard in self._files else str(self.store.url(name))
+
     def _close(self, shard: int) -> None:
-        fd, hold = self._files.pop(shard)
+        fd, hold, _ = self._files.pop(shard)
         os.close(fd)
         hold.release()
 
