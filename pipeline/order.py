@@ -145,6 +145,11 @@ class SplitIndex:
     def num_samples(self) -> int:
         return int(self.counts.sum())
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the index holds (bytes)."""
+        return sum(map(len, self._lines)) + sum(offsets.nbytes for offsets in self._offsets)
+
     def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, sample within the shard) of global sample numbers."""
         shard = np.searchsorted(self.starts, samples, side="right") - 1
