@@ -179,6 +179,8 @@ class LocalStore(Store):
         return str(self.root.resolve())
 
     def check(self) -> None:
+        if self.root.is_file():
+            raise NotADirectoryError(f"shard directory {self.root} is a file, not a folder")
         if not self.root.is_dir():
             raise FileNotFoundError(f"shard directory {self.root} does not exist")
 

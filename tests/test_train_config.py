@@ -216,6 +216,22 @@ def test_a_malformed_config_file_is_one_line_naming_it(tmp_path, capsys, name, t
         assert err.count("\n") == 1
 
 
+def test_data_pointing_at_a_file_says_so(tmp_path, capsys):
+    """`--data` naming a regular file (a tar, the manifest itself) said "directory does not exist"."""
+    from tools.cli import main as saturate
+    from tools.train_cmd import main
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"")
+    assert main(["--backend", "pytorch", "--data", str(shard), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"saturate train: error: --data: {shard} is a file; give the folder that "
+                                       "holds the shards and their manifests\n")
+    assert saturate(["shards", "verify", str(shard)]) == 2
+    assert capsys.readouterr().err == (f"saturate shards: error: shard directory {shard} is a file, not a "
+                                       "folder\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_print_config(capsys):
     from tools.train_cmd import main
 

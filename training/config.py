@@ -365,6 +365,9 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
                 open_store(c.data)
             except ValueError as err:
                 raise ConfigError(f"--data: {err}") from None
+        elif check_paths and Path(c.data).is_file():
+            raise ConfigError(f"--data: {c.data} is a file; give the folder that holds the shards and their "
+                              "manifests")
         elif check_paths:
             need(Path(c.data).is_dir(), "data", "directory does not exist")
     if c.evaluate_only:
