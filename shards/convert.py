@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def convert(
     samples_per_shard: int | None = None, seed: int = 0, workers: int | None = None, num_jobs: int = 1,
     job_index: int = 0, max_size: int | None = None, quality: int = 90, check: str = "decode",
     max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False, progress: bool = True,
-    spool_dir: str | os.PathLike | None = None,
+    spool_dir: str | os.PathLike | None = None, say: Callable[[str], None] | None = print,
 ) -> Manifest | None:
     """Convert one split into OUT (a folder or an `s3://bucket/prefix` URL); returns the manifest, or None when
     other jobs' shards are still missing.
@@ -50,6 +51,8 @@ def convert(
     non-train split reuses `OUT/train.manifest.json`'s classes when that exists, so val gets train's indices.
     `spool_dir`: where shards bound for an object store are written before upload (default: the system's
     temporary folder); it holds at most `workers` + shards.publish.UPLOADS_IN_FLIGHT shards at a time.
+    `progress` shows the progress bar (stderr) and nothing else; `say` gets the summary, the rejected files and
+    the notes (stdout by default, None: silent), with or without the bar, so a batch job's log shows them.
     """
     src, store = Path(src), open_store(out)
     check_split_name(split)
@@ -60,7 +63,6 @@ def convert(
     options = WriteOptions(split, seed, None if samples_per_shard else shard_bytes, samples_per_shard,
                            max_size, quality, check, max_pixels)
     check_workers(workers)
-    say = print if progress else None
 
     reference = None if classes_file is not None else train_classes(store, split, say=say)
     sources, discovery_rejected, folders = discover(src, labels_csv=Path(labels_csv) if labels_csv else None)
@@ -87,8 +89,8 @@ def convert(
             strict=strict, workers=workers or usable_cpus(), progress=progress,
         )
     manifest = write_manifest(store, split)
-    if progress:
-        _print_summary(split, stats, manifest, job_index, num_jobs, len(mine))
+    if say is not None:
+        _print_summary(split, stats, manifest, job_index, num_jobs, len(mine), say=say)
     if strict and manifest is not None and manifest.rejected:  # rejections of an earlier run without --strict
         first = manifest.rejected[0]
         raise ValueError(f"{src / first['path']}: {first['reason']} (--strict; listed in "
@@ -120,19 +122,19 @@ def warn_empty_classes(manifest: Manifest) -> None:
               f"{shown}{more}; their indices are kept", file=sys.stderr)
 
 
-def _print_summary(split, stats, manifest, job_index, num_jobs, planned) -> None:
+def _print_summary(split, stats, manifest, job_index, num_jobs, planned, *, say: Callable[[str], None]) -> None:
     secs = max(stats["seconds"], 1e-9)
-    print(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
+    say(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
           f"({stats['shards_skipped']} already complete), {stats['images']} images in {secs:.1f} s "
           f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
     if manifest is None:
-        print(f"{split}: other jobs' shards are still missing; the last job (or `saturate shards merge`) "
+        say(f"{split}: other jobs' shards are still missing; the last job (or `saturate shards merge`) "
               "writes the manifest")
     else:
-        print(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+        say(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.converted} converted, {len(manifest.rejected)} rejected of {manifest.discovered} "
               f"discovered, {manifest.num_classes} classes")
         for item in manifest.rejected[:10]:
-            print(f"  rejected {item['path']}: {item['reason']}")
+            say(f"  rejected {item['path']}: {item['reason']}")
         if len(manifest.rejected) > 10:
-            print(f"  ... {len(manifest.rejected) - 10} more in {manifest_name(split)}")
+            say(f"  ... {len(manifest.rejected) - 10} more in {manifest_name(split)}")

@@ -371,6 +371,26 @@ def test_cli_convert_end_to_end(tmp_path):
     assert cli(["shards", "convert", str(tmp_path / "missing"), str(out), "--split", "val"]) == 2
 
 
+def test_no_progress_hides_only_the_bar(tmp_path, capsys):
+    """`shards convert --no-progress` printed nothing at all: the summary, the rejected files and "other jobs'
+    shards are still missing" were behind the progress switch, so a Slurm log never showed a rejection."""
+    src = write_tree(tmp_path / "src", train_per_class=2, val_per_class=0)
+    (src / "train" / "n00000001" / "empty.JPEG").write_bytes(b"")
+    out = tmp_path / "out"
+    base = ["shards", "convert", str(src / "train"), str(out), "--split", "train", "--samples-per-shard", "4",
+            "--workers", "1", "--no-progress"]
+    assert cli([*base, "--num-jobs", "2", "--job-index", "1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # no bar
+    assert "train: job 2/2 wrote 1 of 1 shards" in printed.out
+    assert "train: other jobs' shards are still missing" in printed.out
+    assert cli([*base, "--num-jobs", "2", "--job-index", "0"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert "train: 10 samples in 3 shards, 0 converted, 1 rejected of 11 discovered, 5 classes" in printed.out
+    assert "  rejected n00000001/empty.JPEG: " in printed.out
+
+
 @pytest.mark.parametrize("name,size", [("n01440764_10026.jpg", 81354), ("k.cls", 6), ("x" * 95 + ".json", 0)])
 def test_fast_ustar_header_equals_tarfile(name, size):
     import tarfile

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--spool", metavar="DIR",
                       help="s3:// OUT: local folder for shards waiting to be uploaded, a few shards at a time "
                            "(default: the system's temporary folder)")
-    conv.add_argument("--no-progress", action="store_true")
+    conv.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bar (the summary and the rejected files are still printed)")
     conv.set_defaults(func=run_convert)
 
     ver = sub.add_parser("verify", help="re-check counts, sha256, indexes (and decode with --decode)")
