@@ -28,7 +28,7 @@ from pathlib import Path
 from shards.images import DEFAULT_MAX_PIXELS
 from shards.plan import DEFAULT_SHARD_BYTES, WriteOptions, plan_digest, plan_shards, split_digest, tool_version
 from shards.process import check_workers, usable_cpus
-from shards.publish import ShardSink, publish_plan, write_manifest
+from shards.publish import ShardSink, missing_shards, publish_plan, write_manifest
 from shards.schema import Manifest, check_split_name, load_manifest, manifest_name
 from shards.sources import check_hidden_class_folders, discover, resolve_classes
 from shards.store import Store, open_store
@@ -80,7 +80,7 @@ def convert(
     publish_plan(store, split, digests=[digests[s.index] for s in plan],
                  split_digest=split_digest(plan, options, classes),
                  discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
-                 classes=classes, options=asdict(options), tool_version=tool_version(), say=say)
+                 classes=classes, options=asdict(options), tool_version=tool_version(), num_jobs=num_jobs, say=say)
 
     mine = plan[job_index::num_jobs]
     with ShardSink(store, spool_dir=spool_dir) as sink:
@@ -90,7 +90,8 @@ def convert(
         )
     manifest = write_manifest(store, split)
     if say is not None:
-        _print_summary(split, stats, manifest, job_index, num_jobs, len(mine), say=say)
+        _print_summary(split, stats, manifest, job_index, num_jobs, len(mine), say=say,
+                       missing=missing_shards(store, split) if manifest is None else None)
     if strict and manifest is not None and manifest.rejected:  # rejections of an earlier run without --strict
         first = manifest.rejected[0]
         raise ValueError(f"{src / first['path']}: {first['reason']} (--strict; listed in "
@@ -122,14 +123,15 @@ def warn_empty_classes(manifest: Manifest) -> None:
               f"{shown}{more}; their indices are kept", file=sys.stderr)
 
 
-def _print_summary(split, stats, manifest, job_index, num_jobs, planned, *, say: Callable[[str], None]) -> None:
+def _print_summary(split, stats, manifest, job_index, num_jobs, planned, *, say: Callable[[str], None],
+                   missing: str | None) -> None:
     secs = max(stats["seconds"], 1e-9)
     say(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
           f"({stats['shards_skipped']} already complete), {stats['images']} images in {secs:.1f} s "
           f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
     if manifest is None:
-        say(f"{split}: other jobs' shards are still missing; the last job (or `saturate shards merge`) "
-              "writes the manifest")
+        say(f"{split}: other jobs' shards are still missing (the job that completes the plan writes the "
+            f"manifest): {missing}")
     else:
         say(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.converted} converted, {len(manifest.rejected)} rejected of {manifest.discovered} "

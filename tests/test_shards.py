@@ -188,6 +188,25 @@ def test_jobs_together_equal_one_job(tiny_imagenet, tmp_path):
     assert files_of(shared) == files_of(single)
 
 
+def test_merge_with_jobs_missing_names_the_shards_and_the_jobs_to_rerun(tiny_imagenet, tmp_path, capsys):
+    """`shards merge` said only "some shards of the plan are not written yet"."""
+    out = tmp_path / "out"
+    for index in (1, 3):  # jobs 0 and 2 of 4 never ran; 60 samples -> 8 shards, job I writes I, I+4
+        convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, num_jobs=4, job_index=index,
+                progress=False)
+    capsys.readouterr()
+    assert cli(["shards", "merge", str(out), "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("saturate shards: error: 4 of 8 train shards are not written yet (train-000000.tar, "
+                   "train-000002.tar, train-000004.tar, train-000006.tar): run jobs 0, 2 of --num-jobs 4 "
+                   "(the same `saturate shards convert` with --job-index 0, 2), then merge\n")
+    convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, num_jobs=4, job_index=0,
+            progress=False)
+    assert ("train: other jobs' shards are still missing (the job that completes the plan writes the manifest): "
+            "2 of 8 train shards are not written yet (train-000002.tar, train-000006.tar): run job 2 of --num-jobs "
+            "4 (the same `saturate shards convert` with --job-index 2), then merge\n") in capsys.readouterr().out
+
+
 def make_bad_and_quirky_tree(root: Path) -> dict[str, Path]:
     rng = np.random.default_rng(1)
     cls = root / "n00000001"

@@ -91,10 +91,10 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from shards.publish import write_manifest
+    from shards.publish import missing_shards, write_manifest
 
     manifest = write_manifest(args.out, args.split)
     if manifest is None:
-        raise RuntimeError(f"{args.split}: some shards of the plan in {args.out} are not written yet")
+        raise RuntimeError(missing_shards(args.out, args.split))
     print(f"{args.split}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shards")
     return 0
