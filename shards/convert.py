@@ -3,6 +3,8 @@
     sources, rejected, folders = discover(src, ...)    shards.sources: every regular, non-hidden file, its WNID
     classes = resolve_classes(sources, ...)            shards.sources: ImageFolder order (sorted WNIDs) or --classes
     plan = plan_shards(sources, options)               shards.plan: keys, one seeded global shuffle, cut into shards
+    finished_manifest(store, split, ...)               shards.publish: this very conversion is complete? then
+                                                       nothing below runs and nothing is written
     publish_plan(store, split, ...)                    shards.publish: another plan's manifest removed, plan written
     write_shards(plan[job_index::num_jobs], ...)       shards.write: tar + DALI index per shard, in a process pool,
                                                        each published as it completes (`.idx`, tar, its record)
@@ -28,7 +30,7 @@ from pathlib import Path
 from shards.images import DEFAULT_MAX_PIXELS
 from shards.plan import DEFAULT_SHARD_BYTES, WriteOptions, plan_digest, plan_shards, split_digest, tool_version
 from shards.process import check_workers, usable_cpus
-from shards.publish import ShardSink, missing_shards, publish_plan, write_manifest
+from shards.publish import ShardSink, finished_manifest, missing_shards, publish_plan, write_manifest
 from shards.schema import Manifest, check_split_name, load_manifest, manifest_name
 from shards.sources import check_hidden_class_folders, discover, resolve_classes
 from shards.store import Store, open_store
@@ -77,21 +79,25 @@ def convert(
 
     plan = plan_shards(sources, options)
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
-    publish_plan(store, split, digests=[digests[s.index] for s in plan],
-                 split_digest=split_digest(plan, options, classes),
-                 discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
-                 classes=classes, options=asdict(options), tool_version=tool_version(), num_jobs=num_jobs, say=say)
-
-    mine = plan[job_index::num_jobs]
-    with ShardSink(store, spool_dir=spool_dir) as sink:
-        stats = write_shards(
-            mine, digests, src=src, sink=sink, options=options, label_of={c["wnid"]: c["index"] for c in classes},
-            strict=strict, workers=workers or usable_cpus(), progress=progress,
-        )
-    manifest = write_manifest(store, split)
+    digest = split_digest(plan, options, classes)
+    manifest = finished_manifest(store, split, split_digest=digest, digests=digests)
+    stats, mine = None, plan[job_index::num_jobs]
+    if manifest is None:  # else this very conversion is complete: nothing to write (OUT may even be read-only)
+        publish_plan(store, split, digests=[digests[s.index] for s in plan], split_digest=digest,
+                     discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
+                     classes=classes, options=asdict(options), tool_version=tool_version(), num_jobs=num_jobs,
+                     say=say)
+        with ShardSink(store, spool_dir=spool_dir) as sink:
+            stats = write_shards(
+                mine, digests, src=src, sink=sink, options=options,
+                label_of={c["wnid"]: c["index"] for c in classes}, strict=strict, workers=workers or usable_cpus(),
+                progress=progress,
+            )
+        manifest = write_manifest(store, split)
     if say is not None:
         _print_summary(split, stats, manifest, job_index, num_jobs, len(mine), say=say,
-                       missing=missing_shards(store, split) if manifest is None else None)
+                       missing=missing_shards(store, split) if manifest is None else None,
+                       where=store.url(manifest_name(split)), planned_all=len(plan))
     if strict and manifest is not None and manifest.rejected:  # rejections of an earlier run without --strict
         first = manifest.rejected[0]
         raise ValueError(f"{src / first['path']}: {first['reason']} (--strict; listed in "
@@ -124,11 +130,14 @@ def warn_empty_classes(manifest: Manifest) -> None:
 
 
 def _print_summary(split, stats, manifest, job_index, num_jobs, planned, *, say: Callable[[str], None],
-                   missing: str | None) -> None:
-    secs = max(stats["seconds"], 1e-9)
-    say(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
+                   missing: str | None, where: object, planned_all: int) -> None:
+    if stats is None:
+        say(f"{split}: nothing to do: {where} describes this conversion and its {planned_all} shards are complete")
+    else:
+        secs = max(stats["seconds"], 1e-9)
+        say(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
           f"({stats['shards_skipped']} already complete), {stats['images']} images in {secs:.1f} s "
-          f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
+            f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
     if manifest is None:
         say(f"{split}: other jobs' shards are still missing (the job that completes the plan writes the "
             f"manifest): {missing}")

@@ -211,6 +211,24 @@ def invalidate_other_manifest(store: Store, split: str, split_digest: str, *, sa
             say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
 
 
+def finished_manifest(store: Store, split: str, *, split_digest: str, digests: dict[int, str]) -> Manifest | None:
+    """The split's manifest when it was written for exactly this plan and every planned shard is still complete
+    (`is_complete`: record, sizes, sha256); else None. A rerun of a finished conversion then writes nothing at
+    all, not even its plan, so it succeeds on a read-only OUT and never touches what readers use."""
+    try:
+        text = store.read_text(manifest_name(split))
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = Manifest.from_json(text, store.url(manifest_name(split)))
+    except ShardFormatError:
+        return None
+    if manifest.plan_digest != split_digest:
+        return None
+    sizes = store.sizes()
+    return manifest if all(is_complete(store, split, i, d, sizes) for i, d in digests.items()) else None
+
+
 def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, planned: int) -> list[Path | str]:
     """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s, and the records of shard indices at or
     above `planned`, the plan's shard count) the new manifest does not list: shards of an older, larger plan,

@@ -207,6 +207,32 @@ def test_merge_with_jobs_missing_names_the_shards_and_the_jobs_to_rerun(tiny_ima
             "4 (the same `saturate shards convert` with --job-index 2), then merge\n") in capsys.readouterr().out
 
 
+def test_an_identical_complete_conversion_writes_nothing(tiny_imagenet, tmp_path, monkeypatch, capsys):
+    """Converting again what is already converted, into a read-only OUT, failed writing its plan
+    ("[Errno 30] Read-only file system: OUT/.parts/.train.plan.json.tmp-..."); it now has nothing to write."""
+    from shards.store import LocalStore
+
+    out = tmp_path / "out"
+    argv = ["shards", "convert", str(tiny_imagenet / "train"), str(out), "--split", "train", "--samples-per-shard",
+            "8", "--workers", "1", "--no-progress"]
+    assert cli(argv) == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(out))
+
+    for method in ("put_bytes", "put_file", "delete", "prepare"):
+        monkeypatch.setattr(LocalStore, method, read_only)
+    assert cli(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"train: nothing to do: {out / 'train.manifest.json'} describes this "
+                                              "conversion and its 8 shards are complete\n")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+    (out / "train-000003.tar").write_bytes(b"damaged")  # not complete any more: the rerun must write, and says why
+    assert cli(argv) == 2
+    assert "Read-only file system" in capsys.readouterr().err
+
+
 def make_bad_and_quirky_tree(root: Path) -> dict[str, Path]:
     rng = np.random.default_rng(1)
     cls = root / "n00000001"
