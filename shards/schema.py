@@ -94,8 +94,13 @@ def splits_in(shards_dir: str | os.PathLike) -> list[str]:
     others by name."""
     found = {name[: -len(MANIFEST_SUFFIX)] for name in open_store(shards_dir).sizes()
              if name.endswith(MANIFEST_SUFFIX)}
-    found = {s for s in found if SPLIT_PATTERN.match(s)}
-    return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
+    return _split_order({s for s in found if SPLIT_PATTERN.match(s)})
+
+
+def _split_order(splits: Iterable[str]) -> list[str]:
+    """train and val first, then the others by name."""
+    splits = set(splits)
+    return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
 
 
 # --- file names in a shard folder ----------------------------------------------------------------------
@@ -137,6 +142,21 @@ def unlisted_shard_files(names: Iterable[str], manifest: Manifest, *, partials: 
     partial = f"({re.escape(PARTIAL_SUFFIX)})?" if partials else ""
     pattern = re.compile(rf"^{re.escape(manifest.split)}-\d{{6}}\.({SHARD_EXT}|{INDEX_EXT}){partial}$")
     return sorted(name for name in names if pattern.match(name) and name not in listed)
+
+
+def splits_without_manifest(names: Iterable[str]) -> dict[str, list[str]]:
+    """Split -> its shard files among `names` (a listing, `Store.sizes()`: `<split>-NNNNNN.tar/.idx` and their
+    `.partial`s), sorted, for every split that has such files but no manifest there. The manifest is written
+    last and a re-conversion with another plan removes it first, so these are an interrupted conversion's
+    shards: no loader opens them, and `verify` must say so rather than approve the folder."""
+    names = set(names)
+    pattern = re.compile(rf"^([A-Za-z0-9_]+)-\d{{6}}\.({SHARD_EXT}|{INDEX_EXT})({re.escape(PARTIAL_SUFFIX)})?$")
+    found: dict[str, list[str]] = {}
+    for name in sorted(names):
+        match = pattern.match(name)
+        if match and manifest_name(match.group(1)) not in names:
+            found.setdefault(match.group(1), []).append(name)
+    return {split: found[split] for split in _split_order(found)}
 
 
 def record_number(split: str, name: str) -> int | None:

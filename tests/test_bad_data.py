@@ -126,6 +126,34 @@ def test_shards_of_an_older_larger_plan_are_removed_and_unlisted_ones_reported(t
     assert problems == ["val-000007.tar: not listed in val.manifest.json (left by an older conversion?); remove it"]
 
 
+def test_verify_fails_a_split_whose_shards_have_no_manifest(tiny_shards, tmp_path, capsys):
+    """`cp -r sh shm; rm shm/train.manifest.json; saturate shards verify shm` said OK for val and never
+    mentioned the train tars, which no loader can open; a killed re-conversion leaves exactly that."""
+    out = tmp_path / "shm"
+    out.mkdir()
+    for path in tiny_shards.iterdir():
+        if path.is_file() and path.name != "train.manifest.json":
+            (out / path.name).write_bytes(path.read_bytes())
+    (out / "test-000000.tar.partial").write_bytes(b"")  # a conversion of split 'test' killed at its first shard
+    expected = [
+        f"{out / 'train.manifest.json'}: missing, but 16 train shard files are there (train-000000.idx, "
+        f"train-000000.tar, ...): no loader opens the split; rerun `saturate shards convert SRC {out} --split "
+        f"train` (or `saturate shards merge {out} --split train` once every job has finished)",
+        f"{out / 'test.manifest.json'}: missing, but 1 test shard file is there (test-000000.tar.partial): no "
+        f"loader opens the split; rerun `saturate shards convert SRC {out} --split test` (or `saturate shards "
+        f"merge {out} --split test` once every job has finished)",
+    ]
+    problems, stats = verify(out, workers=1)
+    assert problems == expected and stats["listed"] == 25  # val is still checked
+    assert cli(["shards", "verify", str(out), "--workers", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().out.splitlines()[:2] == [f"FAIL {line}" for line in expected]
+    assert verify(out, splits=["val"], workers=1)[0] == []  # only val asked about, and val is whole
+    for path in out.glob("val*"):  # no manifest at all: still a finding per split, not "nothing to verify"
+        path.unlink()
+    problems, stats = verify(out, workers=1)
+    assert problems == expected and stats["shards"] == 0
+
+
 # --- 2. corrupt entropy-coded data ------------------------------------------------------------------------
 def test_corrupt_jpeg_data_is_rejected_by_default_and_flagged_by_verify(tmp_path):
     good, damaged = noisy_jpeg(0), corrupt_scan(noisy_jpeg(1))

@@ -426,6 +426,19 @@ def test_a_missing_object_is_named(converted, s3_env, backend):
     assert f"{url}/val-000001.tar: missing" in problems
 
 
+def test_verify_fails_shards_without_a_manifest_in_the_store(converted, s3_env, capsys):
+    """A split whose manifest is gone (a killed re-conversion removes it first) was approved: `OK`, rc 0."""
+    url = f"s3://{BUCKET}/no-manifest"
+    copy_prefix(URL, url)
+    open_store(url).delete("train.manifest.json")
+    problems, _ = verify(url, workers=1)
+    assert [p.split(":", 2)[:2] for p in problems] == [["s3", f"//{BUCKET}/no-manifest/train.manifest.json"]]
+    assert f"train shard files are there (train-000000.idx, train-000000.tar, ...): no loader opens the split; " \
+           f"rerun `saturate shards convert SRC {url} --split train`" in problems[0]
+    assert cli(["shards", "verify", url, "--workers", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().out.startswith(f"FAIL {url}/train.manifest.json: missing, but ")
+
+
 def test_wrong_credentials_and_missing_bucket_are_one_line_errors(converted, s3_env, monkeypatch, capsys):
     with pytest.raises(StoreError, match=r"^s3://no-such-bucket/x: NoSuchBucket"):
         load_manifest("s3://no-such-bucket/x", "val")
