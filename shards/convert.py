@@ -5,6 +5,7 @@
     plan = plan_shards(sources, options)               shards.plan: keys, one seeded global shuffle, cut into shards
     finished_manifest(store, split, ...)               shards.publish: this very conversion is complete? then
                                                        nothing below runs and nothing is written
+    claim_split(store, split, ...)                     shards.claim: no other converter is writing this split
     publish_plan(store, split, ...)                    shards.publish: another plan's manifest removed, plan written
     write_shards(plan[job_index::num_jobs], ...)       shards.write: tar + DALI index per shard, in a process pool,
                                                        each published as it completes (`.idx`, tar, its record)
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from shards.claim import claim_split
 from shards.images import DEFAULT_MAX_PIXELS
 from shards.plan import DEFAULT_SHARD_BYTES, WriteOptions, plan_digest, plan_shards, split_digest, tool_version
 from shards.process import check_workers, usable_cpus
@@ -83,17 +85,15 @@ def convert(
     manifest = finished_manifest(store, split, split_digest=digest, digests=digests)
     stats, mine = None, plan[job_index::num_jobs]
     if manifest is None:  # else this very conversion is complete: nothing to write (OUT may even be read-only)
-        publish_plan(store, split, digests=[digests[s.index] for s in plan], split_digest=digest,
-                     discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
-                     classes=classes, options=asdict(options), tool_version=tool_version(), num_jobs=num_jobs,
-                     say=say)
-        with ShardSink(store, spool_dir=spool_dir) as sink:
-            stats = write_shards(
-                mine, digests, src=src, sink=sink, options=options,
-                label_of={c["wnid"]: c["index"] for c in classes}, strict=strict, workers=workers or usable_cpus(),
-                progress=progress,
-            )
-        manifest = write_manifest(store, split)
+        with claim_split(store, split, plan_digest=digest, num_jobs=num_jobs, job_index=job_index):
+            publish_plan(store, split, digests=[digests[s.index] for s in plan], split_digest=digest,
+                         discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
+                         classes=classes, options=asdict(options), tool_version=tool_version(), num_jobs=num_jobs,
+                         say=say)
+            with ShardSink(store, spool_dir=spool_dir) as sink:
+                stats = write_shards(mine, digests, src=src, sink=sink, options=options, label_of=label_of(classes),
+                                     strict=strict, workers=workers or usable_cpus(), progress=progress)
+            manifest = write_manifest(store, split)
     if say is not None:
         _print_summary(split, stats, manifest, job_index, num_jobs, len(mine), say=say,
                        missing=missing_shards(store, split) if manifest is None else None,
@@ -105,6 +105,11 @@ def convert(
     if manifest is not None:
         warn_empty_classes(manifest)
     return manifest
+
+
+def label_of(classes: list[dict]) -> dict[str, int]:
+    """WNID -> class index."""
+    return {c["wnid"]: c["index"] for c in classes}
 
 
 def train_classes(store: Store, split: str, *, say=None) -> Manifest | None:

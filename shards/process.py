@@ -30,7 +30,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -244,13 +244,20 @@ def _writer_alive(name: str) -> bool | None:
     return True
 
 
+def writer_gone(name: str, *, age: Callable[[], float], foreign_after: float) -> bool:
+    """The one staleness rule for anything named with its writer's host and pid (`<...>.tmp-<host>-<pid>-<random>`:
+    temporaries, private folders, the converter's claims): its writer is gone when it ran on this host and its
+    process no longer exists, or when it ran on another host (which cannot be asked) and `age()`, the seconds
+    since it last showed life, exceeds `foreign_after`."""
+    alive = _writer_alive(name)
+    return alive is False or (alive is None and age() > foreign_after)
+
+
 def is_stale(entry: Path, *, foreign_after: float = FOREIGN_STALE_AFTER, now: float | None = None) -> bool:
-    """Whether the temporary `entry` (named with its writer's host and pid) was left by a writer that no longer
-    runs: one of this host whose process is gone, or one of another host (which cannot be asked) once it is
-    `foreign_after` seconds old. FileNotFoundError when it went meanwhile."""
-    alive = _writer_alive(entry.name)
-    return alive is False or (alive is None and (time.time() if now is None else now) - entry.stat().st_mtime
-                              > foreign_after)
+    """Whether the temporary `entry` was left by a writer that no longer runs (`writer_gone`, its age read from
+    the file's modification time). FileNotFoundError when it went meanwhile."""
+    return writer_gone(entry.name, age=lambda: (time.time() if now is None else now) - entry.stat().st_mtime,
+                       foreign_after=foreign_after)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:

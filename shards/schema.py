@@ -1,9 +1,9 @@
 """What a shard is: the one definition the converter, `verify` and every loader in `pipeline/` share.
 
 Like FFCV's `Field` classes, this module owns member names and extensions, the label encoding, the name of every
-file in a shard folder (shards, indexes, manifests, the converter's `.parts/` plans and records, `.partial`
-temporaries), the DALI index format and the manifest. Nothing outside it types an extension string, a file name
-pattern or a label width.
+file in a shard folder (shards, indexes, manifests, the converter's `.parts/` plans, records and claims,
+`.partial` temporaries), the DALI index format and the manifest. Nothing outside it types an extension string, a
+file name pattern or a label width.
 
 A shard is an uncompressed GNU/ustar tar (no PAX headers: DALI's reader has failed on them) whose samples are
 three consecutive members sharing a key::
@@ -49,6 +49,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 PARTS_DIR = ".parts"  # the converter's plans and per-shard records: what `merge` builds the manifest from
 RECORD_EXT = "json"
 PARTIAL_SUFFIX = ".partial"  # a file being written; renamed into place when whole
+CLAIM_SUFFIX = ".claim"  # a running converter's claim on a split (shards.claim)
 
 TAR_BLOCK = 512  # bytes
 #: Version tag DALI's `wds2idx` writes on the first line of an index; our indexes are identical to its own.
@@ -128,6 +129,12 @@ def plan_name(split: str) -> str:
     """The converter's plan of a split (digests, classes, options), written before any shard:
     `.parts/train.plan.json`."""
     return f"{PARTS_DIR}/{split}.plan.{RECORD_EXT}"
+
+
+def claim_name(split: str) -> str:
+    """What a running converter's claim on `split` is named, before shards.claim tags it with its writer
+    (`.parts/.train.claim.tmp-<host>-<pid>-<random>`): `.parts/train.claim`."""
+    return f"{PARTS_DIR}/{split}{CLAIM_SUFFIX}"
 
 
 def partial_name(name: str) -> str:

@@ -408,6 +408,26 @@ def test_jobs_and_merge_against_the_store(quirk_tree, converted, s3_env, capsys)
     assert open_store(url).read_bytes("train.manifest.json") == (converted / "train.manifest.json").read_bytes()
 
 
+def test_a_converter_claims_the_split_in_the_store(quirk_tree, converted, s3_env, capsys):
+    """Two converters of one split into the same prefix raced; on s3:// the claim is an object under .parts/,
+    refreshed while its converter runs (another host's process cannot be asked whether it still runs)."""
+    from shards.claim import CLAIM_STALE_AFTER, SplitBusy
+
+    url = f"s3://{BUCKET}/claimed"
+    store = open_store(url)
+    foreign = ".parts/.val.claim.tmp-node07-12-abcd"
+    store.put_bytes(foreign, json.dumps({"host": "node07", "pid": 12, "plan_digest": "x", "num_jobs": 1,
+                                         "job_index": 0, "refreshed": time.time(), "started": 0.0}))
+    with pytest.raises(SplitBusy, match=re.escape(f"another converter (host node07, pid 12) is writing {url}/val "
+                                                  "(job 0 of 1 of another conversion")):
+        convert_split(quirk_tree, url, "val")
+    assert sorted(store.sizes(".parts")) == [foreign.split("/")[1]]  # nothing written, its own claim removed
+    store.put_bytes(foreign, json.dumps({"host": "node07", "pid": 12, "refreshed": time.time() - CLAIM_STALE_AFTER
+                                         - 1}))
+    assert convert_split(quirk_tree, url, "val") == load_manifest(converted, "val")
+    assert not [name for name in store.sizes(".parts") if ".claim" in name]
+
+
 # --- faults -----------------------------------------------------------------------------------------------
 def copy_prefix(source: str, target: str) -> None:
     store = open_store(target)
