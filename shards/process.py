@@ -1,6 +1,6 @@
 """Facts about this process that every layer needs, read in one place: where it sits in the job (rank, world size,
 local rank, processes per node), how many CPU cores it may really use, and how it writes a file so that no
-reader ever sees it half written.
+reader ever sees it half written; and how it ends with the job (the kernel signals it when its parent dies).
 
 Place in the job: torchrun (and Slurm through it) sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; without
 them this is one process alone. An initialised torch.distributed process group, when there is one, is the
@@ -103,6 +103,32 @@ def job_place() -> tuple[JobPlace, str | None]:
 def processes_per_node() -> int:
     """Training processes sharing this node's cores and GPUs: torchrun's $LOCAL_WORLD_SIZE, else 1."""
     return environment_place().local_world_size
+
+
+# --- ending with the job -------------------------------------------------------------------------------------
+#: This process's parent when this module was first imported (early in a rank's start): `end_with_parent` compares
+#: it with the parent at the time of the request, to catch a parent that died in between.
+STARTED_BY = os.getppid()
+
+
+def end_with_parent(signum: int, *, parent: int | None = None) -> bool:
+    """Ask the kernel to send this process `signum` when its parent dies (Linux PR_SET_PDEATHSIG), so a child is
+    never left running as an orphan: the converter's pool workers (SIGKILL: their shards would be recorded by
+    nobody) and the ranks torchrun starts (SIGTERM: a stop signal that kills torchrun, SIGUSR1 or a plain
+    `kill`, still ends in the ranks' checkpoint; torchrun starts each rank in its own session, so a signal to
+    torchrun's process group never reaches them). `parent`: the pid the caller was started by; when it is gone
+    already (it died before the request took effect) the signal comes now. False where the request is not
+    available (not Linux); the caller then ends some other way."""
+    import ctypes
+
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signum)) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return True
 
 
 # --- CPU cores -----------------------------------------------------------------------------------------------
