@@ -1,6 +1,7 @@
 """Facts about this process that every layer needs, read in one place: where it sits in the job (rank, world size,
 local rank, processes per node), how many CPU cores it may really use, and how it writes a file so that no
-reader ever sees it half written; and how it ends with the job (the kernel signals it when its parent dies).
+reader ever sees it half written; how it ends with the job (the kernel signals it when its parent dies); and
+whether it was asked to stop (`request_stop`), which long waits such as the object store's retries honour.
 
 Place in the job: torchrun (and Slurm through it) sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; without
 them this is one process alone. An initialised torch.distributed process group, when there is one, is the
@@ -29,6 +30,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -129,6 +131,65 @@ def end_with_parent(signum: int, *, parent: int | None = None) -> bool:
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), signum)
     return True
+
+
+# --- stop requests: long waits give up when the process was asked to stop -------------------------------------
+class StopRequested(BaseException):
+    """Raised by a wait that honours stop requests (`check_stop`, `pause`, a blocking wait inside
+    `stop_interrupts`) once `request_stop` was called: the caller (the trainer, on SIGTERM) checkpoints and exits
+    instead of waiting out the object store's time bound. A BaseException, like KeyboardInterrupt: it is no
+    error of the data, so the `except Exception` of readers and error handlers must not turn it into one."""
+
+
+_STOP = threading.Event()
+_STOP_REASON = [""]
+_INTERRUPTING = [0]  # depth of stop_interrupts() blocks open in the main thread
+
+
+def request_stop(reason: str) -> None:
+    """Ask this process to stop waiting (safe in a signal handler: it sets a flag). From then on `check_stop` and
+    `pause` raise StopRequested(reason) (the object store checks before each retry and during its waits);
+    called in the main thread inside `stop_interrupts()`, it raises at once, which ends the blocking wait the
+    signal interrupted (a socket read, a queue get)."""
+    _STOP_REASON[0] = reason
+    _STOP.set()
+    if _INTERRUPTING[0] and threading.current_thread() is threading.main_thread():
+        raise StopRequested(reason)
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def clear_stop() -> None:
+    """Forget a stop request (a new run in the same process, tests)."""
+    _STOP.clear()
+
+
+def check_stop(what: object) -> None:
+    """StopRequested naming `what` (the URL being read) when a stop was requested."""
+    if _STOP.is_set():
+        raise StopRequested(f"{what}: abandoned, {_STOP_REASON[0]}")
+
+
+def pause(seconds: float, what: object) -> None:
+    """Sleep `seconds` (a retry's backoff), ending early with StopRequested when a stop is requested."""
+    if _STOP.wait(seconds):
+        check_stop(what)
+
+
+@contextlib.contextmanager
+def stop_interrupts() -> Iterator[None]:
+    """Within this block (main thread) `request_stop` from a signal handler raises StopRequested where the
+    block is waiting; a stop requested before raises on entry. Put only a wait in it (`next(loader)`), and drop
+    what it was waiting on afterwards: like KeyboardInterrupt, the exception can land anywhere in that code."""
+    check_stop("waiting for data")
+    main = threading.current_thread() is threading.main_thread()
+    _INTERRUPTING[0] += main
+    try:
+        yield
+    finally:
+        _INTERRUPTING[0] -= main
 
 
 # --- CPU cores -----------------------------------------------------------------------------------------------
