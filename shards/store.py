@@ -149,13 +149,14 @@ class S3Store(Store):
         self.bucket, self.prefix = bucket, prefix
         self._clients: dict[tuple[float, int], Any] = {}  # (read timeout in seconds, tries) -> client
         self._session: Any = None  # this process's boto3 session
+        self._rule = RequestRule(REQUEST_ATTEMPTS, "standard")  # replaced by the configuration's, per process
         self._client_pid = -1
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def __getstate__(self) -> dict:
-        return {"bucket": self.bucket, "prefix": self.prefix, "_clients": {}, "_session": None, "_client_pid": -1}
+        return {**self.__dict__, "_clients": {}, "_session": None, "_client_pid": -1}
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -164,18 +165,21 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self.key(name)}"
 
     def _boto3(self) -> Any:
-        """This process's boto3 session (the AWS configuration, read once), shared by its clients."""
+        """This process's boto3 session, shared by its clients, and the rule read from the same configuration."""
         if self._client_pid != os.getpid():
             import boto3
+            import botocore.session
 
+            core = botocore.session.get_session()  # the AWS configuration, read once
             self._clients, self._client_pid = {}, os.getpid()
-            self._session = boto3.session.Session()
+            self._session, self._rule = boto3.session.Session(botocore_session=core), request_rule(core)
         return self._session
 
     @property
     def rule(self) -> RequestRule:
         """The tries and retry mode of this process's requests (`request_rule`)."""
-        return request_rule(self._boto3()._session)  # boto3's botocore session: what its clients read
+        self._boto3()
+        return self._rule
 
     def _client_with(self, read_timeout: float, attempts: int | None = None) -> Any:
         """This process's client for requests with `read_timeout` and `attempts` tries (None: the rule's)."""
