@@ -366,19 +366,8 @@ class PytorchLoader(Loader):
         }
 
     def _complete_epoch(self) -> None:
-        self._stop_workers()
+        self._drop_batches()
         self._end_epoch()
-
-    def _stop_workers(self) -> None:
-        """Drop the pass in progress, its worker processes killed first: a worker ignores SIGTERM (see
-        leave_stop_signals_to_parent), so one blocked in a read from a store that stopped answering would hold
-        torch's shutdown and then the interpreter's exit (which joins it) for as long as the read waits. Killing
-        a worker loses nothing: it only reads and decodes, and the loader's position is the batches yielded."""
-        workers = getattr(self._batches, "_workers", None) or []  # torch's iterator keeps its worker processes
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-        self._batches = None
 
     def _start_pass(self) -> None:
         dataset = SampleOrderBatches(self._sample_plan()) if self.order == "sample" else RankShare(self._plan())
@@ -421,7 +410,7 @@ class PytorchLoader(Loader):
             # DataLoader iterator; cut it so dropping the iterator shuts the workers down now (left to the
             # garbage collector, shutdown waits out a 5 s join timeout).
             err.__traceback__ = None
-        self._stop_workers()
+        self._drop_batches()
         kind, message = failure
         marker = f"{kind.__name__}: "  # torch prefixes the worker's traceback; the message is its last line
         if message.startswith("Caught ") and marker in message:
@@ -432,5 +421,22 @@ class PytorchLoader(Loader):
             error = RuntimeError(f"{kind.__name__}: {message}")
         raise error
 
+    def _drop_batches(self) -> None:
+        """Drop the pass in progress and end its workers now. torch's shutdown asks them to finish, waits 5 s for
+        each, then sends SIGTERM, which they ignore (leave_stop_signals_to_parent): a worker inside a store read
+        that gets no answer would hold the shutdown, and this process's exit, for up to the store's time bound
+        (shards.store). Its batches are no longer wanted, so it is killed, after torch stops watching its pid
+        (else its SIGCHLD handler reports the kill as a failed worker). `_workers`, `_worker_pids_set` and
+        `_remove_worker_pids` are torch's own (1.x to 2.14); without them only that report comes back."""
+        batches, self._batches = self._batches, None
+        alive = [worker for worker in getattr(batches, "_workers", ()) if worker.is_alive()]
+        if alive and getattr(batches, "_worker_pids_set", False):
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
+        for worker in alive:
+            worker.kill()
+
     def close(self) -> None:
-        self._stop_workers()
+        self._drop_batches()
