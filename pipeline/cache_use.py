@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.base import LoaderOptionError
-from pipeline.order import SampleReader, SplitIndex, rank_segments
+from pipeline.order import SampleReader, SplitIndex, rank_segments, segments, shards_read
 from shards.cached_store import CachedStore
 from shards.plan import format_size, parse_size
 from shards.process import environment_place
@@ -111,10 +111,13 @@ def start_workers_cache(loader: Any) -> None:
                                                           sample_order=loader.order == "sample"))
 
 
-def interleaved(tars: list[str], units: list[list[tuple[int, int, int]]]) -> list[str]:
-    """The tars `pytorch` workers read side by side in `shard` order (each worker's (shard, first sample, samples)
-    units), interleaved: the order they are needed in."""
-    return [tars[unit[0]] for step in itertools.zip_longest(*units) for unit in step if unit is not None]
+def pass_order(loader: Any, plan: dict[str, Any]) -> list[str]:
+    """The tars a `pytorch` pass (`plan`: its workers' plan) reads, in the order they are first needed: in
+    `sample` order its segments' shards, in `shard` order and val the workers' units side by side."""
+    if loader.order == "sample":
+        return shards_read(loader._index, segments(loader._index, plan["batches"]))
+    return [loader.tars[unit[0]] for step in itertools.zip_longest(*plan["units"]) for unit in step
+            if unit is not None]
 
 
 def start_cache(store: Store, *, minimum: tuple[int, str] | None, want: list[str] | None = None) -> None:

@@ -69,8 +69,8 @@ from pipeline.cache_use import cached_shards, segments_minimum, shard_sizes, sta
 from pipeline.dali_segments import SegmentReads
 from pipeline.order import SplitIndex, refuse_shuffle_buffer
 from shards.cached_store import CachedStore
+from shards.local_store import Hold
 from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
-from shards.store import Hold
 
 READER_NAME = "Reader"
 #: Batches DALI keeps in flight when build_loader's `prefetch_depth` is None (DALI's own default).

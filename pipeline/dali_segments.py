@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.base import ShardReadError
 from pipeline.order import EntryFolder, Segment, rank_segments, shards_read
-from shards.store import Hold
+from shards.local_store import Hold
 
 
 def sample_order_reader(tars: list[str], indexes: list[str]) -> dict[str, Any]:

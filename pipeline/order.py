@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.base import LoaderOptionError, ShardReadError
+from shards.local_store import Hold, Store
 from shards.process import temporary_folder
 from shards.schema import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, Manifest, ShardFormatError, split_member_name
-from shards.store import Hold, Store
 
 ORDERS: tuple[str, ...] = ("sample", "shard")
 DEFAULT_ORDER = "sample"
@@ -144,6 +144,11 @@ class SplitIndex:
     @property
     def num_samples(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the index holds (bytes)."""
+        return sum(map(len, self._lines)) + sum(offsets.nbytes for offsets in self._offsets)
 
     def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, sample within the shard) of global sample numbers."""

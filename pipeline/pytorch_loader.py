@@ -62,15 +62,13 @@ from pipeline.base import (
     rank_range,
     resolve_options,
 )
-from pipeline.cache_use import interleaved, start_workers_cache, stop_cache
+from pipeline.cache_use import pass_order, start_workers_cache, stop_cache
 from pipeline.order import (
     SampleReader,
     SplitIndex,
     epoch_stream,
     rank_batches,
     refuse_shuffle_buffer,
-    segments,
-    shards_read,
 )
 from pipeline.pillow import Augment, collate
 from shards.schema import ShardFormatError
@@ -124,9 +122,9 @@ def round_robin(batches: list[int], limit: int) -> list[int]:
 
 # --- per-worker stages ----------------------------------------------------------------------------------
 def keep_ranges(samples: Iterable[dict], ranges: dict[str, tuple[int, int]]) -> Iterator[dict]:
-    """Keep samples `first .. first+count-1` of each tar (`ranges` by tar name: the worker's slice); a tar that
-    ends early (truncated, or not the tar the manifest describes) is an error naming it, never a silently
-    shorter epoch. By name, not URL: with a shard cache a tar's URL becomes its local path once it is cached."""
+    """Keep samples `first .. first+count-1` of each tar (the worker's slice, by tar name: a cached tar's URL is
+    its local path); a tar that ends early (truncated, or not the tar the manifest describes) is an error naming
+    it, never a silently shorter epoch."""
     position: dict[str, int] = {}
     urls: dict[str, str] = {}
     for sample in samples:
@@ -377,26 +375,13 @@ class PytorchLoader(Loader):
         }
 
     def _complete_epoch(self) -> None:
-        self._stop_workers()
+        self._drop_batches()
         self._end_epoch()
 
-    def _stop_workers(self) -> None:
-        """Drop the pass in progress, its worker processes killed first: a worker ignores SIGTERM (see
-        leave_stop_signals_to_parent), so one blocked in a read from a store that stopped answering would hold
-        torch's shutdown and then the interpreter's exit (which joins it) for as long as the read waits. Killing
-        a worker loses nothing: it only reads and decodes, and the loader's position is the batches yielded."""
-        workers = getattr(self._batches, "_workers", None) or []  # torch's iterator keeps its worker processes
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-        self._batches = None
-
     def _start_pass(self) -> None:
-        sample = self.order == "sample"
-        plan = self._sample_plan() if sample else self._plan()  # a shard cache fetches first what is read first:
-        self.store.want(shards_read(self._index, segments(self._index, plan["batches"])) if sample
-                        else interleaved(self.tars, plan["units"]))
-        dataset = SampleOrderBatches(plan) if sample else RankShare(plan)
+        plan = self._sample_plan() if self.order == "sample" else self._plan()
+        self.store.want(pass_order(self, plan))  # a shard cache fetches first what is read first
+        dataset = SampleOrderBatches(plan) if self.order == "sample" else RankShare(plan)
         pin = self.device.type == "cuda"
         # Collect garbage before the DataLoader forks its workers: a DALI pipeline left for the collector (the
         # profiler runs DALI and pytorch configurations in one process) would otherwise be finalised inside a
@@ -436,7 +421,7 @@ class PytorchLoader(Loader):
             # DataLoader iterator; cut it so dropping the iterator shuts the workers down now (left to the
             # garbage collector, shutdown waits out a 5 s join timeout).
             err.__traceback__ = None
-        self._stop_workers()
+        self._drop_batches()
         kind, message = failure
         marker = f"{kind.__name__}: "  # torch prefixes the worker's traceback; the message is its last line
         if message.startswith("Caught ") and marker in message:
@@ -447,6 +432,23 @@ class PytorchLoader(Loader):
             error = RuntimeError(f"{kind.__name__}: {message}")
         raise error
 
+    def _drop_batches(self) -> None:
+        """Drop the pass in progress and end its workers now. torch's shutdown asks them to finish, waits 5 s for
+        each, then sends SIGTERM, which they ignore (leave_stop_signals_to_parent): a worker inside a store read
+        that gets no answer would hold the shutdown, and this process's exit, for up to the store's time bound
+        (shards.store). Its batches are no longer wanted, so it is killed, after torch stops watching its pid
+        (else its SIGCHLD handler reports the kill as a failed worker). `_workers`, `_worker_pids_set` and
+        `_remove_worker_pids` are torch's own (1.x to 2.14); without them only that report comes back."""
+        batches, self._batches = self._batches, None
+        alive = [worker for worker in getattr(batches, "_workers", ()) if worker.is_alive()]
+        if alive and getattr(batches, "_worker_pids_set", False):
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
+        for worker in alive:
+            worker.kill()
+
     def close(self) -> None:
-        self._stop_workers()
+        self._drop_batches()
         stop_cache(getattr(self, "store", None))

@@ -55,9 +55,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.local_store import Hold, Store, sha256_file
 from shards.process import atomic_write, current_umask, host_tag, remove_stale_temporaries, temporary_path
 from shards.schema import Manifest, ShardRecord, check_shard_record, index_beside
-from shards.store import Hold, Store, sha256_file
 
 PART_BYTES = 64 * 2**20  # bytes per ranged GET of a download: a 512 MB shard is 8 requests
 STREAMS = 4  # ranged GETs of one shard in flight

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from shards.cache import BUSY, FULL, CacheError, ShardCache
+from shards.local_store import STREAM_BUFFER, Hold, Store
 from shards.schema import Manifest
-from shards.store import STREAM_BUFFER, Hold, Store, StoreError
+from shards.store import StoreError
 
 #: Seconds between looks at shards another process is downloading, or after the store failed.
 POLL = 0.5  # seconds

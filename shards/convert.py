@@ -3,6 +3,9 @@
     sources, rejected, folders = discover(src, ...)    shards.sources: every regular, non-hidden file, its WNID
     classes = resolve_classes(sources, ...)            shards.sources: ImageFolder order (sorted WNIDs) or --classes
     plan = plan_shards(sources, options)               shards.plan: keys, one seeded global shuffle, cut into shards
+    finished_manifest(store, split, ...)               shards.publish: this very conversion is complete? then
+                                                       nothing below runs and nothing is written
+    claim_split(store, split, ...)                     shards.claim: no other converter is writing this split
     publish_plan(store, split, ...)                    shards.publish: another plan's manifest removed, plan written
     write_shards(plan[job_index::num_jobs], ...)       shards.write: tar + DALI index per shard, in a process pool,
                                                        each published as it completes (`.idx`, tar, its record)
@@ -21,13 +24,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from shards.claim import claim_split
 from shards.images import DEFAULT_MAX_PIXELS
 from shards.plan import DEFAULT_SHARD_BYTES, WriteOptions, plan_digest, plan_shards, split_digest, tool_version
 from shards.process import check_workers, usable_cpus
-from shards.publish import ShardSink, publish_plan, write_manifest
+from shards.publish import ShardSink, finished_manifest, missing_shards, publish_plan, write_manifest
 from shards.schema import Manifest, check_split_name, load_manifest, manifest_name
 from shards.sources import check_hidden_class_folders, discover, resolve_classes
 from shards.store import Store, open_store
@@ -41,7 +46,7 @@ def convert(
     samples_per_shard: int | None = None, seed: int = 0, workers: int | None = None, num_jobs: int = 1,
     job_index: int = 0, max_size: int | None = None, quality: int = 90, check: str = "decode",
     max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False, progress: bool = True,
-    spool_dir: str | os.PathLike | None = None,
+    spool_dir: str | os.PathLike | None = None, say: Callable[[str], None] | None = print,
 ) -> Manifest | None:
     """Convert one split into OUT (a folder or an `s3://bucket/prefix` URL); returns the manifest, or None when
     other jobs' shards are still missing.
@@ -50,6 +55,8 @@ def convert(
     non-train split reuses `OUT/train.manifest.json`'s classes when that exists, so val gets train's indices.
     `spool_dir`: where shards bound for an object store are written before upload (default: the system's
     temporary folder); it holds at most `workers` + shards.publish.UPLOADS_IN_FLIGHT shards at a time.
+    `progress` shows the progress bar (stderr) and nothing else; `say` gets the summary, the rejected files and
+    the notes (stdout by default, None: silent), with or without the bar, so a batch job's log shows them.
     """
     src, store = Path(src), open_store(out)
     check_split_name(split)
@@ -60,7 +67,6 @@ def convert(
     options = WriteOptions(split, seed, None if samples_per_shard else shard_bytes, samples_per_shard,
                            max_size, quality, check, max_pixels)
     check_workers(workers)
-    say = print if progress else None
 
     reference = None if classes_file is not None else train_classes(store, split, say=say)
     sources, discovery_rejected, folders = discover(src, labels_csv=Path(labels_csv) if labels_csv else None)
@@ -75,20 +81,23 @@ def convert(
 
     plan = plan_shards(sources, options)
     digests = {s.index: plan_digest(s, options, classes) for s in plan}
-    publish_plan(store, split, digests=[digests[s.index] for s in plan],
-                 split_digest=split_digest(plan, options, classes),
-                 discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
-                 classes=classes, options=asdict(options), tool_version=tool_version(), say=say)
-
-    mine = plan[job_index::num_jobs]
-    with ShardSink(store, spool_dir=spool_dir) as sink:
-        stats = write_shards(
-            mine, digests, src=src, sink=sink, options=options, label_of={c["wnid"]: c["index"] for c in classes},
-            strict=strict, workers=workers or usable_cpus(), progress=progress,
-        )
-    manifest = write_manifest(store, split)
-    if progress:
-        _print_summary(split, stats, manifest, job_index, num_jobs, len(mine))
+    digest = split_digest(plan, options, classes)
+    manifest = finished_manifest(store, split, split_digest=digest, digests=digests)
+    stats, mine = None, plan[job_index::num_jobs]
+    if manifest is None:  # else this very conversion is complete: nothing to write (OUT may even be read-only)
+        with claim_split(store, split, plan_digest=digest, num_jobs=num_jobs, job_index=job_index):
+            publish_plan(store, split, digests=[digests[s.index] for s in plan], split_digest=digest,
+                         discovered=len(sources) + len(discovery_rejected), discovery_rejected=discovery_rejected,
+                         classes=classes, options=asdict(options), tool_version=tool_version(), num_jobs=num_jobs,
+                         say=say)
+            with ShardSink(store, spool_dir=spool_dir) as sink:
+                stats = write_shards(mine, digests, src=src, sink=sink, options=options, label_of=label_of(classes),
+                                     strict=strict, workers=workers or usable_cpus(), progress=progress)
+            manifest = write_manifest(store, split)
+    if say is not None:
+        _print_summary(split, stats, manifest, job_index, num_jobs, len(mine), say=say,
+                       missing=missing_shards(store, split) if manifest is None else None,
+                       where=store.url(manifest_name(split)), planned_all=len(plan))
     if strict and manifest is not None and manifest.rejected:  # rejections of an earlier run without --strict
         first = manifest.rejected[0]
         raise ValueError(f"{src / first['path']}: {first['reason']} (--strict; listed in "
@@ -96,6 +105,11 @@ def convert(
     if manifest is not None:
         warn_empty_classes(manifest)
     return manifest
+
+
+def label_of(classes: list[dict]) -> dict[str, int]:
+    """WNID -> class index."""
+    return {c["wnid"]: c["index"] for c in classes}
 
 
 def train_classes(store: Store, split: str, *, say=None) -> Manifest | None:
@@ -120,19 +134,23 @@ def warn_empty_classes(manifest: Manifest) -> None:
               f"{shown}{more}; their indices are kept", file=sys.stderr)
 
 
-def _print_summary(split, stats, manifest, job_index, num_jobs, planned) -> None:
-    secs = max(stats["seconds"], 1e-9)
-    print(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
-          f"({stats['shards_skipped']} already complete), {stats['images']} images in {secs:.1f} s "
-          f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
-    if manifest is None:
-        print(f"{split}: other jobs' shards are still missing; the last job (or `saturate shards merge`) "
-              "writes the manifest")
+def _print_summary(split, stats, manifest, job_index, num_jobs, planned, *, say: Callable[[str], None],
+                   missing: str | None, where: object, planned_all: int) -> None:
+    if stats is None:
+        say(f"{split}: nothing to do: {where} describes this conversion and its {planned_all} shards are complete")
     else:
-        print(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+        secs = max(stats["seconds"], 1e-9)
+        say(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
+          f"({stats['shards_skipped']} already complete), {stats['images']} images in {secs:.1f} s "
+            f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
+    if manifest is None:
+        say(f"{split}: other jobs' shards are still missing (the job that completes the plan writes the "
+            f"manifest): {missing}")
+    else:
+        say(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.converted} converted, {len(manifest.rejected)} rejected of {manifest.discovered} "
               f"discovered, {manifest.num_classes} classes")
         for item in manifest.rejected[:10]:
-            print(f"  rejected {item['path']}: {item['reason']}")
+            say(f"  rejected {item['path']}: {item['reason']}")
         if len(manifest.rejected) > 10:
-            print(f"  ... {len(manifest.rejected) - 10} more in {manifest_name(split)}")
+            say(f"  ... {len(manifest.rejected) - 10} more in {manifest_name(split)}")

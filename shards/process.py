@@ -1,6 +1,7 @@
 """Facts about this process that every layer needs, read in one place: where it sits in the job (rank, world size,
 local rank, processes per node), how many CPU cores it may really use, and how it writes a file so that no
-reader ever sees it half written.
+reader ever sees it half written; how it ends with the job (the kernel signals it when its parent dies); and
+whether it was asked to stop (`request_stop`), which long waits such as the object store's retries honour.
 
 Place in the job: torchrun (and Slurm through it) sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; without
 them this is one process alone. An initialised torch.distributed process group, when there is one, is the
@@ -29,8 +30,9 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -103,6 +105,91 @@ def job_place() -> tuple[JobPlace, str | None]:
 def processes_per_node() -> int:
     """Training processes sharing this node's cores and GPUs: torchrun's $LOCAL_WORLD_SIZE, else 1."""
     return environment_place().local_world_size
+
+
+# --- ending with the job -------------------------------------------------------------------------------------
+#: This process's parent when this module was first imported (early in a rank's start): `end_with_parent` compares
+#: it with the parent at the time of the request, to catch a parent that died in between.
+STARTED_BY = os.getppid()
+
+
+def end_with_parent(signum: int, *, parent: int | None = None) -> bool:
+    """Ask the kernel to send this process `signum` when its parent dies (Linux PR_SET_PDEATHSIG), so a child is
+    never left running as an orphan: the converter's pool workers (SIGKILL: their shards would be recorded by
+    nobody) and the ranks torchrun starts (SIGTERM: a stop signal that kills torchrun, SIGUSR1 or a plain
+    `kill`, still ends in the ranks' checkpoint; torchrun starts each rank in its own session, so a signal to
+    torchrun's process group never reaches them). `parent`: the pid the caller was started by; when it is gone
+    already (it died before the request took effect) the signal comes now. False where the request is not
+    available (not Linux); the caller then ends some other way."""
+    import ctypes
+
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signum)) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return True
+
+
+# --- stop requests: long waits give up when the process was asked to stop -------------------------------------
+class StopRequested(BaseException):
+    """Raised by a wait that honours stop requests (`check_stop`, `pause`, a blocking wait inside
+    `stop_interrupts`) once `request_stop` was called: the caller (the trainer, on SIGTERM) checkpoints and exits
+    instead of waiting out the object store's time bound. A BaseException, like KeyboardInterrupt: it is no
+    error of the data, so the `except Exception` of readers and error handlers must not turn it into one."""
+
+
+_STOP = threading.Event()
+_STOP_REASON = [""]
+_INTERRUPTING = [0]  # depth of stop_interrupts() blocks open in the main thread
+
+
+def request_stop(reason: str) -> None:
+    """Ask this process to stop waiting (safe in a signal handler: it sets a flag). From then on `check_stop` and
+    `pause` raise StopRequested(reason) (the object store checks before each retry and during its waits);
+    called in the main thread inside `stop_interrupts()`, it raises at once, which ends the blocking wait the
+    signal interrupted (a socket read, a queue get)."""
+    _STOP_REASON[0] = reason
+    _STOP.set()
+    if _INTERRUPTING[0] and threading.current_thread() is threading.main_thread():
+        raise StopRequested(reason)
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def clear_stop() -> None:
+    """Forget a stop request (a new run in the same process, tests)."""
+    _STOP.clear()
+
+
+def check_stop(what: object) -> None:
+    """StopRequested naming `what` (the URL being read) when a stop was requested."""
+    if _STOP.is_set():
+        raise StopRequested(f"{what}: abandoned, {_STOP_REASON[0]}")
+
+
+def pause(seconds: float, what: object) -> None:
+    """Sleep `seconds` (a retry's backoff), ending early with StopRequested when a stop is requested."""
+    if _STOP.wait(seconds):
+        check_stop(what)
+
+
+@contextlib.contextmanager
+def stop_interrupts() -> Iterator[None]:
+    """Within this block (main thread) `request_stop` from a signal handler raises StopRequested where the
+    block is waiting; a stop requested before raises on entry. Put only a wait in it (`next(loader)`), and drop
+    what it was waiting on afterwards: like KeyboardInterrupt, the exception can land anywhere in that code."""
+    check_stop("waiting for data")
+    main = threading.current_thread() is threading.main_thread()
+    _INTERRUPTING[0] += main
+    try:
+        yield
+    finally:
+        _INTERRUPTING[0] -= main
 
 
 # --- CPU cores -----------------------------------------------------------------------------------------------
@@ -244,13 +331,20 @@ def _writer_alive(name: str) -> bool | None:
     return True
 
 
+def writer_gone(name: str, *, age: Callable[[], float], foreign_after: float) -> bool:
+    """The one staleness rule for anything named with its writer's host and pid (`<...>.tmp-<host>-<pid>-<random>`:
+    temporaries, private folders, the converter's claims): its writer is gone when it ran on this host and its
+    process no longer exists, or when it ran on another host (which cannot be asked) and `age()`, the seconds
+    since it last showed life, exceeds `foreign_after`."""
+    alive = _writer_alive(name)
+    return alive is False or (alive is None and age() > foreign_after)
+
+
 def is_stale(entry: Path, *, foreign_after: float = FOREIGN_STALE_AFTER, now: float | None = None) -> bool:
-    """Whether the temporary `entry` (named with its writer's host and pid) was left by a writer that no longer
-    runs: one of this host whose process is gone, or one of another host (which cannot be asked) once it is
-    `foreign_after` seconds old. FileNotFoundError when it went meanwhile."""
-    alive = _writer_alive(entry.name)
-    return alive is False or (alive is None and (time.time() if now is None else now) - entry.stat().st_mtime
-                              > foreign_after)
+    """Whether the temporary `entry` was left by a writer that no longer runs (`writer_gone`, its age read from
+    the file's modification time). FileNotFoundError when it went meanwhile."""
+    return writer_gone(entry.name, age=lambda: (time.time() if now is None else now) - entry.stat().st_mtime,
+                       foreign_after=foreign_after)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, *, foreign_after: float = FOREIGN_STALE_AFTER) -> list[Path]:

@@ -44,11 +44,13 @@ from shards.schema import (
     plan_name,
     record_name,
     record_number,
+    shard_name,
     unlisted_shard_files,
 )
 from shards.store import Store, open_store
 
 UPLOADS_IN_FLIGHT = 4  # shards uploading at once (each in up to shards.store.UPLOAD_THREADS parts)
+MISSING_SHOWN = 10  # shard names a "not written yet" message lists
 SPOOL_NAME = "saturate-spool"
 
 
@@ -133,11 +135,13 @@ class ShardResult:
 
 def publish_plan(
     store: Store, split: str, *, digests: list[str], split_digest: str, discovered: int,
-    discovery_rejected: list[dict], classes: list[dict], options: dict, tool_version: str, say=None,
+    discovery_rejected: list[dict], classes: list[dict], options: dict, tool_version: str, num_jobs: int = 1,
+    say=None,
 ) -> None:
     """Before any shard is written: make OUT ready (remove the temporaries of converter runs that were killed),
     remove a manifest of another plan (invalidate_other_manifest), and write the split's plan, from which
-    `write_manifest` builds the manifest once every shard has its record."""
+    `write_manifest` builds the manifest once every shard has its record. `num_jobs` is kept beside the plan
+    (not in its digests: any job count writes the same shards) so that `missing_shards` can name the jobs."""
     store.prepare()
     if store.local_dir is not None:  # plan, record and manifest temporaries of converter runs that were killed
         for folder in (store.local_dir, store.local_dir / PARTS_DIR):
@@ -146,7 +150,7 @@ def publish_plan(
     store.put_bytes(plan_name(split), json.dumps({
         "digests": digests, "plan_digest": split_digest, "discovered": discovered,
         "discovery_rejected": discovery_rejected, "classes": classes, "options": options,
-        "tool_version": tool_version,
+        "tool_version": tool_version, "num_jobs": num_jobs,
     }, sort_keys=True))
 
 
@@ -207,6 +211,24 @@ def invalidate_other_manifest(store: Store, split: str, split_digest: str, *, sa
             say(f"{split}: removed {path}: it describes another conversion, whose shards this one replaces")
 
 
+def finished_manifest(store: Store, split: str, *, split_digest: str, digests: dict[int, str]) -> Manifest | None:
+    """The split's manifest when it was written for exactly this plan and every planned shard is still complete
+    (`is_complete`: record, sizes, sha256); else None. A rerun of a finished conversion then writes nothing at
+    all, not even its plan, so it succeeds on a read-only OUT and never touches what readers use."""
+    try:
+        text = store.read_text(manifest_name(split))
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = Manifest.from_json(text, store.url(manifest_name(split)))
+    except ShardFormatError:
+        return None
+    if manifest.plan_digest != split_digest:
+        return None
+    sizes = store.sizes()
+    return manifest if all(is_complete(store, split, i, d, sizes) for i, d in digests.items()) else None
+
+
 def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, planned: int) -> list[Path | str]:
     """Delete `<split>-NNNNNN.tar/.idx` files (and their `.partial`s, and the records of shard indices at or
     above `planned`, the plan's shard count) the new manifest does not list: shards of an older, larger plan,
@@ -221,16 +243,41 @@ def remove_unlisted_shards(store: Store, split: str, manifest: Manifest, *, plan
     return removed
 
 
+def read_plan(store: Store, split: str) -> dict:
+    """The split's plan as publish_plan wrote it; FileNotFoundError saying what to run when there is none."""
+    try:
+        return json.loads(store.read_text(plan_name(split)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.url(plan_name(split))} not found: run `saturate shards convert` for "
+                                f"{split} into {store} first") from None
+
+
+def missing_shards(out: str | os.PathLike | Store, split: str) -> str | None:
+    """None when every planned shard of `split` has its record; else one line naming the shards not written yet
+    and the jobs (`--job-index`) that write them: job I of J writes shards I, I+J, I+2J, ..."""
+    store = open_store(out)
+    plan = read_plan(store, split)
+    recorded = {record_number(split, name) for name in store.sizes(PARTS_DIR)}
+    missing = [index for index in range(len(plan["digests"])) if index not in recorded]
+    if not missing:
+        return None
+    names = ", ".join(shard_name(split, index) for index in missing[:MISSING_SHOWN])
+    more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+    line = f"{len(missing)} of {len(plan['digests'])} {split} shards are not written yet ({names}{more}): "
+    num_jobs = plan.get("num_jobs")
+    if num_jobs is None:  # a plan written before the job count was kept
+        return line + "rerun the conversion, then merge"
+    jobs = ", ".join(str(job) for job in sorted({index % num_jobs for index in missing}))
+    return (line + f"run job{'s' if ',' in jobs else ''} {jobs} of --num-jobs {num_jobs} (the same "
+            f"`saturate shards convert` with --job-index {jobs}), then merge")
+
+
 def write_manifest(out: str | os.PathLike | Store, split: str) -> Manifest | None:
     """Build `<split>.manifest.json` in OUT (a folder or a store URL) from the plan and the per-shard records;
     None while shards are missing. Written last: its presence means every shard it lists is in OUT."""
     store = open_store(out)
     check_split_name(split)
-    try:
-        plan = json.loads(store.read_text(plan_name(split)))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{store.url(plan_name(split))} not found: run `saturate shards convert` for "
-                                f"{split} into {store} first") from None
+    plan = read_plan(store, split)
     results = []
     for index, digest in enumerate(plan["digests"]):
         result = read_record(store, split, index)

@@ -9,11 +9,12 @@ fires once per HTTP attempt, retries included, with the status code, the store's
 number. The counters live in shared memory made when this module is imported, so DataLoader workers forked
 afterwards add to the same figures their parent reads (a process started with `spawn` counts for itself only).
 
-Retries are botocore's own: the store's clients use the standard retry mode (shards.store.REQUEST_ATTEMPTS),
-which retries `503 Slow Down`, the throttling codes below and 5xx answers with exponential back-off and full
-jitter (a random wait in [0, min(2**attempt, 20)) seconds) under a client-side retry quota, so a store that
-keeps refusing ends the read with its error instead of being hammered. DALI's reader has its own client (the AWS
-C++ SDK); its requests are not seen here (the profiler counts them on a relay, tools/request_relay.py).
+Retries: listings, HEADs, puts and uploads are repeated by botocore's standard retry mode (503 Slow Down, the
+throttling codes below, 5xx: exponential back-off with jitter, under a client-side retry quota); GETs are one
+try each, repeated by shards.store's streams under the same bounded rule, with back-off and jitter too
+(`count_retry`). Either way a store that keeps refusing ends the read with its error instead of being hammered.
+DALI's reader has its own client (the AWS C++ SDK): its requests are not seen here (the profiler counts them on
+a relay, tools/request_relay.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def on_response(event_name: str = "", response_dict: dict | None = None, parsed_
     attempt = ((context or {}).get("retries") or {}).get("attempt", 1)
     _add(requests=1, gets=int(event_name.endswith(".GetObject")), retries=int(attempt > 1),
          throttled=int(status in THROTTLING_STATUS or code in THROTTLING_CODES))
+
+
+def count_retry() -> None:
+    """A request repeated by the caller itself after a try that failed (shards.store's streams repeat their GETs,
+    one try each, resuming from the byte reached): counted as a retry beside botocore's own."""
+    _add(retries=1)
 
 
 def count_requests(client: Any) -> Any:

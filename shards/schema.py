@@ -1,9 +1,9 @@
 """What a shard is: the one definition the converter, `verify` and every loader in `pipeline/` share.
 
 Like FFCV's `Field` classes, this module owns member names and extensions, the label encoding, the name of every
-file in a shard folder (shards, indexes, manifests, the converter's `.parts/` plans and records, `.partial`
-temporaries), the DALI index format and the manifest. Nothing outside it types an extension string, a file name
-pattern or a label width.
+file in a shard folder (shards, indexes, manifests, the converter's `.parts/` plans, records and claims,
+`.partial` temporaries), the DALI index format and the manifest. Nothing outside it types an extension string, a
+file name pattern or a label width.
 
 A shard is an uncompressed GNU/ustar tar (no PAX headers: DALI's reader has failed on them) whose samples are
 three consecutive members sharing a key::
@@ -49,6 +49,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 PARTS_DIR = ".parts"  # the converter's plans and per-shard records: what `merge` builds the manifest from
 RECORD_EXT = "json"
 PARTIAL_SUFFIX = ".partial"  # a file being written; renamed into place when whole
+CLAIM_SUFFIX = ".claim"  # a running converter's claim on a split (shards.claim)
 
 TAR_BLOCK = 512  # bytes
 #: Version tag DALI's `wds2idx` writes on the first line of an index; our indexes are identical to its own.
@@ -94,8 +95,13 @@ def splits_in(shards_dir: str | os.PathLike) -> list[str]:
     others by name."""
     found = {name[: -len(MANIFEST_SUFFIX)] for name in open_store(shards_dir).sizes()
              if name.endswith(MANIFEST_SUFFIX)}
-    found = {s for s in found if SPLIT_PATTERN.match(s)}
-    return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
+    return _split_order({s for s in found if SPLIT_PATTERN.match(s)})
+
+
+def _split_order(splits: Iterable[str]) -> list[str]:
+    """train and val first, then the others by name."""
+    splits = set(splits)
+    return [s for s in SPLITS if s in splits] + sorted(splits - set(SPLITS))
 
 
 # --- file names in a shard folder ----------------------------------------------------------------------
@@ -132,6 +138,12 @@ def plan_name(split: str) -> str:
     return f"{PARTS_DIR}/{split}.plan.{RECORD_EXT}"
 
 
+def claim_name(split: str) -> str:
+    """What a running converter's claim on `split` is named, before shards.claim tags it with its writer
+    (`.parts/.train.claim.tmp-<host>-<pid>-<random>`): `.parts/train.claim`."""
+    return f"{PARTS_DIR}/{split}{CLAIM_SUFFIX}"
+
+
 def partial_name(name: str) -> str:
     """Where a file is written before it is renamed into place: `train-000000.tar.partial`."""
     return name + PARTIAL_SUFFIX
@@ -144,6 +156,21 @@ def unlisted_shard_files(names: Iterable[str], manifest: Manifest, *, partials: 
     partial = f"({re.escape(PARTIAL_SUFFIX)})?" if partials else ""
     pattern = re.compile(rf"^{re.escape(manifest.split)}-\d{{6}}\.({SHARD_EXT}|{INDEX_EXT}){partial}$")
     return sorted(name for name in names if pattern.match(name) and name not in listed)
+
+
+def splits_without_manifest(names: Iterable[str]) -> dict[str, list[str]]:
+    """Split -> its shard files among `names` (a listing, `Store.sizes()`: `<split>-NNNNNN.tar/.idx` and their
+    `.partial`s), sorted, for every split that has such files but no manifest there. The manifest is written
+    last and a re-conversion with another plan removes it first, so these are an interrupted conversion's
+    shards: no loader opens them, and `verify` must say so rather than approve the folder."""
+    names = set(names)
+    pattern = re.compile(rf"^([A-Za-z0-9_]+)-\d{{6}}\.({SHARD_EXT}|{INDEX_EXT})({re.escape(PARTIAL_SUFFIX)})?$")
+    found: dict[str, list[str]] = {}
+    for name in sorted(names):
+        match = pattern.match(name)
+        if match and manifest_name(match.group(1)) not in names:
+            found.setdefault(match.group(1), []).append(name)
+    return {split: found[split] for split in _split_order(found)}
 
 
 def record_number(split: str, name: str) -> int | None:

@@ -17,51 +17,93 @@ and its errors carry the store's own code (NoSuchBucket, AccessDenied, InvalidAc
 add an async layer and a cache over the same botocore without adding anything the converter or loaders need.
 Credentials are never arguments here and are never logged.
 
+Bounded time, one rule for every request (a shard's GET and each resumed ranged GET of a broken stream, a
+listing, a HEAD, a small object, an upload's part): at most A tries (AWS_MAX_ATTEMPTS or `max_attempts` in the
+AWS profile, else REQUEST_ATTEMPTS = 3, the first included, as AWS counts), each given CONNECT_TIMEOUT (5 s)
+to connect and a read timeout without a byte (READ_TIMEOUT, 20 s, for GETs and uploads; CONTROL_READ_TIMEOUT,
+10 s, for listings, HEADs, puts and deletes), with a wait between tries (RETRY_BACKOFF x 2^i, at most 20 s).
+A store that stops answering therefore fails a request, with one line naming the URL, within
+
+    A x (CONNECT_TIMEOUT + read timeout) + waits  =  3 x (5 + 20) + 1.5 = 76.5 s for a GET, 46.5 s otherwise
+
+(`RequestRule.bound`, `S3Store.time_bound`; for a GET streamed front to back, counted from the last byte it
+received). A frozen server (SIGSTOP) still accepts connections, so there the tries end after about A x read
+timeout. botocore repeats listings, HEADs, puts and upload parts itself (AWS_RETRY_MODE / `retry_mode` chooses
+its mode; its waits are shorter, but when the store answers "slow down" they can reach 20 s each); a GET is one
+try per request, repeated by `_ObjectStream`, which resumes from the byte reached. The timeouts are constants
+here: botocore reads no connect or read timeout from the AWS configuration (AWS_DEFAULTS_MODE's connect timeout
+aside, which these override). A stop request (shards.process.request_stop, the trainer's SIGTERM) ends a GET's
+retries, before the next try or during the wait, with StopRequested; it never cuts a read that is being
+answered. In the main thread, inside shards.process.stop_interrupts(), it also ends the try in progress.
+
 `gs://` is refused: DALI 2.4's wheel lists GCS reading, but it could not be run here (no GCS server can be run
 locally and the wheel honours no emulator endpoint), so there is no code path for it; see the README.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
+import random
 import re
-import shutil
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shards.process import atomic_open, atomic_write
-from shards.request_log import count_requests
+from shards.local_store import STREAM_BUFFER, LocalStore, Store, sha256_file
+from shards.process import check_stop, pause
+from shards.request_log import count_requests, count_retry
 
-#: A streamed read that breaks (connection dropped, server gone) is resumed from the byte it reached, at most
-#: this many times, waiting RETRY_BACKOFF * 2**attempt seconds between tries; then it fails naming the URL.
-READ_RETRIES = 3
-RETRY_BACKOFF = 0.5  # seconds
-#: botocore's own retries per request (standard mode: 503 Slow Down and other throttling, 5xx, connection errors,
-#: with exponential back-off and jitter; each attempt counted by shards.request_log), and its timeouts.
-REQUEST_ATTEMPTS = 3
-CONNECT_TIMEOUT = 10  # seconds
-READ_TIMEOUT = 60  # seconds without a byte before a data request (a shard's GET, an upload) counts as failed
-#: Listings, HEADs and small objects answer in milliseconds on a working store: an endpoint that takes the
-#: connection and never answers (a wrong port, a proxy) fails in REQUEST_ATTEMPTS + 1 tries of this, not of
-#: READ_TIMEOUT (4 minutes before any message).
+#: The bounded-time rule (module docstring): every request gets at most `attempts` tries (AWS_MAX_ATTEMPTS or the
+#: profile's max_attempts, else REQUEST_ATTEMPTS; the first try included, as AWS counts), each given
+#: CONNECT_TIMEOUT to connect and a read timeout without a byte, with a wait between two tries.
+REQUEST_ATTEMPTS = 3  # AWS's own default in standard mode
+CONNECT_TIMEOUT = 5  # seconds
+READ_TIMEOUT = 20  # seconds without a byte: GETs of objects (shards, indexes, manifests) and uploads
+#: Listings, HEADs, small puts and deletes answer in milliseconds on a working store: an endpoint that takes the
+#: connection and never answers (a wrong port, a proxy, a frozen server) fails them sooner.
 CONTROL_READ_TIMEOUT = 10  # seconds
+RETRY_BACKOFF = 0.5  # seconds before a GET's second try, doubling after (botocore's own waits are shorter)
+MAX_BACKOFF = 20.0  # seconds, the longest wait between two tries (botocore's cap as well)
 #: Uploads: objects above MULTIPART_BYTES go up in MULTIPART_BYTES parts, UPLOAD_THREADS parts at once.
 MULTIPART_BYTES = 64 * 2**20  # bytes
 UPLOAD_THREADS = 4
-STREAM_BUFFER = 2**20  # bytes read ahead per streamed object
+#: Error codes a try is repeated for, beside HTTP 429/5xx and connection failures (what botocore's standard
+#: retry mode repeats for S3)
+TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown",
+                             "Throttling", "ThrottlingException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+                             "TooManyRequestsException"})
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a whole file, read in 4 MiB chunks (what the manifest records per shard)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class RequestRule:
+    """How many tries a request gets in this process, and botocore's retry mode, read from the standard AWS
+    configuration (`request_rule`)."""
+
+    attempts: int  # tries per request, the first included
+    retry_mode: str  # botocore's, for the requests it repeats itself (listings, HEADs, puts, uploads)
+
+    def bound(self, read_timeout: float) -> float:
+        """Seconds after which a request to a store that stopped answering has failed, at most: every try waits
+        CONNECT_TIMEOUT to connect and `read_timeout` for a byte, plus the waits between tries (for a GET
+        streamed front to back: counted from the last byte it received)."""
+        waits = sum(min(RETRY_BACKOFF * 2**i, MAX_BACKOFF) for i in range(self.attempts - 1))
+        return self.attempts * (CONNECT_TIMEOUT + read_timeout) + waits
+
+
+def request_rule(session: Any = None) -> RequestRule:
+    """The rule from the standard AWS configuration, as botocore reads it: AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, or
+    `max_attempts` / `retry_mode` of the profile in ~/.aws/config (AWS_PROFILE); else REQUEST_ATTEMPTS tries in
+    standard mode. botocore reads no connect or read timeout from there (AWS_DEFAULTS_MODE's connect timeout
+    aside), so those are this module's constants."""
+    if session is None:
+        import botocore.session
+
+        session = botocore.session.get_session()
+    attempts = session.get_config_variable("max_attempts")
+    mode = session.get_config_variable("retry_mode") or "standard"
+    return RequestRule(max(1, int(REQUEST_ATTEMPTS if attempts is None else attempts)), str(mode))
 
 
 class StoreError(OSError):
@@ -99,169 +141,24 @@ def open_store(location: str | os.PathLike) -> Store:
     raise ValueError(f"{location}: unknown storage scheme {scheme!r}; use a folder path or s3://BUCKET/PREFIX")
 
 
-class Store:
-    """The operations on a shard location; names are relative to it (see the module docstring)."""
-
-    #: The folder itself when the store is a local folder (writers write there, nothing is copied); else None.
-    local_dir: Path | None = None
-
-    def url(self, name: str) -> Path | str:
-        """What a reader (DALI, webdataset, a person) is given for `name`."""
-        raise NotImplementedError
-
-    def resolved(self) -> str:
-        """The location in full, for reports: an absolute folder path, or the URL."""
-        return str(self)
-
-    def check(self) -> None:
-        """Raise FileNotFoundError / StoreError when the location itself cannot be read (no folder, no bucket,
-        no access, no endpoint)."""
-        raise NotImplementedError
-
-    def prepare(self) -> None:
-        """Make the location ready for writing (create the folder; check the bucket)."""
-        raise NotImplementedError
-
-    def sizes(self, folder: str = "") -> dict[str, int]:
-        """Bytes of every object directly in the location, or in its sub-folder `folder` (`.parts`), by name
-        relative to that folder: one listing, so a loader checks every shard of a split without a request per
-        shard. Empty for a sub-folder that does not exist."""
-        raise NotImplementedError
-
-    def size(self, name: str) -> int | None:
-        """Bytes of `name`, None when it does not exist (a stat or one HEAD request)."""
-        raise NotImplementedError
-
-    def exists(self, name: str) -> bool:
-        return self.size(name) is not None
-
-    def read_bytes(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        """`length` bytes of `name` from byte `offset` (all of it by default); FileNotFoundError when missing."""
-        raise NotImplementedError
-
-    def read_text(self, name: str) -> str:
-        return self.read_bytes(name).decode("utf-8")
-
-    def open(self, name: str) -> BinaryIO:
-        """A sequential binary stream over `name` (what tarfile's stream mode and webdataset read)."""
-        raise NotImplementedError
-
-    def open_range(self, name: str, offset: int, length: int) -> BinaryIO:
-        """A stream over `length` bytes of `name` from byte `offset` (one ranged GET on an object store)."""
-        return io.BytesIO(self.read_bytes(name, offset=offset, length=length))
-
-    def local_path(self, name: str) -> Path | None:
-        """A local file holding `name` that may be read with file calls (pread, mmap), or None."""
-        return None
-
-    def hold(self, names: list[str]) -> Hold:
-        """Keep `names` in a node-local cache (shards.cache) until released: what a reader may open."""
-        return Hold()
-
-    def want(self, names: list[str]) -> None:
-        """The shards read next, soonest first: a cache fetches them in that order (others: ignored)."""
-
-    def sha256(self, name: str) -> str | None:
-        """Hex sha256 of `name`: hashed from the file (folder), or the value recorded when it was uploaded
-        (S3 object metadata; hashing a remote object would mean downloading it). None when unknown."""
-        raise NotImplementedError
-
-    def put_bytes(self, name: str, data: str | bytes) -> None:
-        """Write a small object whole (plans, shard records, manifests); readers never see it half written."""
-        raise NotImplementedError
-
-    def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
-        """Copy a finished local file into the store as `name`, recording its sha256 when given."""
-        raise NotImplementedError
-
-    def delete(self, name: str) -> None:
-        """Remove `name`; nothing happens when it is already gone."""
-        raise NotImplementedError
-
-
-class Hold:
-    """What `Store.hold` returns; `release()` lets a cache evict the shards again (here: nothing held)."""
-
-    def release(self) -> None:
-        pass
-
-
-class LocalStore(Store):
-    """A folder on a local or shared file system: exactly the behaviour shard folders always had."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.local_dir = self.root
-
-    def __str__(self) -> str:
-        return str(self.root)
-
-    def url(self, name: str) -> Path:
-        return self.root / name
-
-    def resolved(self) -> str:
-        return str(self.root.resolve())
-
-    def check(self) -> None:
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"shard directory {self.root} does not exist")
-
-    def prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def sizes(self, folder: str = "") -> dict[str, int]:
-        self.check()
-        if not (self.root / folder).is_dir():
-            return {}
-        with os.scandir(self.root / folder) as entries:
-            return {e.name: e.stat().st_size for e in entries if e.is_file()}
-
-    def size(self, name: str) -> int | None:
-        path = self.root / name
-        return path.stat().st_size if path.is_file() else None
-
-    def read_bytes(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        with open(self.root / name, "rb") as f:
-            f.seek(offset)
-            return f.read() if length is None else f.read(length)
-
-    def open(self, name: str) -> BinaryIO:
-        return open(self.root / name, "rb")
-
-    def local_path(self, name: str) -> Path:
-        return self.root / name
-
-    def sha256(self, name: str) -> str | None:
-        path = self.root / name
-        return sha256_file(path) if path.is_file() else None
-
-    def put_bytes(self, name: str, data: str | bytes) -> None:
-        atomic_write(self.root / name, data)
-
-    def put_file(self, path: Path, name: str, *, sha256: str | None = None) -> None:
-        if Path(path).resolve() == (self.root / name).resolve():
-            return  # already in place (the converter writes a folder's shards where they belong)
-        with open(path, "rb") as source, atomic_open(self.root / name, "wb") as target:
-            shutil.copyfileobj(source, target, STREAM_BUFFER)
-
-    def delete(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
 
 
 class S3Store(Store):
-    """Objects under `s3://bucket/prefix/`. One boto3 client per process, made on first use (a client must not
-    cross a fork, and DataLoader workers and converter processes are forks), dropped when pickled."""
+    """Objects under `s3://bucket/prefix/`. Its boto3 clients are made in each process on first use (a client must
+    not cross a fork, and DataLoader workers and converter processes are forks) and dropped when pickled."""
 
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket, self.prefix = bucket, prefix
-        self._clients: dict[float, Any] = {}  # read timeout (seconds) -> client
+        self._clients: dict[tuple[float, int], Any] = {}  # (read timeout in seconds, tries) -> client
+        self._session: Any = None  # this process's boto3 session
+        self._rule = RequestRule(REQUEST_ATTEMPTS, "standard")  # replaced by the configuration's, per process
         self._client_pid = -1
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
     def __getstate__(self) -> dict:
-        return {"bucket": self.bucket, "prefix": self.prefix, "_clients": {}, "_client_pid": -1}
+        return {**self.__dict__, "_clients": {}, "_session": None, "_client_pid": -1}
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -269,39 +166,69 @@ class S3Store(Store):
     def url(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(name)}"
 
-    def _client_with(self, read_timeout: float) -> Any:
+    def _boto3(self) -> Any:
+        """This process's boto3 session, shared by its clients, and the rule read from the same configuration."""
         if self._client_pid != os.getpid():
-            self._clients, self._client_pid = {}, os.getpid()
-        if read_timeout not in self._clients:
             import boto3
+            import botocore.session
+
+            core = botocore.session.get_session()  # the AWS configuration, read once
+            self._clients, self._client_pid = {}, os.getpid()
+            self._session, self._rule = boto3.session.Session(botocore_session=core), request_rule(core)
+        return self._session
+
+    @property
+    def rule(self) -> RequestRule:
+        """The tries and retry mode of this process's requests (`request_rule`)."""
+        self._boto3()
+        return self._rule
+
+    def _client_with(self, read_timeout: float, attempts: int | None = None) -> Any:
+        """This process's client for requests with `read_timeout` and `attempts` tries (None: the rule's)."""
+        rule = self.rule
+        attempts = rule.attempts if attempts is None else attempts
+        if (read_timeout, attempts) not in self._clients:
             from botocore.config import Config
 
-            config = Config(retries={"max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
+            config = Config(retries={"total_max_attempts": attempts, "mode": rule.retry_mode},
                             connect_timeout=CONNECT_TIMEOUT, read_timeout=read_timeout)
-            self._clients[read_timeout] = count_requests(boto3.session.Session().client("s3", config=config))
-        return self._clients[read_timeout]
+            client = count_requests(self._boto3().client("s3", config=config))  # every try counted (request_log)
+            self._clients[(read_timeout, attempts)] = client
+        return self._clients[(read_timeout, attempts)]
 
     @property
     def client(self) -> Any:
-        """For data: shard GETs and uploads (READ_TIMEOUT)."""
+        """For uploads (READ_TIMEOUT; botocore repeats a failed part)."""
         return self._client_with(READ_TIMEOUT)
 
     @property
+    def reader(self) -> Any:
+        """For GETs (READ_TIMEOUT), one try each: _ObjectStream repeats them itself, resuming from the byte reached."""
+        return self._client_with(READ_TIMEOUT, 1)
+
+    @property
     def control(self) -> Any:
-        """For listings, HEADs, deletes and small objects (CONTROL_READ_TIMEOUT)."""
+        """For listings, HEADs, deletes and small puts (CONTROL_READ_TIMEOUT)."""
         return self._client_with(CONTROL_READ_TIMEOUT)
 
-    def _call(self, name: str | None, request: Callable[[], Any]) -> Any:
-        """Run one boto3 request; its exceptions become one-line errors that name the URL (see `failure`)."""
+    def time_bound(self, *, data: bool = True) -> float:
+        """Seconds within which a request to this store fails when the store stops answering (the module
+        docstring's rule): a GET's (`data`), else a listing's, HEAD's, small put's or delete's."""
+        return self.rule.bound(READ_TIMEOUT if data else CONTROL_READ_TIMEOUT)
+
+    def _call(self, name: str | None, request: Callable[[], Any], *, data: bool = False) -> Any:
+        """Run one boto3 request (botocore repeats it as the rule says); its exceptions become one-line errors
+        that name the URL (see `failure`)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return request()
         except (ClientError, BotoCoreError) as err:
-            raise self.failure(name, err) from None
+            raise self.failure(name, err, data=data) from None
 
-    def failure(self, name: str | None, err: Exception) -> OSError:
-        """FileNotFoundError for a missing object, else a StoreError with the store's code and message."""
+    def failure(self, name: str | None, err: Exception, *, data: bool = False) -> OSError:
+        """FileNotFoundError for a missing object, else a StoreError with the store's code and message; a store
+        that did not answer (a timeout, no connection) also gets the tries and the bound they were given."""
         from botocore.exceptions import ClientError, NoCredentialsError
 
         url = self.url(name) if name is not None else str(self)
@@ -316,7 +243,15 @@ class S3Store(Store):
         if isinstance(err, NoCredentialsError):
             return StoreError(f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                               "or AWS_PROFILE")
-        return StoreError(f"{url}: {_without_userinfo(str(err))}")
+        unanswered = f" ({self.no_answer(data=data)})" if transient(err) else ""
+        return StoreError(f"{url}: {_without_userinfo(str(err))}{unanswered}")
+
+    def no_answer(self, *, data: bool) -> str:
+        """What an error of a request that got no answer adds: its tries and the bound they had."""
+        rule = self.rule
+        bound = rule.bound(READ_TIMEOUT if data else CONTROL_READ_TIMEOUT)
+        tries = "1 try" if rule.attempts == 1 else f"{rule.attempts} tries"
+        return f"{tries} within the store's bound of {bound:.0f} s; AWS_MAX_ATTEMPTS sets the tries"
 
     def check(self) -> None:
         # one listing page of the prefix's top level: proves bucket, credentials and endpoint in one request (no
@@ -351,7 +286,8 @@ class S3Store(Store):
         extra = {}
         if offset or length is not None:
             extra["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
-        return _ObjectStream(self, name, extra).read()
+        stream = _ObjectStream(self, name, extra)
+        return stream.read()
 
     def open(self, name: str) -> BinaryIO:
         return io.BufferedReader(_ObjectStream(self, name, {}), buffer_size=STREAM_BUFFER)
@@ -375,7 +311,7 @@ class S3Store(Store):
                                 max_concurrency=UPLOAD_THREADS)
         extra = {"Metadata": {"sha256": sha256}} if sha256 else None
         self._call(name, lambda: self.client.upload_file(str(path), self.bucket, self.key(name),
-                                                          ExtraArgs=extra, Config=config))
+                                                          ExtraArgs=extra, Config=config), data=True)
 
     def delete(self, name: str) -> None:
         self._call(name, lambda: self.control.delete_object(Bucket=self.bucket, Key=self.key(name)))
@@ -387,10 +323,25 @@ def _without_userinfo(text: str) -> str:
     return re.sub(r"(://)[^/@\s\"']+@", r"\1***@", text)
 
 
+def transient(err: BaseException) -> bool:
+    """Whether a try that failed with `err` is worth repeating: no connection, a timeout, a response cut short,
+    HTTP 429 or 5xx, a throttling or transient S3 code (what botocore's standard retry mode repeats)."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status in (429, 500, 502, 503, 504) or err.response.get("Error", {}).get("Code") in TRANSIENT_CODES
+    dropped = (ConnectionError, HTTPClientError, IncompleteReadError, HTTPError, OSError)
+    return isinstance(err, dropped) and not isinstance(err, (StoreError, FileNotFoundError))
+
+
 class _ObjectStream(io.RawIOBase):
-    """An S3 object read front to back. A read that breaks mid-object is resumed with a ranged GET from the
-    byte reached, at most READ_RETRIES times with backoff, then a StoreError names the URL, the byte and the
-    cause: a store that drops connections neither hangs a reader nor ends an object early."""
+    """An S3 object read front to back, by GETs of one try each (`S3Store.reader`) that this stream repeats
+    itself under the store's rule: a read that breaks or stalls is resumed with a ranged GET from the byte
+    reached; after `attempts` tries in a row without a byte, a StoreError names the URL, the byte and the cause.
+    So a store that drops connections neither hangs a reader nor ends an object early, and one that stops
+    answering fails the read within `RequestRule.bound` of the last byte. A stop request ends the retries."""
 
     def __init__(self, store: S3Store, name: str, extra: dict) -> None:
         super().__init__()
@@ -407,20 +358,20 @@ class _ObjectStream(io.RawIOBase):
             self._body = io.BytesIO(b"")
             return
         span = f"bytes={self._position}-" + ("" if self._end is None else str(self._end - 1))
-        response = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.name),
+        response = self.store.reader.get_object(Bucket=self.store.bucket, Key=self.store.key(self.name),
                                                 **({"Range": span} if self._position or self._end else {}))
         if self._end is None:
             self._end = self._position + int(response["ContentLength"])
         self._body = response["Body"]
 
     def readinto(self, buffer: Any) -> int:
-        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+        from botocore.exceptions import ClientError
         from botocore.exceptions import ConnectionError as ConnectionFailed
-        from urllib3.exceptions import HTTPError
 
-        dropped = (ConnectionFailed, HTTPClientError, IncompleteReadError, HTTPError, OSError)
         view = memoryview(buffer).cast("B")
-        for attempt in range(READ_RETRIES + 1):
+        url, attempts = self.store.url(self.name), self.store.rule.attempts
+        failed = 0  # tries in a row that ended without a byte: the count starts again with each byte received
+        while True:
             try:
                 if self._body is None:
                     self._open_body()
@@ -428,17 +379,21 @@ class _ObjectStream(io.RawIOBase):
                 if not data and self._end is not None and self._position < self._end:
                     raise ConnectionFailed(error=f"the response ended at byte {self._position} of {self._end}")
                 break
-            except dropped as err:
+            except Exception as err:  # (a stop request is no Exception: it passes)
                 self._body = None
-                if attempt == READ_RETRIES:
-                    raise StoreError(f"{self.store.url(self.name)}: reading stopped at byte {self._position} after "
-                                     f"{READ_RETRIES + 1} attempts ({_without_userinfo(str(err))})") from None
-                time.sleep(RETRY_BACKOFF * 2**attempt)
-            except Exception as err:  # the store answered (no such object, access denied) or no credentials
-                self._body = None
-                if isinstance(err, ClientError) or type(err).__module__.startswith("botocore"):
-                    raise self.store.failure(self.name, err) from None
-                raise
+                if not transient(err):  # the store answered (no such object, access denied), or no credentials
+                    if isinstance(err, ClientError) or type(err).__module__.startswith("botocore"):
+                        raise self.store.failure(self.name, err, data=True) from None
+                    raise
+                failed += 1
+                if failed >= attempts:
+                    raise StoreError(f"{url}: reading stopped at byte {self._position} after {failed} attempts "
+                                     f"({_without_userinfo(str(err))}; {self.store.no_answer(data=True)})") from None
+                check_stop(url)  # a stop request ends the retries (never a read that is being answered)
+                count_retry()
+                # exponential back-off with jitter (half of it random): many workers throttled at once by a store
+                # answering 503 Slow Down come back spread out, not together; never longer than the rule's wait
+                pause(random.uniform(0.5, 1.0) * min(RETRY_BACKOFF * 2 ** (failed - 1), MAX_BACKOFF), url)
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -450,4 +405,5 @@ class _ObjectStream(io.RawIOBase):
         super().close()
 
 
-__all__ = ["Hold", "LocalStore", "S3Store", "Store", "StoreError", "is_store_url", "open_store"]
+__all__ = ["LocalStore", "RequestRule", "S3Store", "Store", "StoreError", "is_store_url", "open_store",
+           "request_rule", "sha256_file", "transient"]

@@ -35,6 +35,7 @@ from shards.schema import (
     manifest_name,
     split_member_name,
     splits_in,
+    splits_without_manifest,
     unlisted_shard_files,
 )
 from shards.store import Store, open_store
@@ -121,6 +122,15 @@ def check_shard(shards_dir: str | os.PathLike | Store, record: ShardRecord, num_
     return check
 
 
+def unmanifested(store: Store, split: str, names: list[str]) -> str:
+    """The finding for shard files of a split without a manifest (shards.schema.splits_without_manifest)."""
+    shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+    files = "file is" if len(names) == 1 else "files are"
+    return (f"{store.url(manifest_name(split))}: missing, but {len(names)} {split} shard {files} there ({shown}): "
+            f"no loader opens the split; rerun `saturate shards convert SRC {store} --split {split}` (or "
+            f"`saturate shards merge {store} --split {split}` once every job has finished)")
+
+
 def decode_problem(jpeg: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
     """None when `jpeg` is what the converter packs: an RGB JPEG within `max_pixels` that libjpeg-turbo decodes
     without a warning (the converter's own checks, shards.images); else what is wrong."""
@@ -140,7 +150,8 @@ def decode_problem(jpeg: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
 
 def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, decode: bool = False,
            workers: int | None = None, progress: bool = False) -> tuple[list[str], dict]:
-    """Return (problems, stats). No problems means every manifest found matches its shards exactly.
+    """Return (problems, stats). No problems means every manifest found matches its shards exactly and, when
+    no `splits` are named, no split has shard files without a manifest.
 
     stats["samples"] counts the samples actually read and checked (a missing or unreadable shard's are not);
     stats["listed"] what the manifests promise. `progress` shows a bar in images/s (stderr)."""
@@ -148,10 +159,15 @@ def verify(shards_dir: str | os.PathLike, *, splits: list[str] | None = None, de
     store = open_store(shards_dir)
     store.check()
     shards_dir = str(store)  # what each worker process opens its own store from
-    splits = [check_split_name(s) for s in splits] if splits else splits_in(store)
-    if not splits:
-        raise FileNotFoundError(f"no *.manifest.json in {shards_dir}: nothing to verify")
     problems: list[str] = []
+    if splits:  # a split asked for by name without a manifest fails in load_manifest, saying what to run
+        splits = [check_split_name(s) for s in splits]
+    else:
+        splits = splits_in(store)
+        orphans = splits_without_manifest(store.sizes())
+        if not splits and not orphans:
+            raise FileNotFoundError(f"no *.manifest.json in {shards_dir}: nothing to verify")
+        problems += [unmanifested(store, split, names) for split, names in orphans.items()]
     stats = {"samples": 0, "listed": 0, "shards": 0, "decoded": 0, "cpu_seconds": 0.0, "seconds": 0.0}
     start = time.perf_counter()
     for split in splits:

@@ -15,6 +15,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from shards.images import RejectedImage, prepare_image
 from shards.plan import ShardPlan, WriteOptions
+from shards.process import end_with_parent
 from shards.publish import ShardResult, ShardSink, index_digest, is_complete, publish_shard
 from shards.schema import (
     IMAGE_EXT,
@@ -162,19 +164,12 @@ _PROGRESS_QUEUE = None  # a pool worker's queue to the converter's progress bar
 
 
 def init_worker(parent: int, progress_queue) -> None:
-    """Pool worker initializer: keep the progress queue, and be killed when the converter process dies (Linux
-    PR_SET_PDEATHSIG), so a `kill -9` of the converter does not leave workers writing shards nobody records."""
-    import ctypes
-    import signal
-
+    """Pool worker initializer: keep the progress queue, and be killed when the converter process dies
+    (shards.process.end_with_parent), so a `kill -9` of the converter does not leave workers writing shards
+    nobody records. Elsewhere than on Linux workers end with their queue instead."""
     global _PROGRESS_QUEUE
     _PROGRESS_QUEUE = progress_queue
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers end with their queue instead
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    end_with_parent(signal.SIGKILL, parent=parent)
 
 
 def write_shard_in_worker(shard: ShardPlan, **kwargs) -> ShardResult:

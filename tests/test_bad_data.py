@@ -126,6 +126,34 @@ def test_shards_of_an_older_larger_plan_are_removed_and_unlisted_ones_reported(t
     assert problems == ["val-000007.tar: not listed in val.manifest.json (left by an older conversion?); remove it"]
 
 
+def test_verify_fails_a_split_whose_shards_have_no_manifest(tiny_shards, tmp_path, capsys):
+    """`cp -r sh shm; rm shm/train.manifest.json; saturate shards verify shm` said OK for val and never
+    mentioned the train tars, which no loader can open; a killed re-conversion leaves exactly that."""
+    out = tmp_path / "shm"
+    out.mkdir()
+    for path in tiny_shards.iterdir():
+        if path.is_file() and path.name != "train.manifest.json":
+            (out / path.name).write_bytes(path.read_bytes())
+    (out / "test-000000.tar.partial").write_bytes(b"")  # a conversion of split 'test' killed at its first shard
+    expected = [
+        f"{out / 'train.manifest.json'}: missing, but 16 train shard files are there (train-000000.idx, "
+        f"train-000000.tar, ...): no loader opens the split; rerun `saturate shards convert SRC {out} --split "
+        f"train` (or `saturate shards merge {out} --split train` once every job has finished)",
+        f"{out / 'test.manifest.json'}: missing, but 1 test shard file is there (test-000000.tar.partial): no "
+        f"loader opens the split; rerun `saturate shards convert SRC {out} --split test` (or `saturate shards "
+        f"merge {out} --split test` once every job has finished)",
+    ]
+    problems, stats = verify(out, workers=1)
+    assert problems == expected and stats["listed"] == 25  # val is still checked
+    assert cli(["shards", "verify", str(out), "--workers", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().out.splitlines()[:2] == [f"FAIL {line}" for line in expected]
+    assert verify(out, splits=["val"], workers=1)[0] == []  # only val asked about, and val is whole
+    for path in out.glob("val*"):  # no manifest at all: still a finding per split, not "nothing to verify"
+        path.unlink()
+    problems, stats = verify(out, workers=1)
+    assert problems == expected and stats["shards"] == 0
+
+
 # --- 2. corrupt entropy-coded data ------------------------------------------------------------------------
 def test_corrupt_jpeg_data_is_rejected_by_default_and_flagged_by_verify(tmp_path):
     good, damaged = noisy_jpeg(0), corrupt_scan(noisy_jpeg(1))
@@ -224,6 +252,86 @@ def test_killed_converter_takes_its_workers_with_it(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+def test_a_second_converter_of_a_split_names_the_first_instead_of_racing_it(tmp_path, capsys, monkeypatch):
+    """Two converters into the same OUT raced over the same `.partial` files, and the loser died with
+    `[Errno 2] No such file or directory: 'race/train-000007.tar.partial' -> ...`. The second now stops before
+    writing anything, naming the first; a claim whose converter is gone is ignored."""
+    import socket
+    import threading
+
+    from shards import claim as claim_module
+    from shards.claim import CLAIM_STALE_AFTER
+
+    src = tree(tmp_path / "src", {f"n0{c}/{i}.JPEG": noisy_jpeg(100 * c + i, (640, 480))  # ~1 s of converting
+                                  for c in range(2) for i in range(60)})
+    out = tmp_path / "race"
+    argv = ["shards", "convert", str(src), str(out), "--split", "train", "--samples-per-shard", "4", "--workers",
+            "1", "--no-progress"]
+
+    def start(*extra: str) -> subprocess.Popen:
+        """A converter in its own process, returned once it holds its claim on the split."""
+        proc = subprocess.Popen([sys.executable, "-m", "tools.cli", *argv, *extra], cwd=Path(__file__).parents[1],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".parts/.train.claim.tmp-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        return proc
+
+    first = start()
+    os.kill(first.pid, signal.SIGSTOP)  # frozen mid-conversion, holding its claim
+    try:
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"saturate shards: error: another converter (host {socket.gethostname()}, pid "
+                              f"{first.pid}) is writing {out / 'train'} (job 0 of 1); wait for it to end or stop "
+                              "it. Its claim "), err
+        assert err.count("\n") == 1
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert verify(out, workers=1)[0] == [] and not list(out.glob(".parts/.train.claim*"))  # released at the end
+
+    killed = start("--seed", "1")  # kill -9 leaves the claim; its pid is gone, so on this host it is stale at once
+    killed.kill()
+    killed.wait()
+    assert list(out.glob(".parts/.train.claim.tmp-*"))
+    assert cli([*argv, "--seed", "1"]) == 0
+    assert verify(out, workers=1)[0] == [] and not list(out.glob(".parts/.train.claim*"))
+
+    # claims of converters on another host, which cannot be asked: live while refreshed
+    (out / "train.manifest.json").unlink()
+    digest = json.loads((out / ".parts" / "train.plan.json").read_text())["plan_digest"]
+    foreign = out / ".parts" / ".train.claim.tmp-otherhost-12-abcd"
+
+    def claim(job_index: int, *, age: float = 0.0, plan: str = digest, started: float = 0.0) -> None:
+        foreign.write_text(json.dumps({"host": "node07", "pid": 12, "plan_digest": plan, "num_jobs": 2,
+                                       "job_index": job_index, "refreshed": time.time() - age, "started": started}))
+
+    claim(1)  # job 1 of the same two-job conversion: writes other shards, no conflict
+    assert cli([*argv, "--seed", "1", "--num-jobs", "2", "--job-index", "0"]) == 0 and foreign.exists()
+    (out / "train.manifest.json").unlink()
+    claim(0)  # the same job
+    assert cli([*argv, "--seed", "1", "--num-jobs", "2", "--job-index", "0"]) == 2
+    assert "another converter (host node07, pid 12) is writing" in capsys.readouterr().err
+    claim(1, plan="another")  # another conversion
+    assert cli([*argv, "--seed", "1", "--num-jobs", "2", "--job-index", "0"]) == 2
+    assert "(job 1 of 2 of another conversion (other source, seed or options))" in capsys.readouterr().err
+    # two converters that start together: the one that started first goes on once the other has stopped...
+    monkeypatch.setattr(claim_module, "CLAIM_SETTLE", 2.0)
+    claim(1, plan="another", started=time.time() + 60)
+    threading.Timer(0.5, foreign.unlink).start()  # the later one saw this claim and stops
+    assert cli([*argv, "--seed", "1", "--num-jobs", "2", "--job-index", "0"]) == 0
+    (out / "train.manifest.json").unlink()
+    claim(1, plan="another", started=time.time() + 60)  # ...and stops too when the other never saw it and runs
+    assert cli([*argv, "--seed", "1", "--num-jobs", "2", "--job-index", "0"]) == 2
+    assert "another converter (host node07, pid 12) is writing" in capsys.readouterr().err
+    claim(1, plan="another", age=CLAIM_STALE_AFTER + 1)  # not refreshed for too long: abandoned, removed
+    assert cli([*argv, "--seed", "1"]) == 0 and not foreign.exists()
+    assert verify(out, workers=1)[0] == []
 
 
 def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):

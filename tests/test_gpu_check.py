@@ -1,5 +1,5 @@
-"""tools/gpu_check.py, the H100 check in one call: its stages, and the goal summary it reads from the reports.
-(The whole check ran here with --cpu-dry-run; on the GPU machine it runs for real.)"""
+"""tools/gpu_check.py, the GPU check in one call: its stages in the order the issue asks for, and the goal summary
+it reads from the reports. (The whole check ran here with --cpu-dry-run; on the GPU machine it runs for real.)"""
 
 from __future__ import annotations
 
@@ -15,34 +15,58 @@ def write_report(path: Path, rows: list[dict]) -> None:
     (path / "report.json").write_text(json.dumps({"rows": rows}))
 
 
-def test_stages_are_the_issue_s_measurements(tmp_path):
+def test_stages_are_the_issue_s_measurements_most_important_first(tmp_path):
+    assert gpu_check.STAGES[:5] == ("corpus", "convert", "loader", "ceiling", "tests")
     plan = Plan.for_machine(cpu_dry_run=False)
-    loader = stage_commands("loader", plan, work=tmp_path, out=tmp_path / "out")
-    assert "--threads" in loader[0] and loader[0][loader[0].index("--threads") + 1] == "2,4,8,16"
-    assert loader[0][loader[0].index("--hw-decoder-load") + 1] == "0,0.65,1"
-    assert loader[1][loader[1].index("--backends") + 1] == "dali-gpu,dali-cpu,pytorch"
-    e2e = stage_commands("e2e", plan, work=tmp_path, out=tmp_path / "out")
-    assert e2e[0][e2e[0].index("--compile") + 1] == "off,on" and e2e[0][e2e[0].index("--threads") + 1] == "4"
-    assert all(cmd[cmd.index("--batch-size") + 1] == "256" for cmd in loader + e2e)
-    tests = stage_commands("tests", plan, work=tmp_path, out=tmp_path / "out")[0]
+    out = tmp_path / "out"
+    (loader,) = stage_commands("loader", plan, work=tmp_path, out=out)
+    assert loader[loader.index("--threads") + 1] == "4,16"
+    assert loader[loader.index("--hw-decoder-load") + 1] == "0.65,1"
+    assert loader[loader.index("--backends") + 1] == "dali-gpu,pytorch"  # one run: the ratio to pytorch
+    (ceiling,) = stage_commands("ceiling", plan, work=tmp_path, out=out)
+    assert ceiling[ceiling.index("--compile") + 1] == "on" and ceiling[ceiling.index("--threads") + 1] == "4"
+    assert ceiling[ceiling.index("--modes") + 1] == "model,e2e" and "bf16" in ceiling and "resnet50" in ceiling
+    (eager,) = stage_commands("ceiling", plan, work=tmp_path, out=out, compile_model=False)
+    assert eager[eager.index("--compile") + 1] == "off"
+    (order,) = stage_commands("order", plan, work=tmp_path, out=out)
+    assert order[order.index("--order") + 1] == "sample,shard" and order[order.index("--threads") + 1] == "16"
+    sweep = stage_commands("sweep", plan, work=tmp_path, out=out)
+    assert sweep[0][sweep[0].index("--threads") + 1] == "2,8"
+    assert all(cmd[cmd.index("--batch-size") + 1] == "256" for cmd in [loader, ceiling, order, *sweep])
+    tests = stage_commands("tests", plan, work=tmp_path, out=out)[0]
     assert tests[1:5] == ["-m", "pytest", "-m", "gpu"]
+
+
+def test_the_ceiling_compiles_only_when_the_budget_allows(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or
+                        type("Done", (), {"returncode": 0})())
+    plan = Plan.for_machine(cpu_dry_run=False)
+    roomy = gpu_check.run_stage("ceiling", plan, work=tmp_path, out=tmp_path, timeout=gpu_check.COMPILE_BUDGET)
+    tight = gpu_check.run_stage("ceiling", plan, work=tmp_path, out=tmp_path, timeout=gpu_check.COMPILE_BUDGET - 1)
+    assert [cmd[cmd.index("--compile") + 1] for cmd in ran] == ["on", "off"]
+    assert roomy["status"] == "ok (compiled)"
+    assert tight["status"] == "ok (eager: less than the compile budget was left)"
 
 
 def test_goals_read_the_reports(tmp_path):
     plan = Plan.for_machine(cpu_dry_run=False)
     out = tmp_path / "out"
-    write_report(out / "loader" / "sweep", [
-        {"threads": 16, "images_per_sec_per_gpu": 31000.0, "error": None},
-        {"threads": 16, "images_per_sec_per_gpu": 29000.0, "error": None},
-        {"threads": 2, "images_per_sec_per_gpu": 7000.0, "error": None, "unstable": ["spread"]},
+    write_report(out / "loader", [
+        {"backend": "dali-gpu", "threads": 16, "images_per_sec_per_gpu": 31000.0, "vs_pytorch": 5.5, "error": None},
+        {"backend": "dali-gpu", "threads": 16, "images_per_sec_per_gpu": 29000.0, "vs_pytorch": 5.1, "error": None},
+        {"backend": "pytorch", "threads": 16, "images_per_sec_per_gpu": 5600.0, "error": None},
     ])
-    write_report(out / "loader" / "vs-pytorch", [{"backend": "dali-gpu", "vs_pytorch": 5.5, "error": None}])
-    write_report(out / "e2e" / "dali", [
+    write_report(out / "sweep" / "loader", [
+        {"threads": 2, "images_per_sec_per_gpu": 7000.0, "error": None, "unstable": ["spread"]}])
+    write_report(out / "ceiling", [
         {"mode": "model", "compile": True, "images_per_sec_per_gpu": 6100.0, "error": None},
         {"mode": "e2e", "compile": True, "vs_ceiling": 0.991, "error": None},
     ])
-    assert [measured for _, _, measured in goals(out, plan)] == [
+    found = goals(out, plan)
+    assert [measured for _, _, measured in found] == [
         "31,000 img/s", "5.50x", "(7,000 img/s, unstable)", "6,100 img/s", "0.991"]
+    assert found[3][0] == "resnet50 ceiling (compiled)"
     assert [measured for _, _, measured in goals(tmp_path / "empty", plan)] == ["not measured"] * 5
 
 

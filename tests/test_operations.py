@@ -3,6 +3,7 @@ without telling the loader, or start it with flags that cannot work. Each test f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,6 +95,51 @@ def test_sigusr1_stops_with_status_138(tmp_path):
     assert "stopped by SIGUSR1" in err and checkpoint.list_checkpoints(tmp_path / "run")
 
 
+@pytest.mark.parametrize("signum, forwarded, stopped_by", [
+    (signal.SIGUSR1, "", "SIGTERM"),  # torchrun dies of it; the kernel sends each rank SIGTERM
+    (signal.SIGKILL, "", "SIGTERM"),
+    (signal.SIGUSR1, "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "SIGUSR1"),  # what train.sbatch sets: forwarded
+])
+def test_a_stop_signal_to_torchrun_ends_in_one_checkpoint_and_no_process_left(tiny_shards, tmp_path, signum,
+                                                                             forwarded, stopped_by):
+    """`kill -USR1 <torchrun pid>` killed torchrun at once and left both ranks and their DataLoader workers running
+    as orphans under PID 1 (torchrun starts each rank in its own session and handles only SIGTERM, SIGINT,
+    SIGHUP and SIGQUIT). Each rank now has the kernel send it SIGTERM when torchrun dies: one checkpoint,
+    then every process ends."""
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            *train_argv(tiny_shards, run_dir, "--epochs", "40")[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    if forwarded:  # torchrun --signals-to-handle, as an environment variable
+        env["PET_SIGNALS_TO_HANDLE"] = forwarded
+    with open(tmp_path / "out.txt", "w") as out:  # files, not pipes: orphans would hold a pipe open
+        torchrun = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    job, processes = psutil.Process(torchrun.pid), []
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 3):
+            assert torchrun.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.05)
+        processes = job.children(recursive=True)  # 2 ranks, 2 DataLoader workers each
+        assert len(processes) >= 4
+        torchrun.send_signal(signum)
+        torchrun.wait(timeout=60)
+        gone, alive = psutil.wait_procs(processes, timeout=90)
+        assert alive == [], (tmp_path / "out.txt").read_text()
+    finally:  # whatever happened, this test leaves nothing running
+        for process in [*processes, *(job.children(recursive=True) if torchrun.poll() is None else [])]:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        torchrun.kill()
+    log = (tmp_path / "out.txt").read_text()
+    stopped = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
+    assert 3 <= stopped["step"] < 40 * 7 and stopped["world_size"] == 2
+    assert log.count(f"stopped by {stopped_by}") == 2, log  # both ranks, at the same step, after rank 0's checkpoint
+    assert f"stopped by {stopped_by} at step {stopped['step']} after writing checkpoint" in log, log
+
+
 def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
     mine = tmp_path / f".a.pt{TMP_MARK}{host_tag()}-{os.getpid()}-0001"
     dead = tmp_path / f".b.pt{TMP_MARK}{host_tag()}-{dead_pid()}-0002"
@@ -183,6 +229,38 @@ def test_sbatch_script_stops_the_ranks_and_requeues_on_usr1(tmp_path):
     stopped_args = (tmp_path / "ranks-stopped").read_text()
     assert "-m tools.cli train --resume auto --checkpoint-minutes 20 --data /shards" in stopped_args
     assert (tmp_path / "requeued").read_text().strip() == "42"
+
+
+def test_sbatch_script_passes_sigterm_on_to_the_ranks_without_requeueing(tmp_path):
+    """scancel and a preemption send SIGTERM to the batch shell too: it used to die at once, leaving srun to its
+    fate; it now passes the stop on, waits for the ranks' checkpoint, and leaves requeueing to Slurm."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        f"trap 'echo \"$PET_SIGNALS_TO_HANDLE\" > {tmp_path}/ranks-stopped; exit 143' TERM\n"
+        "echo started > " + str(tmp_path / "ranks-started") + "\n"
+        "while :; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        f"if [ \"$1\" = requeue ]; then echo \"$2\" > {tmp_path}/requeued; else echo node01; fi\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node01", "SLURM_JOB_NUM_NODES": "1"}
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "training" / "slurm" / "train.sbatch"), "--data", "/shards"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ranks-started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    # torchrun is told to forward SIGUSR1 too (a plain --signal=USR1 reaches it)
+    assert (tmp_path / "ranks-stopped").read_text().strip() == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert not (tmp_path / "requeued").exists()
 
 
 # --- risks of the GPU path that can be checked here -----------------------------------------------------------
@@ -350,3 +428,28 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_records_twice(tmp_path):
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4] and 9.0 not in [r.get("loss") for r in records]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [4]
+
+
+def test_a_stop_during_a_stalled_evaluation_ends_at_once_with_the_epoch_saved(tmp_path, monkeypatch):
+    """The issue's drill: the val store stops answering, then SIGTERM. The evaluation (here one that waits for a
+    store that never answers) is abandoned at once; the epoch's checkpoint, written before it, says it is owed."""
+    import signal
+    import time
+
+    import training.trainer as trainer_module
+    from training.preempt import Preempted
+    from training.train import train
+
+    def stalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's signal arrives while the evaluation waits
+        time.sleep(120)  # a read that would only end at the store's time bound
+        raise AssertionError("the wait was not interrupted")
+
+    monkeypatch.setattr(trainer_module, "evaluate_models", stalled)
+    started = time.monotonic()
+    with pytest.raises(Preempted) as stopped:
+        train(synthetic_run(tmp_path / "run"))
+    assert time.monotonic() - started < 60 and stopped.value.exit_status == 143
+    assert stopped.value.checkpoint and stopped.value.step == 4
+    saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
+    assert (saved["step"], saved["pending_eval"]) == (4, 1)

@@ -316,3 +316,28 @@ def test_nproc_checks_out_and_tune_json_before_any_rank_starts(tmp_path, capsys,
     assert cli_main(["profile", str(tmp_path), "--out", str(out), "--nproc", "2", "--tune"]) == 2
     assert f"{out / 'tune.json'}: not a tune file" in capsys.readouterr().err
     assert launched == []
+
+
+def test_a_profile_cut_short_leaves_the_rows_it_measured(tiny_shards, tmp_path, monkeypatch):
+    """A profile stopped by a time limit (the GPU machine's call ends) must still leave every row it measured:
+    report.json and report.md are written after each configuration, marked partial until the end."""
+    from tools.profiler import sweep as sweep_module
+
+    real, calls = sweep_module.Session.measure, []
+
+    def cut_at_the_second(self, config):
+        calls.append(config)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what the call's time limit does
+        return real(self, config)
+
+    monkeypatch.setattr(sweep_module.Session, "measure", cut_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        profiler.profile(tiny_shards, out_dir=tmp_path / "prof", modes=("loader",), backends=("dali-cpu", "pytorch"),
+                         threads=(1,), **TINY)
+    report = json.loads((tmp_path / "prof" / "report.json").read_text())
+    assert [(r["mode"], r["backend"]) for r in report["rows"]] == [("loader", "dali-cpu")]
+    assert positive(report["rows"][0]["images_per_sec_per_gpu"])
+    assert any(n.startswith("partial: 1 of 2 configurations") for n in report["notes"])
+    assert "partial: 1 of 2" in (tmp_path / "prof" / "report.md").read_text()
+    assert not (tmp_path / "prof" / "report.png").exists()

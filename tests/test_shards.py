@@ -188,6 +188,51 @@ def test_jobs_together_equal_one_job(tiny_imagenet, tmp_path):
     assert files_of(shared) == files_of(single)
 
 
+def test_merge_with_jobs_missing_names_the_shards_and_the_jobs_to_rerun(tiny_imagenet, tmp_path, capsys):
+    """`shards merge` said only "some shards of the plan are not written yet"."""
+    out = tmp_path / "out"
+    for index in (1, 3):  # jobs 0 and 2 of 4 never ran; 60 samples -> 8 shards, job I writes I, I+4
+        convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, num_jobs=4, job_index=index,
+                progress=False)
+    capsys.readouterr()
+    assert cli(["shards", "merge", str(out), "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("saturate shards: error: 4 of 8 train shards are not written yet (train-000000.tar, "
+                   "train-000002.tar, train-000004.tar, train-000006.tar): run jobs 0, 2 of --num-jobs 4 "
+                   "(the same `saturate shards convert` with --job-index 0, 2), then merge\n")
+    convert(tiny_imagenet / "train", out, split="train", samples_per_shard=8, num_jobs=4, job_index=0,
+            progress=False)
+    assert ("train: other jobs' shards are still missing (the job that completes the plan writes the manifest): "
+            "2 of 8 train shards are not written yet (train-000002.tar, train-000006.tar): run job 2 of --num-jobs "
+            "4 (the same `saturate shards convert` with --job-index 2), then merge\n") in capsys.readouterr().out
+
+
+def test_an_identical_complete_conversion_writes_nothing(tiny_imagenet, tmp_path, monkeypatch, capsys):
+    """Converting again what is already converted, into a read-only OUT, failed writing its plan
+    ("[Errno 30] Read-only file system: OUT/.parts/.train.plan.json.tmp-..."); it now has nothing to write."""
+    from shards.store import LocalStore
+
+    out = tmp_path / "out"
+    argv = ["shards", "convert", str(tiny_imagenet / "train"), str(out), "--split", "train", "--samples-per-shard",
+            "8", "--workers", "1", "--no-progress"]
+    assert cli(argv) == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(out))
+
+    for method in ("put_bytes", "put_file", "delete", "prepare"):
+        monkeypatch.setattr(LocalStore, method, read_only)
+    assert cli(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"train: nothing to do: {out / 'train.manifest.json'} describes this "
+                                              "conversion and its 8 shards are complete\n")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+    (out / "train-000003.tar").write_bytes(b"damaged")  # not complete any more: the rerun must write, and says why
+    assert cli(argv) == 2
+    assert "Read-only file system" in capsys.readouterr().err
+
+
 def make_bad_and_quirky_tree(root: Path) -> dict[str, Path]:
     rng = np.random.default_rng(1)
     cls = root / "n00000001"
@@ -369,6 +414,26 @@ def test_cli_convert_end_to_end(tmp_path):
     manifest = load_manifest(out, "train")
     assert manifest.num_samples == 10 and len(manifest.shards) > 1
     assert cli(["shards", "convert", str(tmp_path / "missing"), str(out), "--split", "val"]) == 2
+
+
+def test_no_progress_hides_only_the_bar(tmp_path, capsys):
+    """`shards convert --no-progress` printed nothing at all: the summary, the rejected files and "other jobs'
+    shards are still missing" were behind the progress switch, so a Slurm log never showed a rejection."""
+    src = write_tree(tmp_path / "src", train_per_class=2, val_per_class=0)
+    (src / "train" / "n00000001" / "empty.JPEG").write_bytes(b"")
+    out = tmp_path / "out"
+    base = ["shards", "convert", str(src / "train"), str(out), "--split", "train", "--samples-per-shard", "4",
+            "--workers", "1", "--no-progress"]
+    assert cli([*base, "--num-jobs", "2", "--job-index", "1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # no bar
+    assert "train: job 2/2 wrote 1 of 1 shards" in printed.out
+    assert "train: other jobs' shards are still missing" in printed.out
+    assert cli([*base, "--num-jobs", "2", "--job-index", "0"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert "train: 10 samples in 3 shards, 0 converted, 1 rejected of 11 discovered, 5 classes" in printed.out
+    assert "  rejected n00000001/empty.JPEG: " in printed.out
 
 
 @pytest.mark.parametrize("name,size", [("n01440764_10026.jpg", 81354), ("k.cls", 6), ("x" * 95 + ".json", 0)])

@@ -13,6 +13,7 @@ a local folder and once to s3://shards/quirks; everything read back from the sto
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -343,6 +344,26 @@ def test_jobs_and_merge_against_the_store(quirk_tree, converted, s3_env, capsys)
     assert open_store(url).read_bytes("train.manifest.json") == (converted / "train.manifest.json").read_bytes()
 
 
+def test_a_converter_claims_the_split_in_the_store(quirk_tree, converted, s3_env, capsys):
+    """Two converters of one split into the same prefix raced; on s3:// the claim is an object under .parts/,
+    refreshed while its converter runs (another host's process cannot be asked whether it still runs)."""
+    from shards.claim import CLAIM_STALE_AFTER, SplitBusy
+
+    url = f"s3://{BUCKET}/claimed"
+    store = open_store(url)
+    foreign = ".parts/.val.claim.tmp-node07-12-abcd"
+    store.put_bytes(foreign, json.dumps({"host": "node07", "pid": 12, "plan_digest": "x", "num_jobs": 1,
+                                         "job_index": 0, "refreshed": time.time(), "started": 0.0}))
+    with pytest.raises(SplitBusy, match=re.escape(f"another converter (host node07, pid 12) is writing {url}/val "
+                                                  "(job 0 of 1 of another conversion")):
+        convert_split(quirk_tree, url, "val")
+    assert sorted(store.sizes(".parts")) == [foreign.split("/")[1]]  # nothing written, its own claim removed
+    store.put_bytes(foreign, json.dumps({"host": "node07", "pid": 12, "refreshed": time.time() - CLAIM_STALE_AFTER
+                                         - 1}))
+    assert convert_split(quirk_tree, url, "val") == load_manifest(converted, "val")
+    assert not [name for name in store.sizes(".parts") if ".claim" in name]
+
+
 # --- faults -----------------------------------------------------------------------------------------------
 def copy_prefix(source: str, target: str) -> None:
     store = open_store(target)
@@ -359,6 +380,19 @@ def test_a_missing_object_is_named(converted, s3_env, backend):
         build_loader(url, "val", train=False, batch_size=4, image_size=SIZE, backend=backend, num_threads=1)
     problems, _ = verify(url, splits=["val"], workers=1)
     assert f"{url}/val-000001.tar: missing" in problems
+
+
+def test_verify_fails_shards_without_a_manifest_in_the_store(converted, s3_env, capsys):
+    """A split whose manifest is gone (a killed re-conversion removes it first) was approved: `OK`, rc 0."""
+    url = f"s3://{BUCKET}/no-manifest"
+    copy_prefix(URL, url)
+    open_store(url).delete("train.manifest.json")
+    problems, _ = verify(url, workers=1)
+    assert [p.split(":", 2)[:2] for p in problems] == [["s3", f"//{BUCKET}/no-manifest/train.manifest.json"]]
+    assert f"train shard files are there (train-000000.idx, train-000000.tar, ...): no loader opens the split; " \
+           f"rerun `saturate shards convert SRC {url} --split train`" in problems[0]
+    assert cli(["shards", "verify", url, "--workers", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().out.startswith(f"FAIL {url}/train.manifest.json: missing, but ")
 
 
 def test_wrong_credentials_and_missing_bucket_are_one_line_errors(converted, s3_env, monkeypatch, capsys):

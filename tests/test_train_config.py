@@ -193,6 +193,45 @@ def test_cli_fails_at_start_with_one_line(argv, message, capsys, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written before the config is known to be good
 
 
+@pytest.mark.parametrize(("name", "text", "problem"), [
+    ("bad.yaml", "epochs: [1\n", "not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
+    ("bad.yml", "epochs: 1\n\tbase_lr: 2\n", "not valid YAML (line 2, column 1: found character '\\t' that "
+                                                "cannot start any token)"),
+    ("bad.json", '{"epochs": 1,\n', "not valid JSON (Expecting property name enclosed in double quotes: line 2 "
+                                      "column 1 (char 14))"),
+    ("bad.toml", "epochs = [\n", "not valid TOML (Invalid value (at end of document))"),
+    ("latin1.yaml", b"epochs: 1 # caf\xe9\n", "not UTF-8 text"),
+])
+def test_a_malformed_config_file_is_one_line_naming_it(tmp_path, capsys, name, text, problem):
+    """`printf "epochs: [1\\n" > bad.yaml; saturate train --config bad.yaml` printed PyYAML's traceback and exited
+    1; bad JSON and TOML gave one line that did not name the file."""
+    from tools.train_cmd import main
+
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    for extra in ([], ["--print-config"]):
+        assert main(["--config", str(path), "--backend", "synthetic", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"saturate train: error: --config: {path}: {problem}"), err
+        assert err.count("\n") == 1
+
+
+def test_data_pointing_at_a_file_says_so(tmp_path, capsys):
+    """`--data` naming a regular file (a tar, the manifest itself) said "directory does not exist"."""
+    from tools.cli import main as saturate
+    from tools.train_cmd import main
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"")
+    assert main(["--backend", "pytorch", "--data", str(shard), "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"saturate train: error: --data: {shard} is a file; give the folder that "
+                                       "holds the shards and their manifests\n")
+    assert saturate(["shards", "verify", str(shard)]) == 2
+    assert capsys.readouterr().err == (f"saturate shards: error: shard directory {shard} is a file, not a "
+                                       "folder\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_print_config(capsys):
     from tools.train_cmd import main
 

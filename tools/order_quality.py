@@ -172,10 +172,9 @@ def rank_cost(index: SplitIndex, *, world: int, global_batch: int, chunk: int, r
             shutil.rmtree(written)
     finally:
         folder.close()
-    index_bytes = sum(len(text) for text in index._lines) + sum(o.nbytes for o in index._offsets)
     return {"seconds": time.perf_counter() - started, "order_seconds": computed,
             "index_files": sum(len(s.entries) for s in cut), "pipelines": len(cut),
-            "memory_mb": (index_bytes + stream.nbytes + batches.nbytes) / 1e6}
+            "memory_mb": (index.nbytes + stream.nbytes + batches.nbytes) / 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:

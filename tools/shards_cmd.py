@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--spool", metavar="DIR",
                       help="s3:// OUT: local folder for shards waiting to be uploaded, a few shards at a time "
                            "(default: the system's temporary folder)")
-    conv.add_argument("--no-progress", action="store_true")
+    conv.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bar (the summary and the rejected files are still printed)")
     conv.set_defaults(func=run_convert)
 
     ver = sub.add_parser("verify", help="re-check counts, sha256, indexes (and decode with --decode)")
@@ -99,11 +100,11 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from shards.publish import write_manifest
+    from shards.publish import missing_shards, write_manifest
 
     manifest = write_manifest(args.out, args.split)
     if manifest is None:
-        raise RuntimeError(f"{args.split}: some shards of the plan in {args.out} are not written yet")
+        raise RuntimeError(missing_shards(args.out, args.split))
     print(f"{args.split}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shards")
     return 0
 

@@ -229,25 +229,45 @@ def _coerce(name: str, value: object, source: str) -> object:
 
 
 def load_file(path: str | os.PathLike) -> dict:
-    """Overrides from a YAML (.yaml/.yml) or TOML (.toml) file of `field: value` pairs."""
+    """Overrides from a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of `field: value` pairs. A file that
+    cannot be read or parsed is one ConfigError naming it and the problem (line and column where the parser
+    gives them), never the parser's traceback."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file {path} does not exist")
-    if path.suffix == ".toml":
-        import tomllib
-
-        body = tomllib.loads(path.read_text())
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        body = yaml.safe_load(path.read_text()) or {}
-    elif path.suffix == ".json":
-        body = json.loads(path.read_text())
-    else:
+    kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}.get(path.suffix)
+    if kind is None:
         raise ConfigError(f"--config: {path} must end in .yaml, .yml, .toml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config: {path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"--config: {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        body = _parse(kind, text)
+    except ValueError as err:  # tomllib's and json's errors are ValueErrors; _parse turns YAML's into one
+        raise ConfigError(f"--config: {path}: not valid {kind} ({err})") from None
     if not isinstance(body, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option: value")
     return body
+
+
+def _parse(kind: str, text: str) -> object:
+    if kind == "TOML":
+        import tomllib
+
+        return tomllib.loads(text)
+    if kind == "JSON":
+        return json.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:  # its text spans several lines (context, a caret); keep where and what
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(where + (getattr(err, "problem", None) or str(err).splitlines()[0])) from None
 
 
 def build_config(*, file: str | os.PathLike | None = None, overrides: dict | None = None,
@@ -366,6 +386,9 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> None:
                 open_store(c.data)
             except ValueError as err:
                 raise ConfigError(f"--data: {err}") from None
+        elif check_paths and Path(c.data).is_file():
+            raise ConfigError(f"--data: {c.data} is a file; give the folder that holds the shards and their "
+                              "manifests")
         elif check_paths:
             need(Path(c.data).is_dir(), "data", "directory does not exist")
     if c.evaluate_only:

@@ -7,13 +7,14 @@ CPU.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
-from shards.process import environment_place
+from shards.process import STARTED_BY, end_with_parent, environment_place, under_torchrun
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,17 @@ _INFO: DistInfo | None = None
 
 
 def init() -> DistInfo:
-    """Read torchrun's environment, pick the device, and start the process group when world_size > 1."""
+    """Read torchrun's environment, pick the device, and start the process group when world_size > 1. Under
+    torchrun the rank also asks to be stopped (SIGTERM) when torchrun dies."""
     global _INFO
     if _INFO is not None:
         return _INFO
     place = environment_place()
+    if under_torchrun():
+        # torchrun starts each rank in a session of its own and forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT:
+        # a SIGUSR1 (Slurm's --signal) or SIGKILL that ends torchrun would leave the ranks training as orphans.
+        # The kernel now sends each rank SIGTERM when torchrun dies: the usual stop, one checkpoint, exit 143.
+        end_with_parent(signal.SIGTERM, parent=STARTED_BY)
     rank, world_size, local_rank = place.rank, place.world_size, place.local_rank
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

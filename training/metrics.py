@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
 
 from shards.process import atomic_write
 
@@ -195,3 +200,21 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
     """Write JSON atomically (shards.process) so a reader never sees half of it."""
     return atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def eval_line(r: dict) -> str:
+    """The log line of an evaluation result (top-1/top-5 with their counts, loss; the EMA's beside them)."""
+    line = (f"val step {r['step']}: top-1 {r['top1']:.2f}% ({r['correct1']}/{r['total']}) "
+            f"top-5 {r['top5']:.2f}% ({r['correct5']}/{r['total']}) loss {r['loss']:.4f}")
+    if "ema_top1" in r:
+        line += f" | EMA top-1 {r['ema_top1']:.2f}% top-5 {r['ema_top5']:.2f}% loss {r['ema_loss']:.4f}"
+    return line
+
+
+def say_on_main(info: Any) -> Callable[[str], None]:
+    """print() for rank 0 (`info.is_main`, a training.dist.DistInfo) that does not break tqdm bars; a no-op on
+    the other ranks."""
+    def say(text: str) -> None:
+        if info.is_main:
+            tqdm.write(text, file=sys.stdout)
+    return say

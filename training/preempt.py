@@ -6,13 +6,15 @@ The handler only sets a flag: the loop reads it between steps (a Python attribut
 stops after the step in flight; under DDP the ranks agree through the all-reduce of the next log step, so every
 rank saves at the same step (at most --log-every steps later).
 
-A stop signal that finds the loop waiting for a batch (`StopRequest.waiting`) and the wait lasting more than
-`stall_grace` seconds interrupts the wait (StopWaiting is raised in it): a store that stopped answering must not
-hold a preempted job until the scheduler's SIGKILL. A process alone (grace 0) then checkpoints at the last step
-it finished. Under DDP a wait that long is a stall (a healthy one takes milliseconds), and the other ranks may
-be inside a collective nobody can join, so the rank exits without a checkpoint and the run resumes from its last
-one. The wait must be interruptible by Python: the `pytorch` backend's is; DALI's happens inside DALI's C++ and
-ends when DALI's own reader gives up.
+A stop signal that finds the loop waiting for data (`StopRequest.waiting`: a batch, or the evaluation) and the
+wait lasting more than `stall_grace` seconds (STALL_GRACE for a wait that began after the signal) interrupts it:
+a store that stopped answering must not hold a preempted job until the scheduler's SIGKILL. The interruption is
+the process-wide stop request of shards.process (`request_stop`: StopRequested is raised in the wait, and the
+object store's retries end too). A process alone (grace 0) then checkpoints at the last step it finished. Under
+DDP a wait that long is a stall (a healthy one takes milliseconds), and the other ranks may be inside a
+collective nobody can join, so the rank exits without a checkpoint and the run resumes from its last one. The
+wait must be interruptible by Python: the `pytorch` backend's is; DALI's happens inside DALI's C++ and ends when
+DALI's own reader gives up.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+
+from shards.process import clear_stop, request_stop, stop_interrupts
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 #: Seconds a data wait may outlast a stop signal under DDP before it counts as a stall (a healthy wait takes
@@ -49,10 +53,6 @@ class Preempted(Exception):
         return 128 + self.signum
 
 
-class StopWaiting(Exception):
-    """A stop signal interrupted the loop's wait for data (see the module docstring)."""
-
-
 class StopRequest:
     """Context manager: while active, STOP_SIGNALS set `signum` instead of killing the process. `stall_grace`:
     seconds a data wait may go on after a stop signal before it is interrupted (see the module docstring)."""
@@ -69,20 +69,20 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
         if not self._waiting:
-            return
+            return  # the loop stops at its next agreed step
         if self.stall_grace <= 0 or self._expired:
             self._waiting = False  # raised once: the code that handles it may wait again (closing the loader)
-            raise StopWaiting(f"{signal.Signals(self.signum).name} while waiting for data")
-        self._start_timer()
+            request_stop(f"{signal.Signals(self.signum).name} while waiting for data")  # raises StopRequested
+        self._start_timer(self.stall_grace)
 
-    def _start_timer(self) -> None:
+    def _start_timer(self, seconds: float) -> None:
         if self._timer is None:
-            self._timer = threading.Timer(self.stall_grace, self._grace_over)
+            self._timer = threading.Timer(seconds, self._grace_over)
             self._timer.daemon = True
             self._timer.start()
 
     def _grace_over(self) -> None:
-        """Timer thread: the wait outlived the grace; the stop signal goes to the main thread again, whose handler
+        """Timer thread: the wait outlived its grace; the stop signal goes to the main thread again, whose handler
         now interrupts the wait."""
         if self._waiting and self.signum is not None:
             self._expired = True
@@ -90,12 +90,14 @@ class StopRequest:
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
-        """The loop waits for data inside this (a stop signal received before it counts from the wait's start)."""
+        """The loop waits for data inside this. A wait that begins after a stop signal (the rest of a group of
+        accumulated micro-batches, say) is interrupted once it outlasts STALL_GRACE."""
         self._waiting, self._expired = True, False
-        if self.signum is not None and self.stall_grace > 0:
-            self._start_timer()
+        if self.signum is not None:
+            self._start_timer(STALL_GRACE)
         try:
-            yield
+            with stop_interrupts():
+                yield
         finally:
             self._waiting = False
             if self._timer is not None:
@@ -103,6 +105,7 @@ class StopRequest:
                 self._timer = None
 
     def __enter__(self) -> StopRequest:
+        clear_stop()  # the request is process-wide: one left by an earlier run here must not stop this one
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

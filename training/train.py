@@ -29,9 +29,9 @@ from training.config import ConfigError, TrainConfig, validate_environment
 from training.data import make_loader
 from training.ema import ema_weights
 from training.evaluate import evaluate_models, with_ema
-from training.metrics import MetricsLog, SampleKeyLog, write_json
+from training.metrics import MetricsLog, SampleKeyLog, eval_line, say_on_main, write_json
 from training.resume import load_checkpoint, resume_point
-from training.trainer import Trainer, eval_line, model_for_run, say_on_main
+from training.trainer import Trainer, model_for_run
 from training.tuning import resolve_auto
 
 

@@ -8,7 +8,6 @@ Host syncs happen only on log steps (`log_window`), at evaluation and at checkpo
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shards.process import StopRequested
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig
 from training.data import StoreLog, make_loader
@@ -26,6 +26,7 @@ from training.metrics import (
     SampleKeyLog,
     ThroughputMeter,
     Window,
+    eval_line,
     plot_curves,
     read_metrics,
     write_json,
@@ -33,7 +34,7 @@ from training.metrics import (
 from training.mix import BatchMix
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
-from training.preempt import STALL_GRACE, Preempted, StopRequest, StopWaiting
+from training.preempt import STALL_GRACE, Preempted, StopRequest
 from training.resume import ResumePoint, restore_scaler
 from training.step import TrainStep
 
@@ -48,14 +49,6 @@ def model_for_run(cfg: TrainConfig, num_classes: int, ckpt: dict | None, device:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     return model.to(device)
-
-
-def eval_line(r: dict) -> str:
-    line = (f"val step {r['step']}: top-1 {r['top1']:.2f}% ({r['correct1']}/{r['total']}) "
-            f"top-5 {r['top5']:.2f}% ({r['correct5']}/{r['total']}) loss {r['loss']:.4f}")
-    if "ema_top1" in r:
-        line += f" | EMA top-1 {r['ema_top1']:.2f}% top-5 {r['ema_top5']:.2f}% loss {r['ema_loss']:.4f}"
-    return line
 
 
 class Trainer:
@@ -187,7 +180,7 @@ class Trainer:
         with self.stop:
             try:
                 if self.pending_eval is not None:  # the evaluation a stop signal (or a failure) left owed
-                    self.run_eval(self.pending_eval)
+                    self.owed_eval(None)
                     self.save()
                 while self.step < self.max_steps and self.epoch < cfg.epochs:
                     finished = self.train_epoch()
@@ -206,7 +199,7 @@ class Trainer:
                     # epoch's steps; the resumed run evaluates first
                     path = self.save()
                     if due and not self.stop_agreed:  # a stop leaves it owed: no time for it now
-                        self.run_eval(self.pending_eval)
+                        self.owed_eval(path)
                         path = self.save()  # again, with the result (best.pt follows it)
                     if self.stop_agreed:
                         raise Preempted(self.stop.signum or 15, str(path) if path else None, self.step)
@@ -247,7 +240,7 @@ class Trainer:
                 try:
                     with self.stop.waiting():  # a stop signal during a stall interrupts the wait
                         batch = next(batches, None)
-                except StopWaiting as stop:
+                except StopRequested as stop:
                     self.stalled = (str(stop), micro)
                     bar.close()
                     return False
@@ -328,6 +321,17 @@ class Trainer:
             f"step {record['step_time_ms']:.1f} ms | data wait {100 * record['data_wait_share']:.1f}%"
         )
         return save_flag > 0, stop_flag > 0
+
+    def owed_eval(self, saved: Path | None) -> None:
+        """Run the evaluation the last checkpoint (`saved`) says is owed. A stop signal during it (a val store that
+        stopped answering, or just a preemption) ends the run at once: the checkpoint already holds the epoch,
+        and the resumed run evaluates first."""
+        at = self.pending_eval
+        try:
+            with self.stop.waiting():
+                self.run_eval(at)
+        except StopRequested:
+            raise Preempted(self.stop.signum or 15, str(saved) if saved else None, self.step) from None
 
     def stop_during_stall(self) -> None:
         """A stop signal interrupted a wait for data (training.preempt): a process alone checkpoints at the last
@@ -437,11 +441,3 @@ class Trainer:
             self.say(f"done: {self.step} steps in {wall_time:.0f} s; val top-1 final {final}, best {best}; "
                      f"{throughput}; summary in {self.run_dir / 'summary.json'}")
         return summary
-
-
-def say_on_main(info: dist.DistInfo) -> Callable[[str], None]:
-    """print() for rank 0 that does not break tqdm bars; a no-op on the other ranks."""
-    def say(text: str) -> None:
-        if info.is_main:
-            tqdm.write(text, file=sys.stdout)
-    return say

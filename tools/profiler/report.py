@@ -145,8 +145,9 @@ class Report:
             raise ValueError(f"--out {out_dir}: cannot write there ({err.strerror or err})") from None
         return out_dir
 
-    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write report.json, report.md and report.png into `out_dir` (created); returns their paths."""
+    def write(self, out_dir: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
+        """Write report.json, report.md and (with `plot`) report.png into `out_dir` (created); returns their
+        paths."""
         from shards.process import atomic_write
 
         out_dir = Path(out_dir)
@@ -154,7 +155,8 @@ class Report:
         paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "report.png"}
         atomic_write(paths["json"], json.dumps(self.to_dict(), indent=1, default=str) + "\n")
         atomic_write(paths["md"], self.to_markdown())
-        plot_report(self, paths["png"])
+        if plot:
+            plot_report(self, paths["png"])
         return paths
 
 

@@ -218,25 +218,36 @@ def measure_sweep(shards_dir: str | os.PathLike, sweep: Sweep, *, info: Any, ran
     workload = Workload(shards_dir, split, arch, corpus.get("num_classes") or 1000, augment_options, cache_options)
     session = Session(ranks, workload, info.device, timing, GpuMonitor(info.device), requests=requests)
     passes: dict[ProfileConfig, list] = {}
+    base_notes = list(notes)
+    settings = {"shards_dir": str(shards_dir), "split": split, "arch": arch, "device": str(info.device),
+                **sweep_dict(sweep), **augment_options, "steps": timing.steps, "duration": timing.duration,
+                "warmup": timing.warmup, "windows": timing.windows, "max_warmup": timing.max_warmup,
+                "ranks": ranks.world_size, "configurations": len(configs), "store": requests.store, **cache_options}
+
+    def report_so_far(done: bool) -> Report:
+        measured = [config for config in configs if config in passes]
+        rows = [session.row(config, passes[config]) for config in measured]
+        add_ratios(rows)
+        notes = base_notes + run_notes(info.device, ranks, session.monitor)
+        if augment_options:
+            notes.append("every row with an augment policy also has " + ", ".join(
+                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in augment_options.items()))
+        if requests.store:
+            notes.append(f"req/img: requests per image read from the store, counted {requests.how}")
+        if not done:
+            notes.append(f"partial: {len(measured)} of {len(configs)} configurations measured so far (the profile "
+                         "was still running; a ceiling measured before its data rows has only its first pass)")
+        return Report(corpus=corpus, machine=machine, settings=settings, rows=rows, notes=notes)
+
     units = schedule(configs)
     bar = tqdm(units, desc="saturate profile", unit="config", disable=not (progress and main), file=sys.stderr)
     for config, again in bar:
         bar.set_postfix_str(config.label() + (" (ceiling again)" if again else ""))
         passes.setdefault(config, []).append(session.measure(config))
+        if out_dir is not None and main:  # a run cut short (a time limit) still leaves every row measured so far
+            report_so_far(done=False).write(out_dir, plot=False)
     session.monitor.close()
-    rows = [session.row(config, passes[config]) for config in configs]
-    add_ratios(rows)
-    notes += run_notes(info.device, ranks, session.monitor)
-    if augment_options:
-        notes.append("every row with an augment policy also has " + ", ".join(
-            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in augment_options.items()))
-    if requests.store:
-        notes.append(f"req/img: requests per image read from the store, counted {requests.how}")
-    settings = {"shards_dir": str(shards_dir), "split": split, "arch": arch, "device": str(info.device),
-                **sweep_dict(sweep), **augment_options, "steps": timing.steps, "duration": timing.duration,
-                "warmup": timing.warmup, "windows": timing.windows, "max_warmup": timing.max_warmup,
-                "ranks": ranks.world_size, "configurations": len(configs), "store": requests.store, **cache_options}
-    report = Report(corpus=corpus, machine=machine, settings=settings, rows=rows, notes=notes)
+    report = report_so_far(done=True)
     if out_dir is not None and main:
         report.write(out_dir)
     return report
