@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 from shards.cache import BUSY, FULL, CacheError, ShardCache
 from shards.local_store import STREAM_BUFFER, Hold, Store
+from shards.process import StopRequested
 from shards.schema import Manifest
 from shards.store import StoreError
 
@@ -103,6 +104,8 @@ class CachedStore(Store):
                     self.store_error, waiting = err, True
                     self._changed.wait(STORE_BACKOFF)
                     break
+                except StopRequested:  # the process is stopping (SIGTERM): the readers stop on their own
+                    return
                 except BaseException as err:  # a disk that cannot be written, a shard unlike its manifest
                     self.failure = err
                     return
