@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,10 +50,12 @@ def stage(url: str, requests: Any) -> dict:
 
     manifest = load_manifest(url, "train")
     sent, started = requests.count("store"), time.perf_counter()
-    store = CachedStore(open_store(url), tempfile.mkdtemp(prefix="saturate-bench-stage-"), manifest, limit=None)
+    folder = tempfile.mkdtemp(prefix="saturate-bench-stage-")
+    store = CachedStore(open_store(url), folder, manifest, limit=None)
     store.start()
     store.wait_idle()
     store.close()
+    shutil.rmtree(folder)
     seconds, sent = time.perf_counter() - started, requests.count("store") - sent
     return {"requests": sent, "seconds": seconds, "images": manifest.num_samples,
             "requests_per_image": sent / manifest.num_samples, "bytes": store.cache.stats.downloaded_bytes}
@@ -78,7 +81,8 @@ def bench(url: str, folder: str, *, backend: str, requests: Any, epochs: int, **
                 pair = (("warm", cached), ("disk", local)) if turn % 2 == 0 else (("disk", local), ("warm", cached))
                 for name, loader in pair:
                     out[f"{name}_epochs"].append(epoch(loader, requests, backend))
-        out["cache"] = {"cache_dir": cache_dir, "downloaded": cached.store.cache.stats.downloaded}
+        out["cache"] = {"downloaded": cached.store.cache.stats.downloaded}
+    shutil.rmtree(cache_dir)
     for name in ("warm", "disk"):
         runs = out[f"{name}_epochs"]
         out[name] = {"images_per_sec": statistics.median(r["images_per_sec"] for r in runs),
