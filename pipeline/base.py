@@ -267,6 +267,15 @@ class Loader:
         self.resumed_at = 0
         self._pass_started = False
 
+    def _sample_order_length(self, split_samples: int) -> None:
+        """Epoch length in `sample` order: every rank yields split // (batch_size x world_size) batches (a
+        ValueError when the split holds no global micro-batch)."""
+        self.batches_per_epoch = split_samples // (self.batch_size * self.world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.store}: the {self.split} split has {split_samples} samples, too few for "
+                             f"world_size={self.world_size} x batch_size={self.batch_size}")
+        self.num_samples = self.batches_per_epoch * self.batch_size
+
     def _restore(self, state: dict[str, Any] | None) -> dict[str, Any] | None:
         """Check a saved state against this loader (errors name the flag) and continue from its position. Returns
         the state when the backend may also restore its own part (random state): always in `shard` order, in

@@ -67,10 +67,10 @@ from pipeline.base import (
 )
 from pipeline.cache_use import cached_shards, segments_minimum, shard_sizes, start_cache, stop_cache
 from pipeline.dali_segments import SegmentReads
-from pipeline.order import SplitIndex, refuse_shuffle_buffer
+from pipeline.order import sample_order_index
 from shards.cached_store import CachedStore
 from shards.local_store import Hold
-from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, ShardFormatError, split_member_name
+from shards.schema import IMAGE_EXT, LABEL_EXT, LABEL_WIDTH, split_member_name
 
 READER_NAME = "Reader"
 #: Batches DALI keeps in flight when build_loader's `prefetch_depth` is None (DALI's own default).
@@ -263,17 +263,8 @@ class DaliLoader(Loader):
         )
         self._build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
         if order == "sample":
-            refuse_shuffle_buffer(backend_options)
-            self.order_chunk = order_chunk
-            try:
-                self._index = SplitIndex(self.store, manifest)
-            except ShardFormatError as err:
-                raise ShardReadError(str(err)) from err
-            self.batches_per_epoch = manifest.num_samples // (batch_size * world_size)
-            if self.batches_per_epoch == 0:
-                raise ValueError(f"{self.store}: the {split} split has {manifest.num_samples} samples, too few for "
-                                 f"world_size={world_size} x batch_size={batch_size}")
-            self.num_samples = self.batches_per_epoch * batch_size
+            self.order_chunk, self._index = order_chunk, sample_order_index(self.store, manifest, backend_options)
+            self._sample_order_length(manifest.num_samples)
             self._reads = SegmentReads(self, self._restore(state))
             self._dali = None
             sizes = shard_sizes(self.store)

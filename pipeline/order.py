@@ -109,12 +109,17 @@ def check_order(order: str | None, *, train: bool, chunk: int | None = None) -> 
     return order, ORDER_CHUNK if chunk is None else chunk
 
 
-def refuse_shuffle_buffer(backend_options: dict) -> None:
-    """`sample` order has no shuffle buffer (the order is the whole split's): a `shuffle_buffer` given for it
+def sample_order_index(store: Store, manifest: Manifest, backend_options: dict) -> SplitIndex:
+    """A train loader's start in `sample` order: its split's index (a damaged index is a ShardReadError naming
+    it). `sample` order has no shuffle buffer (the order is the whole split's): a `shuffle_buffer` given for it
     would be ignored, so it is refused naming the keyword."""
     if "shuffle_buffer" in backend_options:
         raise LoaderOptionError("shuffle_buffer", backend_options["shuffle_buffer"], "order='sample' shuffles the "
                                 "whole split and has no buffer; it applies to order='shard'")
+    try:
+        return SplitIndex(store, manifest)
+    except ShardFormatError as err:
+        raise ShardReadError(str(err)) from err
 
 
 class SplitIndex:

@@ -65,13 +65,11 @@ from pipeline.base import (
 from pipeline.cache_use import pass_order, start_workers_cache, stop_cache
 from pipeline.order import (
     SampleReader,
-    SplitIndex,
     epoch_stream,
     rank_batches,
-    refuse_shuffle_buffer,
+    sample_order_index,
 )
 from pipeline.pillow import Augment, collate
-from shards.schema import ShardFormatError
 from shards.store import Store, StoreError
 
 #: Batches in flight per DataLoader worker when build_loader's `prefetch_depth` is None (torch's default).
@@ -296,17 +294,8 @@ class PytorchLoader(Loader):
         self._mean, self._inv_std = mean, 1.0 / std
         self._batches = None  # the DataLoader iterator of the pass in progress
         if order == "sample":
-            refuse_shuffle_buffer(backend_options)
-            self.order_chunk = order_chunk
-            try:
-                self._index = SplitIndex(self.store, manifest)
-            except ShardFormatError as err:
-                raise ShardReadError(str(err)) from err
-            self.batches_per_epoch = self.total // (batch_size * world_size)
-            if self.batches_per_epoch == 0:
-                raise ValueError(f"{self.store}: the {split} split has {self.total} samples, too few for "
-                                 f"world_size={world_size} x batch_size={batch_size}")
-            self.num_samples = self.batches_per_epoch * batch_size
+            self.order_chunk, self._index = order_chunk, sample_order_index(self.store, manifest, backend_options)
+            self._sample_order_length(manifest.num_samples)
             self._restore(state)  # the position is all there is to restore: randomness is per stream position
             start_workers_cache(self)
             return
