@@ -200,45 +200,14 @@ def test_train_evaluates_any_split_name(tiny_imagenet, tiny_shards, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["val_split"] == "minival"
 
 
-def test_sbatch_script_stops_the_ranks_and_requeues_on_usr1(tmp_path):
-    """training/slurm/train.sbatch with stand-ins for srun and scontrol: Slurm's --signal=B:USR1 reaches the
-    batch shell, which must pass SIGTERM on to the ranks, wait for them, then requeue the job."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(
-        "#!/bin/bash\n"  # a 'torchrun' that checkpoints on SIGTERM: records it, exits like the trainer
-        f"trap 'echo \"$*\" > {tmp_path}/ranks-stopped; exit 143' TERM\n"
-        "echo started > " + str(tmp_path / "ranks-started") + "\n"
-        "while :; do sleep 0.05; done\n")
-    (bin_dir / "scontrol").write_text(
-        "#!/bin/bash\n"
-        f"if [ \"$1\" = requeue ]; then echo \"$2\" > {tmp_path}/requeued; else echo node01; fi\n")
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "node01", "SLURM_JOB_NUM_NODES": "1"}
-    proc = subprocess.Popen(["bash", str(ROOT / "training" / "slurm" / "train.sbatch"), "--data", "/shards"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "ranks-started").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    stopped_args = (tmp_path / "ranks-stopped").read_text()
-    assert "-m tools.cli train --resume auto --checkpoint-minutes 20 --data /shards" in stopped_args
-    assert (tmp_path / "requeued").read_text().strip() == "42"
-
-
-def test_sbatch_script_passes_sigterm_on_to_the_ranks_without_requeueing(tmp_path):
-    """scancel and a preemption send SIGTERM to the batch shell too: it used to die at once, leaving srun to its
-    fate; it now passes the stop on, waits for the ranks' checkpoint, and leaves requeueing to Slurm."""
+def start_sbatch(tmp_path: Path, on_term: str) -> subprocess.Popen:
+    """training/slurm/train.sbatch with stand-ins for srun (a 'torchrun' that runs `on_term` on SIGTERM, then exits
+    like the trainer) and scontrol (requeue records the job id), once its 'ranks' are running."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n"
-        f"trap 'echo \"$PET_SIGNALS_TO_HANDLE\" > {tmp_path}/ranks-stopped; exit 143' TERM\n"
+        f"trap '{on_term} > {tmp_path}/ranks-stopped; exit 143' TERM\n"
         "echo started > " + str(tmp_path / "ranks-started") + "\n"
         "while :; do sleep 0.05; done\n")
     (bin_dir / "scontrol").write_text(
@@ -255,6 +224,25 @@ def test_sbatch_script_passes_sigterm_on_to_the_ranks_without_requeueing(tmp_pat
     while not (tmp_path / "ranks-started").exists():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
+    return proc
+
+
+def test_sbatch_script_stops_the_ranks_and_requeues_on_usr1(tmp_path):
+    """Slurm's --signal=B:USR1 reaches the batch shell, which must pass SIGTERM on to the ranks, wait for them,
+    then requeue the job."""
+    proc = start_sbatch(tmp_path, 'echo "$*"')
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    stopped_args = (tmp_path / "ranks-stopped").read_text()
+    assert "-m tools.cli train --resume auto --checkpoint-minutes 20 --data /shards" in stopped_args
+    assert (tmp_path / "requeued").read_text().strip() == "42"
+
+
+def test_sbatch_script_passes_sigterm_on_to_the_ranks_without_requeueing(tmp_path):
+    """scancel and a preemption send SIGTERM to the batch shell too: it used to die at once, leaving srun to its
+    fate; it now passes the stop on, waits for the ranks' checkpoint, and leaves requeueing to Slurm."""
+    proc = start_sbatch(tmp_path, 'echo "$PET_SIGNALS_TO_HANDLE"')
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
