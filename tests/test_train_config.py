@@ -386,3 +386,19 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     checkpoint.atomic_save({"rng": state}, tmp_path / "rng.pt")
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_a_global_batch_another_process_count_cannot_keep_names_the_counts_that_can():
+    """A run resumed on another number of GPUs keeps its global batch; a count that does not divide it is refused
+    with the counts that do (elastic resume needs the same global batch)."""
+    cfg = build_config(overrides={**SYNTH, "global_batch_size": 12, "arch": "resnet18"})
+    validate_environment(cfg, world_size=3, cuda=False)
+    with pytest.raises(ConfigError, match=r"^--global-batch-size: 12 is not divisible by the world size 5; it runs "
+                                          r"on 1, 2, 3, 4, 6, 12 processes$"):
+        validate_environment(cfg, world_size=5, cuda=False)
+    accumulated = build_config(overrides={**SYNTH, "global_batch_size": 12, "grad_accum_steps": 2, "arch": "resnet18"})
+    with pytest.raises(ConfigError, match=r"x --grad-accum-steps 2; it runs on 1, 2, 3, 6 processes$"):
+        validate_environment(accumulated, world_size=4, cuda=False)
+    many = build_config(overrides={**SYNTH, "global_batch_size": 1024, "arch": "resnet18"})
+    with pytest.raises(ConfigError, match=r"it runs on 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024 processes$"):
+        validate_environment(many, world_size=3, cuda=False)
