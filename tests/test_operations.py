@@ -441,3 +441,39 @@ def test_a_stop_during_a_stalled_evaluation_ends_at_once_with_the_epoch_saved(tm
     assert stopped.value.checkpoint and stopped.value.step == 4
     saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
     assert (saved["step"], saved["pending_eval"]) == (4, 1)
+
+
+def test_a_stop_during_a_healthy_wait_mid_group_still_checkpoints(tmp_path, monkeypatch):
+    """One process with --grad-accum-steps 4: SIGTERM lands while the loop waits (milliseconds) for the 2nd
+    micro-batch of a step. The wait ends well within the grace, the step is finished and checkpointed; it used to
+    be taken for a stall and the run ended without a checkpoint."""
+    import signal
+    import time
+
+    import training.trainer as trainer_module
+    from training.preempt import Preempted
+    from training.train import train
+
+    real, fetched = trainer_module.make_loader, [0]
+
+    class SignalOnTheSixth:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+        def __iter__(self):
+            for batch in self.loader:
+                fetched[0] += 1
+                if fetched[0] == 6:  # the 2nd micro-batch of step 2
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)  # still waiting for the batch when the signal is handled
+                yield batch
+
+    monkeypatch.setattr(trainer_module, "make_loader", lambda *a, **k: SignalOnTheSixth(real(*a, **k)))
+    with pytest.raises(Preempted) as stopped:
+        train(synthetic_run(tmp_path / "run", synthetic_samples=64, grad_accum_steps=4, epochs=1))
+    assert stopped.value.checkpoint and stopped.value.step == 2
+    saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
+    assert (saved["step"], saved["loader_states"][0]["batch_in_epoch"]) == (2, 8)

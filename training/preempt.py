@@ -8,13 +8,14 @@ rank saves at the same step (at most --log-every steps later).
 
 A stop signal that finds the loop waiting for data (`StopRequest.waiting`: a batch, or the evaluation) and the
 wait lasting more than `stall_grace` seconds (STALL_GRACE for a wait that began after the signal) interrupts it:
-a store that stopped answering must not hold a preempted job until the scheduler's SIGKILL. The interruption is
-the process-wide stop request of shards.process (`request_stop`: StopRequested is raised in the wait, and the
-object store's retries end too). A process alone (grace 0) then checkpoints at the last step it finished. Under
-DDP a wait that long is a stall (a healthy one takes milliseconds), and the other ranks may be inside a
-collective nobody can join, so the rank exits without a checkpoint and the run resumes from its last one. The
-wait must be interruptible by Python: the `pytorch` backend's is; DALI's happens inside DALI's C++ and ends when
-DALI's own reader gives up.
+a store that stopped answering must not hold a preempted job until the scheduler's SIGKILL. A healthy wait takes
+milliseconds and ends within the grace, and the stop then takes the usual path (a checkpoint at the end of the
+step). The interruption is the process-wide stop request of shards.process (`request_stop`: StopRequested is
+raised in the wait, and the object store's retries end too). A process alone (grace STALL_GRACE_ALONE) then
+checkpoints at the last step it finished, unless part of a --grad-accum-steps group was already read. Under DDP
+(STALL_GRACE) the other ranks may be inside a collective nobody can join, so the rank exits without a checkpoint
+and the run resumes from its last one. The wait must be interruptible by Python: the `pytorch` backend's is;
+DALI's happens inside DALI's C++ and ends when DALI's own reader gives up.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 #: Seconds a data wait may outlast a stop signal under DDP before it counts as a stall (a healthy wait takes
 #: milliseconds; a pipeline starting an epoch, a few seconds).
 STALL_GRACE = 10.0  # seconds
+#: The same for a process alone: nobody waits for it, so it stops sooner (a scheduler's grace is often 30 s).
+STALL_GRACE_ALONE = 2.0  # seconds
 
 
 class Preempted(Exception):
@@ -70,7 +73,7 @@ class StopRequest:
             self.signum = signum
         if not self._waiting:
             return  # the loop stops at its next agreed step
-        if self.stall_grace <= 0 or self._expired:
+        if self._expired:
             self._waiting = False  # raised once: the code that handles it may wait again (closing the loader)
             request_stop(f"{signal.Signals(self.signum).name} while waiting for data")  # raises StopRequested
         self._start_timer(self.stall_grace)
@@ -91,10 +94,10 @@ class StopRequest:
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
         """The loop waits for data inside this. A wait that begins after a stop signal (the rest of a group of
-        accumulated micro-batches, say) is interrupted once it outlasts STALL_GRACE."""
+        accumulated micro-batches, say) is interrupted once it outlasts the grace too."""
         self._waiting, self._expired = True, False
         if self.signum is not None:
-            self._start_timer(STALL_GRACE)
+            self._start_timer(self.stall_grace)
         try:
             with stop_interrupts():
                 yield

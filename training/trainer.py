@@ -34,7 +34,7 @@ from training.metrics import (
 from training.mix import BatchMix
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
-from training.preempt import STALL_GRACE, Preempted, StopRequest
+from training.preempt import STALL_GRACE, STALL_GRACE_ALONE, Preempted, StopRequest
 from training.resume import ResumePoint, restore_scaler
 from training.step import TrainStep
 
@@ -128,7 +128,7 @@ class Trainer:
         self.best_ema = {"top1": -1.0, "top5": -1.0}
         self.last_eval: dict | None = None
         self.is_best = False  # the last evaluation beat every earlier one: the next checkpoint is best.pt
-        self.stop = StopRequest(stall_grace=STALL_GRACE if info.world_size > 1 else 0.0)
+        self.stop = StopRequest(stall_grace=STALL_GRACE if info.world_size > 1 else STALL_GRACE_ALONE)
         self.stalled: tuple[str, int] | None = None  # a stop interrupted a data wait: (why, micro-batch of the step)
         self.stop_agreed = False  # every rank knows a stop signal arrived: save and exit
         #: an evaluation that was due when a stop signal ended the run (fractional epoch); the resumed run runs it
