@@ -27,6 +27,7 @@ from pipeline.base import (
     Loader,
     LoaderOptionError,
     ShardReadError,
+    StateMismatch,
     check_arguments,
     check_loader_knobs,
     resolve_rank,
@@ -35,7 +36,7 @@ from pipeline.cache_use import check_cache_options
 from pipeline.order import ORDERS, check_order
 
 __all__ = ["BACKENDS", "ORDERS", "POLICIES", "Loader", "LoaderOptionError", "PolicyError", "ShardReadError",
-           "build_loader", "check_loader_knobs", "constants"]
+           "StateMismatch", "build_loader", "check_loader_knobs", "constants"]
 
 
 def build_loader(

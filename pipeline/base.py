@@ -37,7 +37,7 @@ STATE_IDENTITY = ("backend", "split", "train", "batch_size", "image_size", "rank
 STATE_DEFAULTS = {"augment": "rrc-flip", "order": "shard"}
 #: Keys of a `sample`-order state that its position depends on: a state sharing them continues at its position
 #: whatever the backend, process count, micro-batch or thread count.
-ORDER_IDENTITY = ("split", "train", "seed", "order", "split_samples", "order_chunk")
+ORDER_IDENTITY = ("split", "train", "seed", "order", "split_samples", "split_digest", "order_chunk")
 
 
 def check_arguments(
@@ -212,8 +212,18 @@ def batches_per_epoch(*, train: bool, num_samples: int, batch_size: int, world_s
     return -(-(end - start) // batch_size)
 
 
+class StateMismatch(ValueError):
+    """A saved loader state that this loader cannot continue (another split, seed, order, ...); `key` names
+    what differs. The trainer then starts the epoch's order afresh and says so."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def check_state(state: dict[str, Any] | None, expected: dict[str, Any]) -> dict[str, Any] | None:
-    """Validate a `state_dict()` against the loader being built; errors name the mismatching flag."""
+    """Validate a `state_dict()` against the loader being built; errors (StateMismatch) name the mismatching
+    flag."""
     if state is None:
         return None
     if not isinstance(state, dict):
@@ -222,10 +232,9 @@ def check_state(state: dict[str, Any] | None, expected: dict[str, Any]) -> dict[
     for key in expected:
         saved = state.get(key, defaults.get(key))
         if saved != expected[key]:
-            raise ValueError(
-                f"cannot resume: the saved loader state has {key}={saved!r}, this loader has "
-                f"{key}={expected[key]!r}; rebuild with the same {key} or pass state=None"
-            )
+            what = "the split's shards changed since (re-converted?)" if key == "split_digest" else (
+                f"the saved loader state has {key}={saved!r}, this loader has {key}={expected[key]!r}")
+            raise StateMismatch(f"cannot resume: {what}; rebuild with the same {key} or pass state=None", key)
     return state
 
 
@@ -244,6 +253,7 @@ class Loader:
     order: str | None = None  # train: "sample" or "shard" (pipeline.order); None for val
     order_chunk: int | None = None  # `sample` order: samples read together from one shard
     split_samples: int = 0  # samples in the split (the manifest's count)
+    split_digest: str | None = None  # `sample` order: the manifest's content_digest (the shards it counts on)
     batch_size: int
     num_samples: int  # samples this rank yields per full epoch
     num_classes: int
@@ -341,7 +351,8 @@ class Loader:
         state = {**self.identity(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         if self.order == "sample":  # the position any loader of this split and seed can continue from
             state.update(position=self.batch_in_epoch * self.batch_size * self.world_size,
-                         split_samples=self.split_samples, order_chunk=self.order_chunk)
+                         split_samples=self.split_samples, split_digest=self.split_digest,
+                         order_chunk=self.order_chunk)
         return state
 
     def close(self) -> None:

@@ -264,6 +264,7 @@ class DaliLoader(Loader):
         self._build = pipeline_def(imagenet_graph, enable_conditionals=policy.needs_conditionals)
         if order == "sample":
             self.order_chunk, self._index = order_chunk, sample_order_index(self.store, manifest, backend_options)
+            self.split_digest = manifest.content_digest
             self._sample_order_length(manifest.num_samples)
             self._reads = SegmentReads(self, self._restore(state))
             self._dali = None

@@ -41,11 +41,14 @@ the tar and the sample key.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
 import math
 import os
 import random
 import signal
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -169,6 +172,25 @@ def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
         if position >= count:
             sample["__position__"] = position
             yield sample
+
+
+_PASSES: weakref.WeakSet = weakref.WeakSet()  # loaders with a pass open
+_WORKERS: list = []  # the worker processes of every pass started in this process
+
+
+@atexit.register
+def _end_workers() -> None:
+    """Kill the DataLoader workers still alive when the interpreter exits. They ignore SIGTERM
+    (leave_stop_signals_to_parent), and torch falls back to SIGTERM in two places: when an iterator dropped by
+    the garbage collector (a loader in a reference cycle) cannot hand its workers the end-of-work message, and in
+    multiprocessing's exit hook, which then joins them: the exit of a script that left a pass open waited for
+    minutes. atexit runs hooks in reverse order: this one, registered after torch imported multiprocessing, runs
+    first."""
+    for loader in list(_PASSES):
+        loader._drop_batches()  # also stops torch watching their pids, so the kill is not reported as a failure
+    for worker in _WORKERS:
+        if worker.is_alive():
+            worker.kill()
 
 
 def leave_stop_signals_to_parent(worker_id: int) -> None:
@@ -295,6 +317,7 @@ class PytorchLoader(Loader):
         self._batches = None  # the DataLoader iterator of the pass in progress
         if order == "sample":
             self.order_chunk, self._index = order_chunk, sample_order_index(self.store, manifest, backend_options)
+            self.split_digest = manifest.content_digest
             self._sample_order_length(manifest.num_samples)
             self._restore(state)  # the position is all there is to restore: randomness is per stream position
             start_workers_cache(self)
@@ -386,6 +409,9 @@ class PytorchLoader(Loader):
                 worker_init_fn=leave_stop_signals_to_parent,
             )
         )
+        _PASSES.add(self)
+        alive = [worker for worker in _WORKERS if worker.is_alive()]
+        _WORKERS[:] = alive + list(getattr(self._batches, "_workers", ()))
 
     def _next_batch(self) -> tuple:
         images, labels, keys, boxes = self._from_workers()
@@ -441,3 +467,9 @@ class PytorchLoader(Loader):
     def close(self) -> None:
         self._drop_batches()
         stop_cache(getattr(self, "store", None))
+
+    def __del__(self) -> None:
+        # A loader in a reference cycle is finalised by the garbage collector, where torch's own shutdown of the
+        # iterator can fail to reach the workers (see _end_workers): end them here, first.
+        with contextlib.suppress(Exception):
+            self._drop_batches()

@@ -19,6 +19,7 @@ with `int()`, which ignores the leading zeros.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -283,6 +284,13 @@ class Manifest:
         """The pixel limit the split was converted with (manifests from before the option: the default), which
         `verify` and a loader's diagnosis check again."""
         return self.options.get("max_pixels", DEFAULT_MAX_PIXELS)
+
+    @property
+    def content_digest(self) -> str:
+        """sha256 over every shard's name, sample count and sha256: the same for the same shards, whatever wrote
+        the manifest. A loader's position in an epoch is only meaningful on the shards it was counted on."""
+        body = json.dumps([[s.name, s.num_samples, s.sha256] for s in self.shards])
+        return hashlib.sha256(body.encode()).hexdigest()
 
     @property
     def wnids(self) -> list[str]:

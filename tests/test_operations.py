@@ -33,9 +33,9 @@ def train_argv(shards: Path, run_dir: Path, *extra: str) -> list[str]:
             "--no-progress", "--run-dir", str(run_dir), *extra]
 
 
-def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+def run(argv: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def dead_pid() -> int:
@@ -477,3 +477,33 @@ def test_a_stop_during_a_healthy_wait_mid_group_still_checkpoints(tmp_path, monk
     assert stopped.value.checkpoint and stopped.value.step == 2
     saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
     assert (saved["step"], saved["loader_states"][0]["batch_in_epoch"]) == (2, 8)
+
+
+def test_a_script_that_leaves_pytorch_passes_open_exits_with_their_workers(tiny_shards):
+    """A pass left open at the end of a script, and one whose loader sat in a reference cycle that the garbage
+    collector ended: the workers ignore SIGTERM (left to the trainer), and torch falls back to SIGTERM in both
+    cases, so the exit waited for minutes for workers that no one would stop."""
+    script = """if True:
+        import gc, sys
+        from pipeline import build_loader
+
+        def open_pass():
+            ldr = build_loader(sys.argv[1], 'train', train=True, batch_size=4, image_size=32, backend='pytorch',
+                               num_threads=2)
+            next(iter(ldr))
+            return ldr
+
+        def in_a_cycle():
+            ldr = open_pass()
+            try:
+                raise ValueError
+            except ValueError as err:
+                return err  # its traceback holds this frame, which holds ldr and err
+
+        in_a_cycle()
+        gc.collect()
+        kept = open_pass()
+        print('left', flush=True)
+    """
+    done = run([sys.executable, "-c", script, str(tiny_shards)], timeout=60)
+    assert (done.returncode, done.stdout) == (0, "left\n"), done.stderr

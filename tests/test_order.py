@@ -237,3 +237,37 @@ def test_the_quality_tool_measures_what_it_says(tmp_path, capsys):
     cost = json.loads((tmp_path / "q.json").read_text())["cost"]
     assert [(c["ranks"], c["chunk"]) for c in cost] == [(8, 16), (8, 4)]
     assert cost[1]["index_files"] > cost[0]["index_files"] >= 1000 // 16
+
+
+def test_a_state_of_other_shards_is_refused_and_the_trainer_restarts_the_epoch(tiny_imagenet, tiny_shards, tmp_path,
+                                                                                capsys):
+    """The split re-converted with another shard size holds the same 60 samples in other places: a position
+    counted on the old shards would repeat some samples and skip others, so the loader refuses the state
+    (StateMismatch naming the shards) and a resumed training run says the epoch's order restarts."""
+    from pipeline import StateMismatch
+    from shards.convert import convert
+    from training.config import build_config
+    from training.train import train
+
+    other = tmp_path / "reconverted"
+    for split in ("train", "val"):
+        convert(tiny_imagenet / split, other, split=split, samples_per_shard=10, seed=0, workers=1, progress=False)
+    ldr = make(tiny_shards, "pytorch", 1, 0)
+    next(iter(ldr))
+    state = ldr.state_dict()
+    with pytest.raises(StateMismatch, match="the split's shards changed since") as caught:
+        make(other, "pytorch", 1, 0, state=state)
+    assert caught.value.key == "split_digest"
+
+    def config(data, **extra):
+        return build_config(overrides=dict(data=str(data), backend="pytorch", arch="resnet18", image_size=32,
+                                           precision="fp32", global_batch_size=12, epochs=2, num_threads=1,
+                                           log_every=1, checkpoint_minutes=0, progress=False,
+                                           run_dir=str(tmp_path / "run"), **extra))
+
+    train(config(tiny_shards, max_steps=2))
+    capsys.readouterr()
+    summary = train(config(other, resume="auto"))
+    out = capsys.readouterr().out
+    assert "warning: the data order of epoch 0 restarts: cannot resume: the split's shards changed since" in out
+    assert summary["steps"] == 2 * STEPS

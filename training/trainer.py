@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.base import StateMismatch
 from shards.process import StopRequested
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig
@@ -67,8 +68,14 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = point.epoch, point.step, point.step_in_epoch
         self.train_image_size = cfg.image_size_at(point.epoch)
         self.train_loader_seed = point.loader_seed
-        self.train_loader = make_loader(cfg, info, train=True, image_size=self.train_image_size,
-                                        seed=self.train_loader_seed, state=point.loader_state)
+        try:
+            self.train_loader = make_loader(cfg, info, train=True, image_size=self.train_image_size,
+                                            seed=self.train_loader_seed, state=point.loader_state)
+        except StateMismatch as err:  # the split was re-converted, --order-chunk changed: no position to keep
+            say(f"warning: the data order of epoch {point.epoch} restarts: {err}")
+            self.train_loader_seed = cfg.seed + point.epoch
+            self.train_loader = make_loader(cfg, info, train=True, image_size=self.train_image_size,
+                                            seed=self.train_loader_seed)
         try:
             num_classes = cfg.num_classes or self.train_loader.num_classes
             if num_classes < max(self.train_loader.num_classes, val_loader.num_classes):
