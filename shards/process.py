@@ -24,6 +24,8 @@ storage stays readable by the people it is shared with.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import math
 import os
 import secrets
@@ -265,6 +267,37 @@ def temporary_path(path: str | os.PathLike) -> Path:
     """`.<name>.tmp-<host>-<pid>-<random>` beside `path`."""
     path = Path(path)
     return path.with_name(f".{path.name}{TMP_MARK}{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the folder (claim_folder); the message names its host, pid and start."""
+
+
+@contextlib.contextmanager
+def claim_folder(folder: str | os.PathLike, *, what: str) -> Iterator[None]:
+    """Hold `folder` for this process while the block runs: flock(2) on `FOLDER/.claim`, which also says who
+    holds it (host, pid, start) for the message a second process gets (FolderBusy, at once, no waiting). The
+    kernel drops the lock when its holder dies, even by kill -9, so a claim is never left behind. On a file
+    system without flock (ENOLCK, EOPNOTSUPP: some network mounts) the folder is not claimed, with no error:
+    the claim guards against an operator's mistake, it must not stop a run where locks are unavailable."""
+    path = Path(folder) / ".claim"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said who"
+            raise FolderBusy(f"{folder} is in use by another {what}: {holder}") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        else:
+            os.ftruncate(fd, 0)
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def current_umask() -> int:

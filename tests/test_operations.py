@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -507,3 +508,28 @@ def test_a_script_that_leaves_pytorch_passes_open_exits_with_their_workers(tiny_
     """
     done = run([sys.executable, "-c", script, str(tiny_shards)], timeout=60)
     assert (done.returncode, done.stdout) == (0, "left\n"), done.stderr
+
+
+def test_a_second_run_into_a_busy_run_dir_is_refused_until_the_first_is_killed(tmp_path, capsys):
+    """Two trainers in one RUN_DIR would interleave their checkpoints and logs: the second stops with one line
+    naming the first's host and pid, and once the first is killed -9 its claim is gone with it."""
+    argv = ["train", "--backend", "synthetic", "--synthetic-samples", "64", "--synthetic-val-samples", "8",
+            "--num-classes", "3", "--arch", "resnet18", "--image-size", "32", "--precision", "fp32",
+            "--batch-size", "4", "--log-every", "1", "--checkpoint-minutes", "0", "--no-progress",
+            "--run-dir", str(tmp_path / "run")]
+    first = subprocess.Popen([sys.executable, "-m", "tools.cli", *argv, "--epochs", "1000"], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.2)
+        assert cli([*argv, "--epochs", "1", "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another training run: host {socket.gethostname()}, pid {first.pid}, since" in err
+        assert "pick another --run-dir" in err
+    finally:
+        first.kill()
+        first.wait()
+    assert cli([*argv, "--epochs", "1", "--resume", "auto", "--max-steps", "1"]) == 0

@@ -13,6 +13,7 @@ an impossible batch size fails with one line and leaves no run directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.process import processes_per_node, remove_stale_temporaries, usable_cpus
+from shards.process import FolderBusy, claim_folder, processes_per_node, remove_stale_temporaries, usable_cpus
 from training import checkpoint, dist
 from training.config import ConfigError, TrainConfig, validate_environment
 from training.data import make_loader
@@ -84,6 +85,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
     ckpt = load_checkpoint(cfg, run_dir, world_size=info.world_size, say=say)
     log = MetricsLog(run_dir, enabled=info.is_main)  # creates RUN_DIR at its first record, not here
     val_loader = make_loader(cfg, info, train=False, image_size=cfg.eval_image_size, seed=cfg.seed)
+    claim = contextlib.ExitStack()
     try:
         trainer = None
         if not cfg.evaluate_only:
@@ -94,6 +96,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
         # everything was built: the run directory may now be written
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            claim_run_dir(run_dir, claim)
             # rank 0 is the only writer of checkpoints/: a temporary older than a slow write is a killed one,
             # also when a requeued job's rank 0 runs on another node
             for stale in remove_stale_temporaries(run_dir / checkpoint.CHECKPOINT_DIR, foreign_after=600):
@@ -117,6 +120,18 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
     finally:
         val_loader.close()
         log.close()
+        claim.close()
+
+
+def claim_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
+    """RUN_DIR belongs to one run at a time (rank 0 holds it): a second `saturate train` into it, started by
+    mistake or by a scheduler that requeued a job still running, would interleave checkpoints and logs with the
+    first's. It stops with one line naming the holder; a holder killed by any means releases it (shards.process).
+    """
+    try:
+        stack.enter_context(claim_folder(run_dir, what="training run"))
+    except FolderBusy as busy:
+        raise ConfigError(f"--run-dir: {busy}; wait for it to end, or pick another --run-dir") from None
 
 
 def evaluate_only(cfg: TrainConfig, info: dist.DistInfo, *, ckpt: dict | None, val_loader, log: MetricsLog,
