@@ -304,8 +304,19 @@ class EntryFolder:
     host and process (shards.process), so a loader killed with kill -9 leaves a folder the next one removes."""
 
     def __init__(self, parent: str | os.PathLike | None = None) -> None:
-        self.path = temporary_folder(parent if parent is not None else tempfile.gettempdir(), ENTRY_FOLDER)
+        parent = parent if parent is not None else tempfile.gettempdir()
+        try:
+            self.path = temporary_folder(parent, ENTRY_FOLDER)
+        except OSError as err:
+            raise self._error(err, Path(parent)) from err
         self._written = 0
+
+    @staticmethod
+    def _error(err: OSError, where: Path) -> OSError:
+        """A full or read-only temporary folder, said with its path and the variable that moves it (the bare
+        `[Errno 28] No space left on device` names neither)."""
+        return OSError(err.errno, f"cannot write the data reader's index files in {where} ({err.strerror}); free "
+                                  "space there or point TMPDIR at a writable folder with room (a few MB)")
 
     def write(self, index: SplitIndex, entries: list[tuple[int, np.ndarray]],
               url: object) -> tuple[list[str], list[str], Path]:
@@ -313,13 +324,17 @@ class EntryFolder:
         path or URL. Remove the folder once the reader is built: DALI parses the indexes when it is built."""
         self._written += 1
         folder = self.path / f"segment-{self._written}"
-        folder.mkdir()
         tars, indexes = [], []
-        for number, (shard, samples) in enumerate(entries):
-            path = folder / f"{number}.idx"
-            path.write_bytes(index.index_text(shard, samples))
-            tars.append(str(url(index.tars[shard])))
-            indexes.append(str(path))
+        try:
+            folder.mkdir()
+            for number, (shard, samples) in enumerate(entries):
+                path = folder / f"{number}.idx"
+                path.write_bytes(index.index_text(shard, samples))
+                tars.append(str(url(index.tars[shard])))
+                indexes.append(str(path))
+        except OSError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise self._error(err, self.path) from err
         return tars, indexes, folder
 
     def close(self) -> None:

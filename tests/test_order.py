@@ -271,3 +271,26 @@ def test_a_state_of_other_shards_is_refused_and_the_trainer_restarts_the_epoch(t
     out = capsys.readouterr().out
     assert "warning: the data order of epoch 0 restarts: cannot resume: the split's shards changed since" in out
     assert summary["steps"] == 2 * STEPS
+
+
+def test_a_full_temporary_folder_is_named_with_the_variable_that_moves_it(tiny_shards, tmp_path, monkeypatch):
+    """DALI reads its reader entries from index files in a temporary folder: when that disk is full the error
+    names the folder and TMPDIR, not only `[Errno 28] No space left on device`."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    write_bytes = Path.write_bytes
+
+    def full_disk(path, data):
+        if path.suffix == ".idx" and str(path).startswith(str(tmp_path)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match=f"cannot write the data reader's index files in {tmp_path}/.*No space left on "
+                                      "device.*point TMPDIR at a writable folder") as caught:
+        next(iter(make(tiny_shards, "dali-cpu", 1, 0)))
+    assert caught.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.rglob("*.idx")] == []
