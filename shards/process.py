@@ -275,20 +275,22 @@ class FolderBusy(RuntimeError):
 
 @contextlib.contextmanager
 def claim_folder(folder: str | os.PathLike, *, what: str) -> Iterator[None]:
-    """Hold `folder` for this process while the block runs: flock(2) on `FOLDER/.claim`, which also says who
-    holds it (host, pid, start) for the message a second process gets (FolderBusy, at once, no waiting). The
-    kernel drops the lock when its holder dies, even by kill -9, so a claim is never left behind. On a file
-    system without flock (ENOLCK, EOPNOTSUPP: some network mounts) the folder is not claimed, with no error:
-    the claim guards against an operator's mistake, it must not stop a run where locks are unavailable."""
+    """Hold `folder` for this process while the block runs: a POSIX record lock (lockf) on `FOLDER/.claim`,
+    which also says who holds it (host, pid, start) for the message a second process gets (FolderBusy, at once,
+    no waiting). The kernel drops the lock when its holder dies, even by kill -9, so a claim is never left behind;
+    unlike flock, a record lock is not shared with children forked while it is held (DataLoader workers, which
+    would keep a killed holder's claim until they notice). Network file systems lock through their lock
+    manager; where there is none (ENOLCK, EOPNOTSUPP) the folder is not claimed, with no error: the claim guards
+    against an operator's mistake, it must not stop a run where locks are unavailable."""
     path = Path(folder) / ".claim"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said who"
-            raise FolderBusy(f"{folder} is in use by another {what}: {holder}") from None
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "one that has not said who"
+                raise FolderBusy(f"{folder} is in use by another {what}: {holder}") from None
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
         else:

@@ -510,19 +510,18 @@ def test_a_script_that_leaves_pytorch_passes_open_exits_with_their_workers(tiny_
     assert (done.returncode, done.stdout) == (0, "left\n"), done.stderr
 
 
-def test_a_second_run_into_a_busy_run_dir_is_refused_until_the_first_is_killed(tmp_path, capsys):
+def test_a_second_run_into_a_busy_run_dir_is_refused_until_the_first_is_killed(tiny_shards, tmp_path, capsys):
     """Two trainers in one RUN_DIR would interleave their checkpoints and logs: the second stops with one line
-    naming the first's host and pid, and once the first is killed -9 its claim is gone with it."""
-    argv = ["train", "--backend", "synthetic", "--synthetic-samples", "64", "--synthetic-val-samples", "8",
-            "--num-classes", "3", "--arch", "resnet18", "--image-size", "32", "--precision", "fp32",
-            "--batch-size", "4", "--log-every", "1", "--checkpoint-minutes", "0", "--no-progress",
-            "--run-dir", str(tmp_path / "run")]
+    naming the first's host and pid. Once the first is killed -9 its claim is gone with it."""
+    argv = ["train", "--data", str(tiny_shards), "--backend", "pytorch", "--num-threads", "2", "--arch",
+            "resnet18", "--image-size", "32", "--precision", "fp32", "--batch-size", "4", "--log-every", "1",
+            "--checkpoint-minutes", "0", "--no-progress", "--run-dir", str(tmp_path / "run")]
     first = subprocess.Popen([sys.executable, "-m", "tools.cli", *argv, "--epochs", "1000"], cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "run" / "metrics.jsonl").exists():
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # its loader's workers are running
             assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
             time.sleep(0.2)
         assert cli([*argv, "--epochs", "1", "--resume", "auto"]) == 2
