@@ -9,10 +9,14 @@ shards.cached_store puts this behind the Store interface with a downloader threa
 
 Layout: DIR/<bucket>/<prefix>/ mirrors the store's location (one DIR serves any number of data sets):
 
+    .saturate-cache                             the marker: this folder is a cache's (shards.cache_dir)
     train-000000.tar, train-000000.idx          published copies, renamed into place whole
     .train-000000.tar.tmp-<host>-<pid>-<rand>   a download in progress (shards.process temporaries)
     .verified/train-000000.tar.json             the stamp: what was checked, and the files as they were then
     .locks/train-000000.tar.get | .use, space   flock(2) files (see Processes)
+
+The cache works only in a folder it made or marked: one that already holds files that are not a cache's (say
+DIR/<bucket>/<prefix> is a local copy of the data set) is refused and left as it is (shards.cache_dir).
 
 Trust. A shard is read locally only while its stamp matches: the manifest's sha256 and bytes, the store's index
 bytes, and the tar and index files as they were when the sha256 was checked (inode, mtime, size) on this boot of
@@ -55,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, claim_folder
 from shards.local_store import Hold, Store, sha256_file
 from shards.process import atomic_write, current_umask, host_tag, remove_stale_temporaries, temporary_path
 from shards.schema import Manifest, ShardRecord, check_shard_record, index_beside
@@ -62,22 +67,7 @@ from shards.schema import Manifest, ShardRecord, check_shard_record, index_besid
 PART_BYTES = 64 * 2**20  # bytes per ranged GET of a download: a 512 MB shard is 8 requests
 STREAMS = 4  # ranged GETs of one shard in flight
 CHUNK = 2**20  # bytes written at a time
-LOCKS, STAMPS = ".locks", ".verified"
 DONE, BUSY, FULL = "done", "busy", "full"  # what fetch() did: published or found; another process has it; no room
-
-
-class CacheError(OSError):
-    """The cache folder cannot be used (a full disk, permissions), or a downloaded shard is not the one the
-    manifest describes; the message names the folder or the shard and what to do."""
-
-
-def cache_folder(cache_dir: str | os.PathLike, remote: Store) -> Path:
-    """Where `remote`'s shards are kept under `cache_dir`: DIR/<bucket>/<prefix> for s3://bucket/prefix."""
-    _, _, rest = str(remote).partition("://")
-    parts = [part for part in rest.split("/") if part]
-    if not parts or any(part in (".", "..") for part in parts):
-        raise ValueError(f"{remote}: cannot be cached under {cache_dir} (no bucket, or '.' or '..' in its prefix)")
-    return Path(cache_dir, *parts)
 
 
 def boot_id() -> str:
@@ -124,10 +114,13 @@ class ShardCache:
         self.stats = CacheStats()
         self._boot = boot_id()
         try:
+            claim_folder(self.folder, cache_dir=cache_dir, mirrors=str(remote))  # before anything is changed
             for sub in (LOCKS, STAMPS):
-                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+                (self.folder / sub).mkdir(exist_ok=True)
             for folder in (self.folder, self.folder / STAMPS):
                 remove_stale_temporaries(folder)  # downloads and stamps of killed processes
+        except CacheError:
+            raise
         except OSError as err:
             raise self._disk_error(err, "creating the cache folder") from None
         _raise_open_files_limit()
@@ -287,12 +280,13 @@ class ShardCache:
         return False
 
     def usage(self) -> tuple[int, list[str]]:
-        """(bytes of every file in the folder: shards, indexes, downloads in progress; the shards' tar names)."""
+        """(bytes of every file in the folder: shards, indexes, downloads in progress (not the marker); the
+        shards' tar names)."""
         used, shards = 0, []
         with os.scandir(self.folder) as entries:
             for entry in entries:
                 with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
-                    if entry.is_file(follow_symlinks=False):
+                    if entry.is_file(follow_symlinks=False) and entry.name != MARKER:
                         used += entry.stat(follow_symlinks=False).st_size
                         if index_beside(entry.name) is not None:
                             shards.append(entry.name)

@@ -26,7 +26,7 @@ from pipeline.cache_use import segments_minimum, shard_sizes
 from pipeline.order import SplitIndex
 from shards import cache as cache_module
 from shards import store as store_module
-from shards.cache import LOCKS, STAMPS, CacheError
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError
 from shards.cached_store import CachedStore
 from shards.process import TMP_MARK
 from shards.request_log import request_counts
@@ -103,7 +103,7 @@ def test_a_cold_cache_fetches_each_shard_whole_once_and_verifies_it(remote, tiny
         assert store.url(r.name) == here / r.name
         assert json.loads((here / STAMPS / f"{r.name}.json").read_text())["sha256"] == r.sha256
     assert sorted(p.name for p in here.iterdir() if p.is_file()) == sorted(
-        name for r in manifest.shards for name in (r.name, r.index))  # nothing else: no temporaries
+        [MARKER, *(name for r in manifest.shards for name in (r.name, r.index))])  # nothing else: no temporaries
     assert {p.name for p in (here / LOCKS).iterdir()} == {"space"} | {f"{r.name}.get" for r in manifest.shards}
 
 
@@ -323,7 +323,7 @@ def test_a_cache_limit_below_the_smallest_that_works_is_refused_at_start(remote,
         loader(remote, backend, train=train, cache_dir=tmp_path, cache_limit=need - 1)
     assert str(refused.value).startswith(f"cache_limit={need - 1}: below the smallest limit that works here, ")
     assert str(refused.value).endswith(f" ({need:,} bytes: {why})")
-    assert not [p for p in folder(tmp_path).iterdir() if p.is_file()]  # nothing was downloaded
+    assert not [p for p in folder(tmp_path).iterdir() if p.is_file() and p.name != MARKER]  # nothing downloaded
     with loader(remote, backend, train=train, cache_dir=tmp_path, cache_limit=need) as ldr:
         assert ldr.store.cache.limit == need
 

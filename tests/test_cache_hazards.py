@@ -1,0 +1,88 @@
+"""What the node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) does to its --cache-dir:
+it never touches a folder that is not its own. Against the local S3 server (tests/s3_fixtures.py), the session's
+tiny shards (train 60 samples in 8 shards, val 25 in 4) uploaded once to SETS (tests/test_cache.py has the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from s3_fixtures import use_server
+
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError
+from shards.cached_store import CachedStore
+from shards.schema import load_manifest
+from shards.store import open_store
+from tools.local_s3 import upload
+
+SETS = ("s3://shards/set-a", "s3://shards/set-b")  # two data sets (the same shards) under two prefixes
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_shards, s3_server, tmp_path_factory) -> tuple[str, ...]:
+    with pytest.MonkeyPatch.context() as mp:
+        use_server(mp, s3_server, tmp_path_factory.mktemp("aws"))
+        for url in SETS:
+            upload(tiny_shards, url)
+    return SETS
+
+
+def cached_store(cache_dir: Path, url: str = SETS[0], split: str = "train", *,
+                 limit: int | None = None) -> CachedStore:
+    return CachedStore(open_store(url), cache_dir, load_manifest(url, split), limit=limit)
+
+
+def fill(store: CachedStore) -> CachedStore:
+    store.start()
+    assert store.wait_idle(timeout=120)
+    store.close()
+    return store
+
+
+def folder(cache_dir: Path, url: str = SETS[0]) -> Path:
+    return cache_dir.joinpath(*url.removeprefix("s3://").split("/"))
+
+
+def contents(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` (relative) with a file's bytes; None for a folder."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+# --- whose folder ---------------------------------------------------------------------------------------------
+def test_a_folder_of_shards_that_is_not_a_cache_is_refused_and_left_as_it_is(remote, tiny_shards, s3_env, tmp_path):
+    """--cache-dir DIR where DIR/<bucket>/<prefix> happens to be a local copy of the data set, one shard of it
+    re-converted since: the cache used to re-check that shard, find it unlike the manifest and delete it (and
+    evict the rest under a limit). Now it refuses the folder in one line and changes nothing under DIR."""
+    here = folder(tmp_path)
+    shutil.copytree(tiny_shards, here)
+    copy = bytearray((here / "train-000002.tar").read_bytes())
+    copy[1000] ^= 0xFF
+    (here / "train-000002.tar").write_bytes(bytes(copy))
+    before = contents(tmp_path)
+    with pytest.raises(CacheError) as refused:
+        fill(cached_store(tmp_path))
+    assert str(refused.value) == (
+        f"--cache-dir {tmp_path}: {here}, where the cache would keep the shards of {SETS[0]}, holds files that are "
+        f"not a shard cache's (train-000000.idx, train-000000.tar, train-000001.idx and 23 more) and no {MARKER} "
+        "marker; the cache removes files it cannot trust, so it leaves this folder as it is: give --cache-dir a "
+        "folder of its own")
+    assert contents(tmp_path) == before  # nothing removed, nothing added (no marker, no .locks)
+
+
+def test_a_new_folder_is_marked_and_a_cache_from_before_the_marker_is_adopted(remote, s3_env, tmp_path):
+    """A missing folder is made and marked (who made it, for a person looking). A cache made before the marker
+    existed (its `.locks/` and `.verified/`, no marker) is adopted: marked, and its shards trusted as they were."""
+    here = folder(tmp_path)
+    fill(cached_store(tmp_path))
+    marker = json.loads((here / MARKER).read_text())
+    assert {k: marker[k] for k in ("mirrors", "pid", "adopted")} == {"mirrors": SETS[0], "pid": os.getpid(),
+                                                                     "adopted": False}
+    (here / MARKER).unlink()  # as a cache from before the marker looks
+    assert (here / LOCKS).is_dir() and (here / STAMPS).is_dir()
+    store = fill(cached_store(tmp_path))
+    assert json.loads((here / MARKER).read_text())["adopted"] is True
+    assert store.cached() == (8, 8) and (store.cache.stats.downloaded, store.cache.stats.rechecked) == (0, 0)
