@@ -13,7 +13,7 @@ Layout: DIR/<bucket>/<prefix>/ mirrors the store's location (one DIR serves any 
     train-000000.tar, train-000000.idx          published copies, renamed into place whole
     .train-000000.tar.tmp-<host>-<pid>-<rand>   a download in progress (shards.process temporaries)
     .verified/train-000000.tar.json             the stamp: what was checked, and the files as they were then
-    .locks/train-000000.tar.get | .use, space   flock(2) files (see Processes)
+    .locks/train-000000.tar.get | .use          flock(2) files (see Processes); DIR/.locks/space is DIR's
 
 The cache works only in a folder it made or marked: one that already holds files that are not a cache's (say
 DIR/<bucket>/<prefix> is a local copy of the data set) is refused and left as it is (shards.cache_dir).
@@ -34,14 +34,18 @@ store meanwhile. `.use` is held shared by every process that may open the shard'
 it exclusively without waiting, so a shard in use is never evicted. The kernel drops a flock when its process
 dies, so a killed process leaves no claim behind; a claim file named with host and pid would need the staleness
 rule of shards.process.is_stale and has a race between finding it stale and removing it. The `.get` file says
-which host and pid holds it, for a person looking. `.locks/space` makes "count the bytes, evict, reserve the
-download's bytes" one step across processes, so the folder stays under `limit` whoever downloads. DIR must be on
-a file system with working flock(2): a node's local disk.
+which host and pid holds it, for a person looking. `DIR/.locks/space` makes "count the bytes, evict, reserve the
+download's bytes" one step across the processes of every data set cached in DIR, so DIR stays under `limit`
+whoever downloads. DIR must be on a file system with working flock(2): a node's local disk.
 
-Eviction: a download that does not fit evicts the shards its caller ranks latest (`rank`: position in the order
-the shards are needed; shards not needed at all go first), never one held by a reader and never one needed
-sooner than the shard being fetched. When nothing can go the fetch returns FULL and readers keep reading that
-shard from the store: a full cache slows reads down to the store's pace, it never stops them.
+Eviction: `limit` is for DIR as a whole: the bytes counted are those of every cache folder under DIR (every
+marked folder: each data set and split cached there), whichever process or job put them there. A download that
+does not fit evicts the shards its caller ranks latest (`rank`: position in the order the shards are needed),
+those not needed at all first: other splits of its folder and the shards of the other cache folders under DIR
+(evicted with their own folder's locks, so never one another process holds or fetches); never one held by a
+reader and never one needed sooner than the shard being fetched. When nothing can go the fetch returns FULL and
+readers keep reading that shard from the store: a full cache slows reads down to the store's pace, it never
+stops them.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, claim_folder
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, cache_folders, claim_folder
 from shards.local_store import Hold, Store, sha256_file
 from shards.process import atomic_write, current_umask, host_tag, remove_stale_temporaries, temporary_path
 from shards.schema import Manifest, ShardRecord, check_shard_record, index_beside
@@ -104,10 +108,10 @@ class ShardCache:
 
     def __init__(self, remote: Store, cache_dir: str | os.PathLike, manifest: Manifest, index_bytes: dict[str, int],
                  *, limit: int | None) -> None:
-        """`index_bytes`: the store's listing of index sizes. `limit`: bytes the folder may hold (None: the
-        file system's space)."""
+        """`index_bytes`: the store's listing of index sizes. `limit`: bytes every cache folder under
+        `cache_dir` may hold together (None: the file system's space)."""
         self.remote, self.limit, self.split = remote, limit, manifest.split
-        self.folder = cache_folder(cache_dir, remote)
+        self.cache_dir, self.folder = Path(cache_dir), cache_folder(cache_dir, remote)
         self.records = {r.name: r for r in manifest.shards}
         self._shard_of = {**{r.index: r.name for r in manifest.shards}, **{r.name: r.name for r in manifest.shards}}
         self.index_bytes = {r.index: index_bytes.get(r.index) for r in manifest.shards}
@@ -115,8 +119,8 @@ class ShardCache:
         self._boot = boot_id()
         try:
             claim_folder(self.folder, cache_dir=cache_dir, mirrors=str(remote))  # before anything is changed
-            for sub in (LOCKS, STAMPS):
-                (self.folder / sub).mkdir(exist_ok=True)
+            for sub in (self.folder / LOCKS, self.folder / STAMPS, self.cache_dir / LOCKS):
+                sub.mkdir(exist_ok=True)
             for folder in (self.folder, self.folder / STAMPS):
                 remove_stale_temporaries(folder)  # downloads and stamps of killed processes
         except CacheError:
@@ -157,13 +161,14 @@ class ShardCache:
         return self.folder / name if shard is not None and self.trusted(shard) else None
 
     # --- locks ------------------------------------------------------------------------------------------
-    def _lock_fd(self, name: str) -> int:
-        return os.open(self.folder / LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    def _lock_fd(self, name: str, folder: Path | None = None) -> int:
+        return os.open((folder or self.folder) / LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
 
     @contextlib.contextmanager
-    def _locked(self, name: str, *, wait: bool) -> Iterator[bool]:
-        """flock `.locks/<name>` exclusively; yields False when `wait` is off and another process holds it."""
-        fd = self._lock_fd(name)
+    def _locked(self, name: str, *, wait: bool, folder: Path | None = None) -> Iterator[bool]:
+        """flock `<folder>/.locks/<name>` (default: this cache folder's) exclusively; yields False when `wait` is
+        off and another process holds it."""
+        fd = self._lock_fd(name, folder)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -242,7 +247,7 @@ class ShardCache:
         except OSError:
             sound = False
         if not sound:
-            self._remove(record.name)
+            self._remove(self.folder / record.name)
             self.stats.refetched += 1
             return False
         self._publish_index(record, self._fetch_index(record))
@@ -252,9 +257,9 @@ class ShardCache:
 
     def _reserve(self, record: ShardRecord, rank: Callable[[str], float]) -> Path | None:
         """A temporary for the download with the shard's bytes allocated, after making room under the limit
-        (one step for every process: `.locks/space`); None when there is no room."""
+        (one step for every process using DIR: `DIR/.locks/space`); None when there is no room."""
         need = record.bytes + (self.index_bytes[record.index] or 0)
-        with self._locked("space", wait=True):
+        with self._locked("space", wait=True, folder=self.cache_dir):
             if self.limit is not None and not self._make_room(need, record.name, rank):
                 return None
             temporary = temporary_path(self.folder / record.name)
@@ -273,38 +278,48 @@ class ShardCache:
         used, shards = self.usage()
         if used + need <= self.limit:
             return True
-        for victim in sorted((s for s in shards if s != name and rank(s) > rank(name)), key=rank, reverse=True):
+
+        def later(tar: Path) -> float:  # another cache folder's shards are not needed by this process at all
+            return rank(tar.name) if tar.parent == self.folder else float("inf")
+
+        mine = self.folder / name
+        for victim in sorted((s for s in shards if s != mine and later(s) > rank(name)), key=later, reverse=True):
             used -= self._evict(victim)
             if used + need <= self.limit:
                 return True
         return False
 
-    def usage(self) -> tuple[int, list[str]]:
-        """(bytes of every file in the folder: shards, indexes, downloads in progress (not the marker); the
-        shards' tar names)."""
+    def usage(self, *, whole_dir: bool = True) -> tuple[int, list[Path]]:
+        """(bytes of the files of every cache folder under DIR, what `limit` counts, or with `whole_dir` off of
+        this one: shards, indexes, downloads in progress (not the marker); the shards' tar paths)."""
         used, shards = 0, []
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
-                    if entry.is_file(follow_symlinks=False) and entry.name != MARKER:
-                        used += entry.stat(follow_symlinks=False).st_size
-                        if index_beside(entry.name) is not None:
-                            shards.append(entry.name)
+        folders = {self.folder, *cache_folders(self.cache_dir)} if whole_dir else {self.folder}
+        for folder in sorted(folders):
+            with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
+                        if entry.is_file(follow_symlinks=False) and entry.name != MARKER:
+                            used += entry.stat(follow_symlinks=False).st_size
+                            if index_beside(entry.name) is not None:
+                                shards.append(folder / entry.name)
         return used, shards
 
-    def _evict(self, name: str) -> int:
-        """Remove shard `name` unless a process holds or fetches it; returns the bytes freed."""
-        with self._locked(f"{name}.get", wait=False) as free, self._locked(f"{name}.use", wait=False) as unused:
+    def _evict(self, tar: Path) -> int:
+        """Remove shard `tar` (of this cache folder or another under DIR, with its folder's locks) unless a
+        process holds or fetches it; returns the bytes freed."""
+        name, folder = tar.name, tar.parent
+        with (self._locked(f"{name}.get", wait=False, folder=folder) as free,
+              self._locked(f"{name}.use", wait=False, folder=folder) as unused):
             if not (free and unused):
                 return 0
-            freed = self._remove(name)
+            freed = self._remove(tar)
             self.stats.evicted += 1
             return freed
 
-    def _remove(self, name: str) -> int:
-        self._stamp_path(name).unlink(missing_ok=True)  # untrusted first: nobody starts using it now
+    def _remove(self, tar: Path) -> int:
+        (tar.parent / STAMPS / f"{tar.name}.json").unlink(missing_ok=True)  # untrusted first: nobody starts using it
         freed = 0
-        for path in (self.folder / name, self.folder / index_beside(name)):
+        for path in (tar, tar.with_name(index_beside(tar.name))):
             with contextlib.suppress(FileNotFoundError):
                 freed += path.stat().st_size
                 path.unlink()

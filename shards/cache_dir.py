@@ -3,7 +3,8 @@ so that the cache never reads, evicts or re-fetches over files that are not its 
 
 A cache folder DIR/<bucket>/<prefix>/ holds the marker `.saturate-cache`, a line of JSON saying which store
 location it mirrors and who made it (host, pid, time, and whether an older cache was adopted), for a person
-looking. The cache works only in marked folders. Claiming its folder at start:
+looking. The cache works only in marked folders, and `--cache-limit` counts the bytes of all the marked folders
+under DIR together (shards.cache). Claiming its folder at start:
 
     missing, or holding no file              made and marked
     marked                                   used as it is
@@ -70,4 +71,16 @@ def claim_folder(folder: Path, *, cache_dir: str | os.PathLike, mirrors: str) ->
     atomic_write(marker, json.dumps(record) + "\n", fsync=True)
 
 
-__all__ = ["LOCKS", "MARKER", "STAMPS", "CacheError", "cache_folder", "claim_folder"]
+def cache_folders(cache_dir: str | os.PathLike) -> list[Path]:
+    """Every cache folder under `cache_dir` (the marked ones: each data set cached there), looked for afresh at
+    each call (a job on another data set may start at any time); lock and stamp folders are not searched. Every
+    download under a limit walks DIR once: give the cache a DIR of its own, not a big tree of other files."""
+    found = []
+    for top, folders, files in os.walk(cache_dir):
+        if MARKER in files:
+            found.append(Path(top))
+        folders[:] = sorted(name for name in folders if name not in (LOCKS, STAMPS))
+    return found
+
+
+__all__ = ["LOCKS", "MARKER", "STAMPS", "CacheError", "cache_folder", "cache_folders", "claim_folder"]

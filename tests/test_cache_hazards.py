@@ -1,6 +1,7 @@
 """What the node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) does to its --cache-dir:
-it never touches a folder that is not its own. Against the local S3 server (tests/s3_fixtures.py), the session's
-tiny shards (train 60 samples in 8 shards, val 25 in 4) uploaded once to SETS (tests/test_cache.py has the rest).
+it never touches a folder that is not its own, and --cache-limit holds for all of it. Against the local S3 server
+(tests/s3_fixtures.py): the session's tiny shards (train 60 samples in 8 shards, val 25 in 4) uploaded once to
+each of SETS (tests/test_cache.py has the rest of the cache's tests).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from s3_fixtures import use_server
 
+from pipeline.cache_use import shard_sizes
+from shards.cache import ShardCache
 from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError
 from shards.cached_store import CachedStore
 from shards.schema import load_manifest
@@ -86,3 +89,40 @@ def test_a_new_folder_is_marked_and_a_cache_from_before_the_marker_is_adopted(re
     store = fill(cached_store(tmp_path))
     assert json.loads((here / MARKER).read_text())["adopted"] is True
     assert store.cached() == (8, 8) and (store.cache.stats.downloaded, store.cache.stats.rechecked) == (0, 0)
+
+
+def on_disk(cache_dir: Path) -> int:
+    """Bytes of shards, indexes and downloads in progress anywhere under `cache_dir`, counted without the cache."""
+    return sum(p.stat().st_size for p in cache_dir.rglob("*")
+               if p.is_file() and p.parent.name not in (LOCKS, STAMPS) and p.name != MARKER)
+
+
+# --- the limit ------------------------------------------------------------------------------------------------
+def test_the_cache_limit_holds_for_the_whole_cache_dir_across_data_sets(remote, s3_env, tmp_path, monkeypatch):
+    """Two data sets cached in one DIR under a limit that fits one: the second evicts the first's shards, except
+    one a reader of the first holds, and DIR never holds more than the limit (counted per data set, it held
+    twice the limit)."""
+    peaks = []  # bytes under DIR each time a download has reserved its room (its tar's bytes allocated)
+    reserve = ShardCache._reserve
+
+    def counted(cache: ShardCache, record, rank):
+        temporary = reserve(cache, record, rank)
+        if temporary is not None:  # room made: the index comes next
+            peaks.append(on_disk(tmp_path) + cache.index_bytes[record.index])
+        return temporary
+
+    monkeypatch.setattr(ShardCache, "_reserve", counted)
+    first = cached_store(tmp_path, SETS[0])
+    sizes = list(shard_sizes(first).values())  # bytes of each shard, tar and index, in manifest order
+    limit = sum(sizes)
+    first = fill(cached_store(tmp_path, SETS[0], limit=limit))
+    assert first.cached() == (8, 8) and on_disk(tmp_path) == limit
+    hold = first.hold(["train-000003.tar"])  # a reader of the first data set
+    try:
+        second = fill(cached_store(tmp_path, SETS[1], limit=limit))
+        fits = max(k for k in range(9) if sizes[3] + sum(sizes[:k]) <= limit)  # beside the held shard, in order
+        assert second.cached() == (fits, 8) and second.cache.stats.evicted == 7
+        assert first.cached() == (1, 8) and first.local_path("train-000003.tar") is not None
+    finally:
+        hold.release()
+    assert len(peaks) == 8 + fits and max(peaks) <= limit and on_disk(tmp_path) <= limit
