@@ -9,14 +9,12 @@ shards.cached_store puts this behind the Store interface with a downloader threa
 
 Layout: DIR/<bucket>/<prefix>/ mirrors the store's location (one DIR serves any number of data sets):
 
-    .saturate-cache                             the marker: this folder is a cache's (shards.cache_dir)
+    .saturate-cache                             the marker: it works only in folders it made or marked; one
+                                                holding other files is refused, unchanged (shards.cache_dir)
     train-000000.tar, train-000000.idx          published copies, renamed into place whole
     .train-000000.tar.tmp-<host>-<pid>-<rand>   a download in progress (shards.process temporaries)
     .verified/train-000000.tar.json             the stamp: what was checked, and the files as they were then
     .locks/train-000000.tar.get | .use          flock(2) files (see Processes); DIR/.locks/space is DIR's
-
-The cache works only in a folder it made or marked: one that already holds files that are not a cache's (say
-DIR/<bucket>/<prefix> is a local copy of the data set) is refused and left as it is (shards.cache_dir).
 
 Trust. A shard is read locally only while its stamp matches: the manifest's sha256 and bytes, the store's index
 bytes, and the tar and index files as they were when the sha256 was checked (inode, mtime, size) on this boot of
@@ -51,7 +49,6 @@ stops them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -59,11 +56,10 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, cache_folders, claim_folder
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, cache_folders, claim_folder, disk_error
 from shards.local_store import Hold, Store, sha256_file
 from shards.process import atomic_write, current_umask, host_tag, remove_stale_temporaries, temporary_path
 from shards.schema import Manifest, ShardRecord, check_shard_record, index_beside
@@ -72,6 +68,10 @@ PART_BYTES = 64 * 2**20  # bytes per ranged GET of a download: a 512 MB shard is
 STREAMS = 4  # ranged GETs of one shard in flight
 CHUNK = 2**20  # bytes written at a time
 DONE, BUSY, FULL = "done", "busy", "full"  # what fetch() did: published or found; another process has it; no room
+
+
+class CacheClosed(Exception):
+    """A download stopped because its process closed the cache (ShardCache.abandon); no error of the data."""
 
 
 def boot_id() -> str:
@@ -126,17 +126,23 @@ class ShardCache:
         except CacheError:
             raise
         except OSError as err:
-            raise self._disk_error(err, "creating the cache folder") from None
+            raise disk_error(self.folder, err, "creating the cache folder") from None
         _raise_open_files_limit()
         self._mutex = threading.Lock()
         self._holds: dict[str, list[int]] = {}  # shard -> [lock fd, holds]
         self._holds_pid = os.getpid()
+        self._abandoned = threading.Event()  # set by abandon(): downloads stop
 
     def __getstate__(self) -> dict:  # a spawned worker reads; its holds are its own
-        return {**self.__dict__, "_mutex": None, "_holds": {}, "_holds_pid": -1}
+        return {**self.__dict__, "_mutex": None, "_holds": {}, "_holds_pid": -1, "_abandoned": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _mutex=threading.Lock())
+        self.__dict__.update(state, _mutex=threading.Lock(), _abandoned=threading.Event())
+
+    def abandon(self) -> None:
+        """Stop this process's downloads at their next chunk (CacheClosed), removing their temporaries; one stuck
+        in a request to a frozen store stops when it ends (or with the process: the next one removes it)."""
+        self._abandoned.set()
 
     # --- trust ------------------------------------------------------------------------------------------
     def _stamp(self, record: ShardRecord) -> dict:
@@ -271,7 +277,7 @@ class ShardCache:
                     os.close(fd)
             except OSError as err:
                 temporary.unlink(missing_ok=True)
-                raise self._disk_error(err, f"allocating {record.bytes:,} bytes for {record.name}") from None
+                raise disk_error(self.folder, err, f"allocating {record.bytes:,} bytes for {record.name}") from None
             return temporary
 
     def _make_room(self, need: int, name: str, rank: Callable[[str], float]) -> bool:
@@ -348,20 +354,21 @@ class ShardCache:
             with self.remote.open_range(record.name, offset, length) as stream:
                 position = offset
                 while position < offset + length and (chunk := stream.read(min(CHUNK, offset + length - position))):
+                    if self._abandoned.is_set():
+                        raise CacheClosed(record.name)
                     view = memoryview(chunk)
                     while view:  # pwrite may write less than asked
                         try:
                             written = os.pwrite(fd, view, position)
                         except OSError as err:
-                            raise self._disk_error(err, f"writing {temporary.name}") from None
+                            raise disk_error(self.folder, err, f"writing {temporary.name}") from None
                         view, position = view[written:], position + written
             if position != offset + length:
                 raise CacheError(f"{self.remote.url(record.name)}: the store sent {position - offset:,} of the "
                                  f"{length:,} bytes asked for at byte {offset:,}")
 
         try:
-            with ThreadPoolExecutor(max_workers=STREAMS, thread_name_prefix="cache-get") as pool:
-                list(pool.map(part, range(0, record.bytes, PART_BYTES)))
+            _each_part(part, list(range(0, record.bytes, PART_BYTES)))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -374,7 +381,7 @@ class ShardCache:
         try:
             os.replace(temporary, self.folder / record.name)
         except OSError as err:
-            raise self._disk_error(err, f"publishing {record.name}") from None
+            raise disk_error(self.folder, err, f"publishing {record.name}") from None
         self._write_stamp(record)
         self.stats.downloaded += 1
         self.stats.downloaded_bytes += record.bytes + len(index)
@@ -384,7 +391,7 @@ class ShardCache:
         try:
             atomic_write(self.folder / record.index, index, fsync=True)
         except OSError as err:
-            raise self._disk_error(err, f"writing {record.index}") from None
+            raise disk_error(self.folder, err, f"writing {record.index}") from None
 
     def _write_stamp(self, record: ShardRecord) -> None:
         try:
@@ -395,21 +402,39 @@ class ShardCache:
                 os.close(dir_fd)
             atomic_write(self._stamp_path(record.name), json.dumps(self._stamp(record)), fsync=True)
         except OSError as err:
-            raise self._disk_error(err, f"writing the stamp of {record.name}") from None
-
-    def _disk_error(self, err: OSError, doing: str) -> CacheError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "no space left: free space on that disk, or set --cache-limit below its free space"
-        else:
-            fix = f"{err.strerror or err} ({errno.errorcode.get(err.errno or 0, 'error')})"
-        error = CacheError(f"--cache-dir {self.folder}: {doing} failed: {fix}")
-        error.errno = err.errno
-        return error
+            raise disk_error(self.folder, err, f"writing the stamp of {record.name}") from None
 
     def free_bytes(self) -> int:
         """Bytes free on the cache folder's file system for this user."""
         stat = os.statvfs(self.folder)
         return stat.f_bavail * stat.f_frsize
+
+
+def _each_part(part: Callable[[int], None], offsets: list[int]) -> None:
+    """part(offset) for every offset, STREAMS at once, in daemon threads: a ThreadPoolExecutor's threads are joined
+    when the interpreter exits, so one stuck in a GET to a frozen store held the exit for the store's time bound.
+    Raises the first error; the other streams stop before their next part."""
+    pending, errors = offsets[::-1], []
+
+    def stream() -> None:
+        while not errors:
+            try:
+                offset = pending.pop()  # atomic: each part is taken once
+            except IndexError:
+                return
+            try:
+                part(offset)
+            except BaseException as err:  # raised in the downloader below
+                errors.append(err)
+
+    streams = [threading.Thread(target=stream, name="cache-get", daemon=True)
+               for _ in range(min(STREAMS, len(pending)))]
+    for thread in streams:
+        thread.start()
+    for thread in streams:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class _CacheHold(Hold):
@@ -422,4 +447,4 @@ class _CacheHold(Hold):
             self._cache._release(names)
 
 
-__all__ = ["BUSY", "DONE", "FULL", "CacheError", "CacheStats", "ShardCache", "cache_folder"]
+__all__ = ["BUSY", "DONE", "FULL", "CacheClosed", "CacheError", "CacheStats", "ShardCache", "cache_folder"]

@@ -20,6 +20,7 @@ s3://b/ds/sub inside s3://b/ds's), so a folder holding only folders is not refus
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -71,6 +72,17 @@ def claim_folder(folder: Path, *, cache_dir: str | os.PathLike, mirrors: str) ->
     atomic_write(marker, json.dumps(record) + "\n", fsync=True)
 
 
+def disk_error(folder: Path, err: OSError, doing: str) -> CacheError:
+    """`err` from the disk of cache folder `folder` while `doing`, as one line saying what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "no space left: free space on that disk, or set --cache-limit below its free space"
+    else:
+        fix = f"{err.strerror or err} ({errno.errorcode.get(err.errno or 0, 'error')})"
+    error = CacheError(f"--cache-dir {folder}: {doing} failed: {fix}")
+    error.errno = err.errno
+    return error
+
+
 def cache_folders(cache_dir: str | os.PathLike) -> list[Path]:
     """Every cache folder under `cache_dir` (the marked ones: each data set cached there), looked for afresh at
     each call (a job on another data set may start at any time); lock and stamp folders are not searched. Every
@@ -83,4 +95,4 @@ def cache_folders(cache_dir: str | os.PathLike) -> list[Path]:
     return found
 
 
-__all__ = ["LOCKS", "MARKER", "STAMPS", "CacheError", "cache_folder", "cache_folders", "claim_folder"]
+__all__ = ["LOCKS", "MARKER", "STAMPS", "CacheError", "cache_folder", "cache_folders", "claim_folder", "disk_error"]

@@ -1,7 +1,7 @@
-"""What the node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) does to its --cache-dir:
-it never touches a folder that is not its own, and --cache-limit holds for all of it. Against the local S3 server
-(tests/s3_fixtures.py): the session's tiny shards (train 60 samples in 8 shards, val 25 in 4) uploaded once to
-each of SETS (tests/test_cache.py has the rest of the cache's tests).
+"""The node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) against what an operator or
+a store may bring: a --cache-dir that is not the cache's own, data sets sharing one --cache-limit, a store that
+freezes while the process stops. Against the local S3 server (tests/s3_fixtures.py): the session's tiny shards
+(train 60 samples in 8 shards, val 25 in 4) uploaded once to each of SETS (tests/test_cache.py has the rest).
 """
 
 from __future__ import annotations
@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from shards.schema import load_manifest
 from shards.store import open_store
 from tools.local_s3 import upload
 
+ROOT = Path(__file__).resolve().parent.parent
 SETS = ("s3://shards/set-a", "s3://shards/set-b")  # two data sets (the same shards) under two prefixes
 
 
@@ -126,3 +131,65 @@ def test_the_cache_limit_holds_for_the_whole_cache_dir_across_data_sets(remote, 
     finally:
         hold.release()
     assert len(peaks) == 8 + fits and max(peaks) <= limit and on_disk(tmp_path) <= limit
+
+
+# --- a frozen store --------------------------------------------------------------------------------------------
+STUCK = """
+import sys, threading, time
+from pathlib import Path
+from shards import cache, store as store_module
+from shards.cached_store import CachedStore
+from shards.schema import load_manifest
+from shards.store import open_store
+url, cache_dir, frozen, where = sys.argv[1:5]
+store_module.READ_TIMEOUT = 8  # seconds: a GET to the frozen store ends after 3 tries x (5 + 8) s, not 76 s
+cache.PART_BYTES = 4096  # bytes: a shard is many ranged GETs, STREAMS of them in flight
+store = CachedStore(open_store(url), cache_dir, load_manifest(url, "train"), limit=None)
+sent, announced = threading.Event(), threading.Lock()
+def held_at(call, hangs):  # the chosen GET waits until the store is frozen, then is sent to it
+    def request(name, *args, **kwargs):
+        if hangs(name, *args) and not sent.is_set():
+            if announced.acquire(blocking=False):
+                print("sending", flush=True)
+            while not Path(frozen).exists():
+                time.sleep(0.01)
+            sent.set()
+        return call(name, *args, **kwargs)
+    return request
+if where == "index":  # in the downloader thread itself
+    store.remote.read_bytes = held_at(store.remote.read_bytes, lambda name, *rest: name.endswith(".idx"))
+else:  # in the threads of a shard's ranged GETs
+    store.remote.open_range = held_at(store.remote.open_range, lambda name, offset, length: offset > 0)
+store.start()
+sent.wait()
+time.sleep(0.5)  # the request is out and waits for an answer
+started = time.monotonic()
+store.close()
+print(f"closed in {time.monotonic() - started:.2f} s", flush=True)
+"""
+
+
+@pytest.mark.timeout(180, method="thread")
+@pytest.mark.parametrize("where", ["index", "part"])
+def test_closing_the_cache_does_not_wait_for_a_download_stuck_on_a_frozen_store(remote, s3_env, tmp_path, where):
+    """The store freezes (its relay stopped with SIGSTOP: connections open, nothing answers) while the downloader
+    waits for an index or a part of a shard; the process stops. close() used to join the downloader until the
+    GET gave up (the store's time bound: ~18 s seen after a stall), and the exit then waited for the part
+    threads: now close() returns within a second and the process exits at once."""
+    frozen = tmp_path / "frozen"
+    child = subprocess.Popen([sys.executable, "-c", STUCK, SETS[0], str(tmp_path / "cache"), str(frozen), where],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "sending\n"
+        os.kill(s3_env._process.pid, signal.SIGSTOP)
+        frozen.touch()
+        closed = child.stdout.readline()
+        closed_at = time.monotonic()
+        child.wait(timeout=120)
+        exit_seconds = time.monotonic() - closed_at
+    finally:
+        if child.poll() is None:
+            child.kill()
+        s3_env.start()  # a fresh relay: what the frozen one holds is never answered (nor counted)
+    assert closed.startswith("closed in ") and float(closed.split()[2]) <= 1.5, closed
+    assert child.returncode == 0 and exit_seconds < 2.0, f"exit took {exit_seconds:.1f} s after close"
