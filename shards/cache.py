@@ -59,9 +59,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, cache_folders, claim_folder, disk_error
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, cache_folders, disk_error, open_folder
 from shards.local_store import Hold, Store, sha256_file
-from shards.process import atomic_write, current_umask, host_tag, remove_stale_temporaries, temporary_path
+from shards.process import atomic_write, current_umask, host_tag, temporary_path
 from shards.schema import Manifest, ShardRecord, check_shard_record, index_beside
 
 PART_BYTES = 64 * 2**20  # bytes per ranged GET of a download: a 512 MB shard is 8 requests
@@ -117,16 +117,7 @@ class ShardCache:
         self.index_bytes = {r.index: index_bytes.get(r.index) for r in manifest.shards}
         self.stats = CacheStats()
         self._boot = boot_id()
-        try:
-            claim_folder(self.folder, cache_dir=cache_dir, mirrors=str(remote))  # before anything is changed
-            for sub in (self.folder / LOCKS, self.folder / STAMPS, self.cache_dir / LOCKS):
-                sub.mkdir(exist_ok=True)
-            for folder in (self.folder, self.folder / STAMPS):
-                remove_stale_temporaries(folder)  # downloads and stamps of killed processes
-        except CacheError:
-            raise
-        except OSError as err:
-            raise disk_error(self.folder, err, "creating the cache folder") from None
+        open_folder(self.folder, cache_dir=cache_dir, mirrors=str(remote))
         _raise_open_files_limit()
         self._mutex = threading.Lock()
         self._holds: dict[str, list[int]] = {}  # shard -> [lock fd, holds]
@@ -168,7 +159,11 @@ class ShardCache:
 
     # --- locks ------------------------------------------------------------------------------------------
     def _lock_fd(self, name: str, folder: Path | None = None) -> int:
-        return os.open((folder or self.folder) / LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        folder = folder or self.folder
+        try:
+            return os.open(folder / LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as err:  # a disk remounted read-only, a folder whose permissions changed
+            raise disk_error(folder, err, f"opening the lock file {LOCKS}/{name}") from None
 
     @contextlib.contextmanager
     def _locked(self, name: str, *, wait: bool, folder: Path | None = None) -> Iterator[bool]:
@@ -194,17 +189,22 @@ class ShardCache:
     def hold(self, names: list[str]) -> Hold:
         """Keep shards `names` (tar names) from eviction until the Hold is released; a shard held before it is
         published is kept once it is. Waits only while one of them is being evicted (milliseconds)."""
-        names = [self._shard_of.get(name, name) for name in names]
-        with self._mutex:
-            if self._holds_pid != os.getpid():  # a forked worker: the parent's locks are not its to release
-                self._holds, self._holds_pid = {}, os.getpid()
-            for name in names:
-                entry = self._holds.get(name)
-                if entry is None:
-                    fd = self._lock_fd(f"{name}.use")
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-                    self._holds[name] = entry = [fd, 0]
-                entry[1] += 1
+        names, taken = [self._shard_of.get(name, name) for name in names], []
+        try:
+            with self._mutex:
+                if self._holds_pid != os.getpid():  # a forked worker: the parent's locks are not its to release
+                    self._holds, self._holds_pid = {}, os.getpid()
+                for name in names:
+                    entry = self._holds.get(name)
+                    if entry is None:
+                        fd = self._lock_fd(f"{name}.use")
+                        fcntl.flock(fd, fcntl.LOCK_SH)
+                        self._holds[name] = entry = [fd, 0]
+                    entry[1] += 1
+                    taken.append(name)
+        except BaseException:  # a lock file that cannot be made (CacheError): the holds taken so far go
+            self._release(taken)
+            raise
         return _CacheHold(self, names)
 
     def _release(self, names: list[str]) -> None:

@@ -27,7 +27,7 @@ import socket
 import time
 from pathlib import Path
 
-from shards.process import TMP_MARK, atomic_write
+from shards.process import TMP_MARK, atomic_write, current_umask, remove_stale_temporaries
 
 LOCKS, STAMPS = ".locks", ".verified"  # a cache folder's flock(2) files and verification stamps (shards.cache)
 MARKER = ".saturate-cache"  # the file that makes a folder a cache folder
@@ -72,10 +72,31 @@ def claim_folder(folder: Path, *, cache_dir: str | os.PathLike, mirrors: str) ->
     atomic_write(marker, json.dumps(record) + "\n", fsync=True)
 
 
+def open_folder(folder: Path, *, cache_dir: str | os.PathLike, mirrors: str) -> None:
+    """Claim `folder` (claim_folder), make its lock and stamp folders and DIR's lock folder, check that a lock
+    file can be made (a read-only disk fails here, at start, not in a reader), and remove what killed processes
+    left (downloads, stamps). CacheError naming the folder and --cache-dir when it cannot be used."""
+    try:
+        claim_folder(folder, cache_dir=cache_dir, mirrors=mirrors)  # before anything is changed
+        for sub in (folder / LOCKS, folder / STAMPS, Path(cache_dir) / LOCKS):
+            sub.mkdir(exist_ok=True)
+        os.close(os.open(Path(cache_dir, LOCKS, "space"), os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask()))
+        for sub in (folder, folder / STAMPS):
+            remove_stale_temporaries(sub)
+    except CacheError:
+        raise
+    except OSError as err:
+        raise disk_error(folder, err, "opening the cache folder") from None
+
+
 def disk_error(folder: Path, err: OSError, doing: str) -> CacheError:
     """`err` from the disk of cache folder `folder` while `doing`, as one line saying what to do."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "no space left: free space on that disk, or set --cache-limit below its free space"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = (f"{err.strerror} ({errno.errorcode[err.errno]}): the cache needs a folder it can write on a local "
+               "disk, it keeps lock files next to the shards (a cache staged on a read-only mount: copy it to a "
+               "local disk, or give --cache-dir a writable folder)")
     else:
         fix = f"{err.strerror or err} ({errno.errorcode.get(err.errno or 0, 'error')})"
     error = CacheError(f"--cache-dir {folder}: {doing} failed: {fix}")
@@ -95,4 +116,5 @@ def cache_folders(cache_dir: str | os.PathLike) -> list[Path]:
     return found
 
 
-__all__ = ["LOCKS", "MARKER", "STAMPS", "CacheError", "cache_folder", "cache_folders", "claim_folder", "disk_error"]
+__all__ = ["LOCKS", "MARKER", "STAMPS", "CacheError", "cache_folder", "cache_folders", "claim_folder", "disk_error",
+           "open_folder"]

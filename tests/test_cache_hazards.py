@@ -1,11 +1,14 @@
-"""The node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) against what an operator or
-a store may bring: a --cache-dir that is not the cache's own, data sets sharing one --cache-limit, a store that
-freezes while the process stops. Against the local S3 server (tests/s3_fixtures.py): the session's tiny shards
-(train 60 samples in 8 shards, val 25 in 4) uploaded once to each of SETS (tests/test_cache.py has the rest).
+"""The node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) against what an operator, a
+disk or a store may bring: a --cache-dir that is not the cache's own, data sets sharing one --cache-limit, a
+read-only disk, a store that freezes while the process stops. Against the local S3 server (tests/s3_fixtures.py):
+the session's tiny shards (train 60 samples in 8 shards, val 25 in 4) uploaded once to each of SETS
+(tests/test_cache.py has the rest).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +27,7 @@ from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError
 from shards.cached_store import CachedStore
 from shards.schema import load_manifest
 from shards.store import open_store
+from tools.cli import main as cli
 from tools.local_s3 import upload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,3 +197,70 @@ def test_closing_the_cache_does_not_wait_for_a_download_stuck_on_a_frozen_store(
         s3_env.start()  # a fresh relay: what the frozen one holds is never answered (nor counted)
     assert closed.startswith("closed in ") and float(closed.split()[2]) <= 1.5, closed
     assert child.returncode == 0 and exit_seconds < 2.0, f"exit took {exit_seconds:.1f} s after close"
+
+
+# --- a read-only disk -----------------------------------------------------------------------------------------
+READ_ONLY = """
+import sys
+from pipeline import build_loader
+url, cache_dir = sys.argv[1:3]
+try:
+    with build_loader(url, "val", train=False, batch_size=8, image_size=48, backend="pytorch", num_threads=1,
+                      cache_dir=cache_dir) as loader:
+        next(iter(loader))
+    print("read")
+except Exception as err:
+    print(f"{type(err).__name__}: {err}")
+"""
+#: sh run in a user and mount namespace of its own: "$1" bind-mounted read-only over itself, then the rest runs.
+MOUNT_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+
+
+def test_a_read_only_cache_dir_is_one_clear_error_at_start(remote, s3_env, tmp_path):
+    """A cache staged with `saturate shards cache`, then mounted read-only (a real read-only bind mount, in a user
+    and mount namespace of the test's own: root ignores a chmod, not a read-only mount). The reader's first lock
+    file failed with `[Errno 30] Read-only file system`, which a pytorch worker reported as "val-000000.tar: not
+    a readable tar (30); re-convert it"; now building the loader says, in one line naming --cache-dir and the
+    folder, that the cache needs a folder it can write."""
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    if subprocess.run([*namespace, "sh", "-c", MOUNT_READ_ONLY, "sh", str(tmp_path), "true"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("no user and mount namespaces here (unshare): a read-only mount cannot be made")
+    cache_dir = tmp_path / "cache"
+    assert cli(["shards", "cache", SETS[0], str(cache_dir), "--split", "val"]) == 0
+    staged = contents(cache_dir)
+    read = subprocess.run([*namespace, "sh", "-c", MOUNT_READ_ONLY, "sh", str(cache_dir), sys.executable, "-c",
+                           READ_ONLY, SETS[0], str(cache_dir)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert read.stdout == (
+        f"CacheError: --cache-dir {folder(cache_dir)}: opening the cache folder failed: Read-only file system "
+        "(EROFS): the cache needs a folder it can write on a local disk, it keeps lock files next to the shards (a "
+        "cache staged on a read-only mount: copy it to a local disk, or give --cache-dir a writable folder)\n"
+    ), read.stderr[-3000:]
+    assert contents(cache_dir) == staged
+
+
+def test_a_disk_that_turns_read_only_under_a_reader_is_one_clear_error(remote, s3_env, tmp_path, monkeypatch):
+    """The disk is remounted read-only after the cache opened (ext4's errors=remount-ro), simulated: os.open of a
+    new lock file fails with EROFS. A reader's hold is a CacheError naming the lock file, not a raw OSError, and
+    keeps none of the shards it held before it failed."""
+    store = fill(cached_store(tmp_path, split="val"))
+    here, real = folder(tmp_path), os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if f"/{LOCKS}/" in str(path) and not Path(path).exists():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    store.hold(["val-000000.tar"]).release()  # its lock file exists; val-000001's is made at its first hold
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(CacheError) as refused:
+        store.hold(["val-000000.tar", "val-000001.tar"])
+    assert str(refused.value).startswith(f"--cache-dir {here}: opening the lock file {LOCKS}/val-000001.tar.use "
+                                         "failed: Read-only file system (EROFS): the cache needs a folder it can "
+                                         "write on a local disk, ")
+    fd = real(here / LOCKS / "val-000000.tar.use", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the failed hold keeps it
+    finally:
+        os.close(fd)
