@@ -1,6 +1,6 @@
 """The node-local shard cache (shards.cache, shards.cache_dir, shards.cached_store) against what an operator, a
-disk or a store may bring: a --cache-dir that is not the cache's own, data sets sharing one --cache-limit, a
-read-only disk, a store that freezes while the process stops. Against the local S3 server (tests/s3_fixtures.py):
+disk or a store may bring: a --cache-dir that is not the cache's own, data sets sharing one --cache-limit, a full
+or read-only disk, a store that freezes while the process stops. Against the local S3 server (tests/s3_fixtures.py):
 the session's tiny shards (train 60 samples in 8 shards, val 25 in 4) uploaded once to each of SETS
 (tests/test_cache.py has the rest).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,10 +22,12 @@ from pathlib import Path
 import pytest
 from s3_fixtures import use_server
 
+from pipeline import build_loader
 from pipeline.cache_use import shard_sizes
 from shards.cache import ShardCache
 from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError
 from shards.cached_store import CachedStore
+from shards.process import TMP_MARK
 from shards.schema import load_manifest
 from shards.store import open_store
 from tools.cli import main as cli
@@ -143,6 +146,7 @@ import sys, threading, time
 from pathlib import Path
 from shards import cache, store as store_module
 from shards.cached_store import CachedStore
+from shards.process import TMP_MARK
 from shards.schema import load_manifest
 from shards.store import open_store
 url, cache_dir, frozen, where = sys.argv[1:5]
@@ -199,7 +203,37 @@ def test_closing_the_cache_does_not_wait_for_a_download_stuck_on_a_frozen_store(
     assert child.returncode == 0 and exit_seconds < 2.0, f"exit took {exit_seconds:.1f} s after close"
 
 
-# --- a read-only disk -----------------------------------------------------------------------------------------
+# --- the disk -------------------------------------------------------------------------------------------------
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing_trusted(remote, s3_env, tmp_path, monkeypatch):
+    real, calls = os.posix_fallocate, []
+
+    def third_is_full(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", third_is_full)
+    ldr = build_loader(SETS[0], "train", train=True, batch_size=8, image_size=48, backend="pytorch", num_threads=0,
+                       seed=1, cache_dir=tmp_path)
+    with pytest.raises(CacheError) as full:
+        with ldr:
+            for _ in range(3):
+                for _ in ldr:
+                    time.sleep(0.05)
+    assert str(full.value).startswith(f"--cache-dir {folder(tmp_path)}: allocating ")
+    assert str(full.value).endswith(" failed: no space left: free space on that disk, or set --cache-limit below "
+                                    "its free space") and "\n" not in str(full.value)
+    here = folder(tmp_path)
+    assert not [p for p in here.iterdir() if TMP_MARK in p.name]
+    manifest = load_manifest(SETS[0], "train")
+    store = cached_store(tmp_path)
+    for r in manifest.shards:  # what is trusted is whole
+        if store.local_path(r.name) is not None:
+            assert hashlib.sha256((here / r.name).read_bytes()).hexdigest() == r.sha256
+    assert store.cached() == (2, 8)
+
+
 READ_ONLY = """
 import sys
 from pipeline import build_loader
