@@ -136,7 +136,7 @@ def start_cache(store: Store, *, minimum: tuple[int, str] | None, want: list[str
             raise LoaderOptionError("cache_limit", cache.limit, f"below the smallest limit that works here, "
                                     f"{format_size(need, up=True)} ({need:,} bytes: {why})")
         wanted = sum(sizes) if cache.limit is None else min(cache.limit, sum(sizes))
-        used, free = cache.usage()[0], cache.free_bytes()
+        used, free = cache.usage(whole_dir=cache.limit is not None)[0], cache.free_bytes()  # evictable bytes
         if wanted > used + free:
             raise LoaderOptionError("cache_dir", str(cache.folder), f"its disk has {format_size(free)} free (and "
                                     f"{format_size(used)} cached), the cache needs {format_size(wanted)} for the "

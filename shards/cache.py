@@ -9,10 +9,12 @@ shards.cached_store puts this behind the Store interface with a downloader threa
 
 Layout: DIR/<bucket>/<prefix>/ mirrors the store's location (one DIR serves any number of data sets):
 
+    .saturate-cache                             the marker: it works only in folders it made or marked; one
+                                                holding other files is refused, unchanged (shards.cache_dir)
     train-000000.tar, train-000000.idx          published copies, renamed into place whole
     .train-000000.tar.tmp-<host>-<pid>-<rand>   a download in progress (shards.process temporaries)
     .verified/train-000000.tar.json             the stamp: what was checked, and the files as they were then
-    .locks/train-000000.tar.get | .use, space   flock(2) files (see Processes)
+    .locks/train-000000.tar.get | .use          flock(2) files (see Processes); DIR/.locks/space is DIR's
 
 Trust. A shard is read locally only while its stamp matches: the manifest's sha256 and bytes, the store's index
 bytes, and the tar and index files as they were when the sha256 was checked (inode, mtime, size) on this boot of
@@ -30,20 +32,23 @@ store meanwhile. `.use` is held shared by every process that may open the shard'
 it exclusively without waiting, so a shard in use is never evicted. The kernel drops a flock when its process
 dies, so a killed process leaves no claim behind; a claim file named with host and pid would need the staleness
 rule of shards.process.is_stale and has a race between finding it stale and removing it. The `.get` file says
-which host and pid holds it, for a person looking. `.locks/space` makes "count the bytes, evict, reserve the
-download's bytes" one step across processes, so the folder stays under `limit` whoever downloads. DIR must be on
-a file system with working flock(2): a node's local disk.
+which host and pid holds it, for a person looking. `DIR/.locks/space` makes "count the bytes, evict, reserve the
+download's bytes" one step across the processes of every data set cached in DIR, so DIR stays under `limit`
+whoever downloads. DIR must be on a file system with working flock(2): a node's local disk.
 
-Eviction: a download that does not fit evicts the shards its caller ranks latest (`rank`: position in the order
-the shards are needed; shards not needed at all go first), never one held by a reader and never one needed
-sooner than the shard being fetched. When nothing can go the fetch returns FULL and readers keep reading that
-shard from the store: a full cache slows reads down to the store's pace, it never stops them.
+Eviction: `limit` is for DIR as a whole: the bytes counted are those of every cache folder under DIR (every
+marked folder: each data set and split cached there), whichever process or job put them there. A download that
+does not fit evicts the shards its caller ranks latest (`rank`: position in the order the shards are needed),
+those not needed at all first: other splits of its folder and the shards of the other cache folders under DIR
+(evicted with their own folder's locks, so never one another process holds or fetches); never one held by a
+reader and never one needed sooner than the shard being fetched. When nothing can go the fetch returns FULL and
+readers keep reading that shard from the store: a full cache slows reads down to the store's pace, it never
+stops them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -51,33 +56,22 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.cache_dir import LOCKS, MARKER, STAMPS, CacheError, cache_folder, cache_folders, disk_error, open_folder
 from shards.local_store import Hold, Store, sha256_file
-from shards.process import atomic_write, current_umask, host_tag, remove_stale_temporaries, temporary_path
+from shards.process import atomic_write, current_umask, host_tag, temporary_path
 from shards.schema import Manifest, ShardRecord, check_shard_record, index_beside
 
 PART_BYTES = 64 * 2**20  # bytes per ranged GET of a download: a 512 MB shard is 8 requests
 STREAMS = 4  # ranged GETs of one shard in flight
 CHUNK = 2**20  # bytes written at a time
-LOCKS, STAMPS = ".locks", ".verified"
 DONE, BUSY, FULL = "done", "busy", "full"  # what fetch() did: published or found; another process has it; no room
 
 
-class CacheError(OSError):
-    """The cache folder cannot be used (a full disk, permissions), or a downloaded shard is not the one the
-    manifest describes; the message names the folder or the shard and what to do."""
-
-
-def cache_folder(cache_dir: str | os.PathLike, remote: Store) -> Path:
-    """Where `remote`'s shards are kept under `cache_dir`: DIR/<bucket>/<prefix> for s3://bucket/prefix."""
-    _, _, rest = str(remote).partition("://")
-    parts = [part for part in rest.split("/") if part]
-    if not parts or any(part in (".", "..") for part in parts):
-        raise ValueError(f"{remote}: cannot be cached under {cache_dir} (no bucket, or '.' or '..' in its prefix)")
-    return Path(cache_dir, *parts)
+class CacheClosed(Exception):
+    """A download stopped because its process closed the cache (ShardCache.abandon); no error of the data."""
 
 
 def boot_id() -> str:
@@ -114,32 +108,32 @@ class ShardCache:
 
     def __init__(self, remote: Store, cache_dir: str | os.PathLike, manifest: Manifest, index_bytes: dict[str, int],
                  *, limit: int | None) -> None:
-        """`index_bytes`: the store's listing of index sizes. `limit`: bytes the folder may hold (None: the
-        file system's space)."""
+        """`index_bytes`: the store's listing of index sizes. `limit`: bytes every cache folder under
+        `cache_dir` may hold together (None: the file system's space)."""
         self.remote, self.limit, self.split = remote, limit, manifest.split
-        self.folder = cache_folder(cache_dir, remote)
+        self.cache_dir, self.folder = Path(cache_dir), cache_folder(cache_dir, remote)
         self.records = {r.name: r for r in manifest.shards}
         self._shard_of = {**{r.index: r.name for r in manifest.shards}, **{r.name: r.name for r in manifest.shards}}
         self.index_bytes = {r.index: index_bytes.get(r.index) for r in manifest.shards}
         self.stats = CacheStats()
         self._boot = boot_id()
-        try:
-            for sub in (LOCKS, STAMPS):
-                (self.folder / sub).mkdir(parents=True, exist_ok=True)
-            for folder in (self.folder, self.folder / STAMPS):
-                remove_stale_temporaries(folder)  # downloads and stamps of killed processes
-        except OSError as err:
-            raise self._disk_error(err, "creating the cache folder") from None
+        open_folder(self.folder, cache_dir=cache_dir, mirrors=str(remote))
         _raise_open_files_limit()
         self._mutex = threading.Lock()
         self._holds: dict[str, list[int]] = {}  # shard -> [lock fd, holds]
         self._holds_pid = os.getpid()
+        self._abandoned = threading.Event()  # set by abandon(): downloads stop
 
     def __getstate__(self) -> dict:  # a spawned worker reads; its holds are its own
-        return {**self.__dict__, "_mutex": None, "_holds": {}, "_holds_pid": -1}
+        return {**self.__dict__, "_mutex": None, "_holds": {}, "_holds_pid": -1, "_abandoned": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _mutex=threading.Lock())
+        self.__dict__.update(state, _mutex=threading.Lock(), _abandoned=threading.Event())
+
+    def abandon(self) -> None:
+        """Stop this process's downloads at their next chunk (CacheClosed), removing their temporaries; one stuck
+        in a request to a frozen store stops when it ends (or with the process: the next one removes it)."""
+        self._abandoned.set()
 
     # --- trust ------------------------------------------------------------------------------------------
     def _stamp(self, record: ShardRecord) -> dict:
@@ -164,13 +158,18 @@ class ShardCache:
         return self.folder / name if shard is not None and self.trusted(shard) else None
 
     # --- locks ------------------------------------------------------------------------------------------
-    def _lock_fd(self, name: str) -> int:
-        return os.open(self.folder / LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    def _lock_fd(self, name: str, folder: Path | None = None) -> int:
+        folder = folder or self.folder
+        try:
+            return os.open(folder / LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as err:  # a disk remounted read-only, a folder whose permissions changed
+            raise disk_error(folder, err, f"opening the lock file {LOCKS}/{name}") from None
 
     @contextlib.contextmanager
-    def _locked(self, name: str, *, wait: bool) -> Iterator[bool]:
-        """flock `.locks/<name>` exclusively; yields False when `wait` is off and another process holds it."""
-        fd = self._lock_fd(name)
+    def _locked(self, name: str, *, wait: bool, folder: Path | None = None) -> Iterator[bool]:
+        """flock `<folder>/.locks/<name>` (default: this cache folder's) exclusively; yields False when `wait` is
+        off and another process holds it."""
+        fd = self._lock_fd(name, folder)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -190,17 +189,22 @@ class ShardCache:
     def hold(self, names: list[str]) -> Hold:
         """Keep shards `names` (tar names) from eviction until the Hold is released; a shard held before it is
         published is kept once it is. Waits only while one of them is being evicted (milliseconds)."""
-        names = [self._shard_of.get(name, name) for name in names]
-        with self._mutex:
-            if self._holds_pid != os.getpid():  # a forked worker: the parent's locks are not its to release
-                self._holds, self._holds_pid = {}, os.getpid()
-            for name in names:
-                entry = self._holds.get(name)
-                if entry is None:
-                    fd = self._lock_fd(f"{name}.use")
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-                    self._holds[name] = entry = [fd, 0]
-                entry[1] += 1
+        names, taken = [self._shard_of.get(name, name) for name in names], []
+        try:
+            with self._mutex:
+                if self._holds_pid != os.getpid():  # a forked worker: the parent's locks are not its to release
+                    self._holds, self._holds_pid = {}, os.getpid()
+                for name in names:
+                    entry = self._holds.get(name)
+                    if entry is None:
+                        fd = self._lock_fd(f"{name}.use")
+                        fcntl.flock(fd, fcntl.LOCK_SH)
+                        self._holds[name] = entry = [fd, 0]
+                    entry[1] += 1
+                    taken.append(name)
+        except BaseException:  # a lock file that cannot be made (CacheError): the holds taken so far go
+            self._release(taken)
+            raise
         return _CacheHold(self, names)
 
     def _release(self, names: list[str]) -> None:
@@ -249,7 +253,7 @@ class ShardCache:
         except OSError:
             sound = False
         if not sound:
-            self._remove(record.name)
+            self._remove(self.folder / record.name)
             self.stats.refetched += 1
             return False
         self._publish_index(record, self._fetch_index(record))
@@ -259,9 +263,9 @@ class ShardCache:
 
     def _reserve(self, record: ShardRecord, rank: Callable[[str], float]) -> Path | None:
         """A temporary for the download with the shard's bytes allocated, after making room under the limit
-        (one step for every process: `.locks/space`); None when there is no room."""
+        (one step for every process using DIR: `DIR/.locks/space`); None when there is no room."""
         need = record.bytes + (self.index_bytes[record.index] or 0)
-        with self._locked("space", wait=True):
+        with self._locked("space", wait=True, folder=self.cache_dir):
             if self.limit is not None and not self._make_room(need, record.name, rank):
                 return None
             temporary = temporary_path(self.folder / record.name)
@@ -273,44 +277,55 @@ class ShardCache:
                     os.close(fd)
             except OSError as err:
                 temporary.unlink(missing_ok=True)
-                raise self._disk_error(err, f"allocating {record.bytes:,} bytes for {record.name}") from None
+                raise disk_error(self.folder, err, f"allocating {record.bytes:,} bytes for {record.name}") from None
             return temporary
 
     def _make_room(self, need: int, name: str, rank: Callable[[str], float]) -> bool:
         used, shards = self.usage()
         if used + need <= self.limit:
             return True
-        for victim in sorted((s for s in shards if s != name and rank(s) > rank(name)), key=rank, reverse=True):
+
+        def later(tar: Path) -> float:  # another cache folder's shards are not needed by this process at all
+            return rank(tar.name) if tar.parent == self.folder else float("inf")
+
+        mine = self.folder / name
+        for victim in sorted((s for s in shards if s != mine and later(s) > rank(name)), key=later, reverse=True):
             used -= self._evict(victim)
             if used + need <= self.limit:
                 return True
         return False
 
-    def usage(self) -> tuple[int, list[str]]:
-        """(bytes of every file in the folder: shards, indexes, downloads in progress; the shards' tar names)."""
+    def usage(self, *, whole_dir: bool = True) -> tuple[int, list[Path]]:
+        """(bytes of the files of every cache folder under DIR, what `limit` counts, or with `whole_dir` off of
+        this one: shards, indexes, downloads in progress (not the marker); the shards' tar paths)."""
         used, shards = 0, []
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
-                    if entry.is_file(follow_symlinks=False):
-                        used += entry.stat(follow_symlinks=False).st_size
-                        if index_beside(entry.name) is not None:
-                            shards.append(entry.name)
+        folders = {self.folder, *cache_folders(self.cache_dir)} if whole_dir else {self.folder}
+        for folder in sorted(folders):
+            with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
+                        if entry.is_file(follow_symlinks=False) and entry.name != MARKER:
+                            used += entry.stat(follow_symlinks=False).st_size
+                            if index_beside(entry.name) is not None:
+                                shards.append(folder / entry.name)
         return used, shards
 
-    def _evict(self, name: str) -> int:
-        """Remove shard `name` unless a process holds or fetches it; returns the bytes freed."""
-        with self._locked(f"{name}.get", wait=False) as free, self._locked(f"{name}.use", wait=False) as unused:
+    def _evict(self, tar: Path) -> int:
+        """Remove shard `tar` (of this cache folder or another under DIR, with its folder's locks) unless a
+        process holds or fetches it; returns the bytes freed."""
+        name, folder = tar.name, tar.parent
+        with (self._locked(f"{name}.get", wait=False, folder=folder) as free,
+              self._locked(f"{name}.use", wait=False, folder=folder) as unused):
             if not (free and unused):
                 return 0
-            freed = self._remove(name)
+            freed = self._remove(tar)
             self.stats.evicted += 1
             return freed
 
-    def _remove(self, name: str) -> int:
-        self._stamp_path(name).unlink(missing_ok=True)  # untrusted first: nobody starts using it now
+    def _remove(self, tar: Path) -> int:
+        (tar.parent / STAMPS / f"{tar.name}.json").unlink(missing_ok=True)  # untrusted first: nobody starts using it
         freed = 0
-        for path in (self.folder / name, self.folder / index_beside(name)):
+        for path in (tar, tar.with_name(index_beside(tar.name))):
             with contextlib.suppress(FileNotFoundError):
                 freed += path.stat().st_size
                 path.unlink()
@@ -339,20 +354,21 @@ class ShardCache:
             with self.remote.open_range(record.name, offset, length) as stream:
                 position = offset
                 while position < offset + length and (chunk := stream.read(min(CHUNK, offset + length - position))):
+                    if self._abandoned.is_set():
+                        raise CacheClosed(record.name)
                     view = memoryview(chunk)
                     while view:  # pwrite may write less than asked
                         try:
                             written = os.pwrite(fd, view, position)
                         except OSError as err:
-                            raise self._disk_error(err, f"writing {temporary.name}") from None
+                            raise disk_error(self.folder, err, f"writing {temporary.name}") from None
                         view, position = view[written:], position + written
             if position != offset + length:
                 raise CacheError(f"{self.remote.url(record.name)}: the store sent {position - offset:,} of the "
                                  f"{length:,} bytes asked for at byte {offset:,}")
 
         try:
-            with ThreadPoolExecutor(max_workers=STREAMS, thread_name_prefix="cache-get") as pool:
-                list(pool.map(part, range(0, record.bytes, PART_BYTES)))
+            _each_part(part, list(range(0, record.bytes, PART_BYTES)))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -365,7 +381,7 @@ class ShardCache:
         try:
             os.replace(temporary, self.folder / record.name)
         except OSError as err:
-            raise self._disk_error(err, f"publishing {record.name}") from None
+            raise disk_error(self.folder, err, f"publishing {record.name}") from None
         self._write_stamp(record)
         self.stats.downloaded += 1
         self.stats.downloaded_bytes += record.bytes + len(index)
@@ -375,7 +391,7 @@ class ShardCache:
         try:
             atomic_write(self.folder / record.index, index, fsync=True)
         except OSError as err:
-            raise self._disk_error(err, f"writing {record.index}") from None
+            raise disk_error(self.folder, err, f"writing {record.index}") from None
 
     def _write_stamp(self, record: ShardRecord) -> None:
         try:
@@ -386,21 +402,39 @@ class ShardCache:
                 os.close(dir_fd)
             atomic_write(self._stamp_path(record.name), json.dumps(self._stamp(record)), fsync=True)
         except OSError as err:
-            raise self._disk_error(err, f"writing the stamp of {record.name}") from None
-
-    def _disk_error(self, err: OSError, doing: str) -> CacheError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "no space left: free space on that disk, or set --cache-limit below its free space"
-        else:
-            fix = f"{err.strerror or err} ({errno.errorcode.get(err.errno or 0, 'error')})"
-        error = CacheError(f"--cache-dir {self.folder}: {doing} failed: {fix}")
-        error.errno = err.errno
-        return error
+            raise disk_error(self.folder, err, f"writing the stamp of {record.name}") from None
 
     def free_bytes(self) -> int:
         """Bytes free on the cache folder's file system for this user."""
         stat = os.statvfs(self.folder)
         return stat.f_bavail * stat.f_frsize
+
+
+def _each_part(part: Callable[[int], None], offsets: list[int]) -> None:
+    """part(offset) for every offset, STREAMS at once, in daemon threads: a ThreadPoolExecutor's threads are joined
+    when the interpreter exits, so one stuck in a GET to a frozen store held the exit for the store's time bound.
+    Raises the first error; the other streams stop before their next part."""
+    pending, errors = offsets[::-1], []
+
+    def stream() -> None:
+        while not errors:
+            try:
+                offset = pending.pop()  # atomic: each part is taken once
+            except IndexError:
+                return
+            try:
+                part(offset)
+            except BaseException as err:  # raised in the downloader below
+                errors.append(err)
+
+    streams = [threading.Thread(target=stream, name="cache-get", daemon=True)
+               for _ in range(min(STREAMS, len(pending)))]
+    for thread in streams:
+        thread.start()
+    for thread in streams:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class _CacheHold(Hold):
@@ -413,4 +447,4 @@ class _CacheHold(Hold):
             self._cache._release(names)
 
 
-__all__ = ["BUSY", "DONE", "FULL", "CacheError", "CacheStats", "ShardCache", "cache_folder"]
+__all__ = ["BUSY", "DONE", "FULL", "CacheClosed", "CacheError", "CacheStats", "ShardCache", "cache_folder"]

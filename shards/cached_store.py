@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shards.cache import BUSY, FULL, CacheError, ShardCache
+from shards.cache import BUSY, FULL, CacheClosed, CacheError, ShardCache
 from shards.local_store import STREAM_BUFFER, Hold, Store
 from shards.process import StopRequested
 from shards.schema import Manifest
@@ -33,6 +33,8 @@ from shards.store import StoreError
 #: Seconds between looks at shards another process is downloading, or after the store failed.
 POLL = 0.5  # seconds
 STORE_BACKOFF = 2.0  # seconds
+#: Seconds close() waits for the downloader; one stuck in a request to a frozen store is left behind (a daemon).
+CLOSE_WAIT = 1.0  # seconds
 
 
 class CachedStore(Store):
@@ -104,7 +106,7 @@ class CachedStore(Store):
                     self.store_error, waiting = err, True
                     self._changed.wait(STORE_BACKOFF)
                     break
-                except StopRequested:  # the process is stopping (SIGTERM): the readers stop on their own
+                except (StopRequested, CacheClosed):  # the process is stopping (SIGTERM), or closed the cache
                     return
                 except BaseException as err:  # a disk that cannot be written, a shard unlike its manifest
                     self.failure = err
@@ -137,12 +139,15 @@ class CachedStore(Store):
             raise self.failure
 
     def close(self) -> None:
-        """Stop the downloader (a download in progress is finished or abandoned as a temporary)."""
+        """Stop the downloader: a download stops at its next chunk and removes its temporary. One waiting on a
+        frozen store is not waited for beyond CLOSE_WAIT (it waited out the store's time bound, ~18 s after a
+        stall, while the trainer exited): it ends with its request, or with the process (ShardCache.abandon)."""
         self._closed = True
+        self.cache.abandon()
         if self._changed is not None:
             self._changed.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=CLOSE_WAIT)
 
     def cached(self) -> tuple[int, int]:
         """(shards of the manifest trusted in the cache now, shards in the manifest)."""

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", metavar="DIR", help="s3:// shards: every data row reads through a node-local "
                         "shard cache in DIR (as `saturate train --cache-dir`); pre-stage it with `saturate shards "
                         "cache` to measure it warm from the first row")
-    parser.add_argument("--cache-limit", metavar="SIZE", help="bytes --cache-dir may hold, e.g. 200GB")
+    parser.add_argument("--cache-limit", metavar="SIZE", help="bytes --cache-dir may hold, e.g. 200GB: every data "
+                        "set cached there together (other data sets' shards no job is reading are evicted first)")
     bound = parser.add_mutually_exclusive_group()
     bound.add_argument("--duration", type=float, help=f"timed seconds per configuration (default {DEFAULT_DURATION:g})")
     bound.add_argument("--steps", type=int, help="timed steps per configuration instead of --duration")

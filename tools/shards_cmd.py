@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("dir", help="the cache folder (the job's --cache-dir): shards land in DIR/BUCKET/PREFIX")
     cache.add_argument("--split", action="append", help="only this split (repeatable; default: all manifests)")
     cache.add_argument("--cache-limit", metavar="SIZE",
-                       help="bytes the folder may hold (e.g. 200GB): shards that do not fit are left in the store")
+                       help="bytes DIR may hold, every data set cached there together (e.g. 200GB): shards that "
+                       "do not fit are left in the store; other data sets' shards no job is reading are evicted first")
     cache.set_defaults(func=run_cache)
 
 
@@ -141,7 +142,7 @@ def run_cache(args: argparse.Namespace) -> int:
         cached, total = store.cached()
         stats, seconds = store.cache.stats, time.perf_counter() - started
         print(f"{split}: {cached}/{total} shards cached in {store.cache.folder} "
-              f"({format_size(store.cache.usage()[0])} in the folder); {stats.downloaded} downloaded "
+              f"({format_size(store.cache.usage(whole_dir=False)[0])} in the folder); {stats.downloaded} downloaded "
               f"({format_size(stats.downloaded_bytes)} in {seconds:.1f} s), {stats.rechecked} re-checked, "
               f"{stats.refetched} re-fetched, {stats.evicted} evicted; {(request_counts() - before).line()}")
         if cached < total and limit is None:
