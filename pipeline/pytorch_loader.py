@@ -41,14 +41,11 @@ the tar and the sample key.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import gc
 import math
 import os
 import random
-import signal
-import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -73,6 +70,7 @@ from pipeline.order import (
     sample_order_index,
 )
 from pipeline.pillow import Augment, collate
+from pipeline.workers import end_pass, leave_stop_signals_to_parent, start_pass
 from shards.store import Store, StoreError
 
 #: Batches in flight per DataLoader worker when build_loader's `prefetch_depth` is None (torch's default).
@@ -172,33 +170,6 @@ def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
         if position >= count:
             sample["__position__"] = position
             yield sample
-
-
-_PASSES: weakref.WeakSet = weakref.WeakSet()  # loaders with a pass open
-_WORKERS: list = []  # the worker processes of every pass started in this process
-
-
-@atexit.register
-def _end_workers() -> None:
-    """Kill the DataLoader workers still alive when the interpreter exits. They ignore SIGTERM
-    (leave_stop_signals_to_parent), and torch falls back to SIGTERM in two places: when an iterator dropped by
-    the garbage collector (a loader in a reference cycle) cannot hand its workers the end-of-work message, and in
-    multiprocessing's exit hook, which then joins them: the exit of a script that left a pass open waited for
-    minutes. atexit runs hooks in reverse order: this one, registered after torch imported multiprocessing, runs
-    first."""
-    for loader in list(_PASSES):
-        loader._drop_batches()  # also stops torch watching their pids, so the kill is not reported as a failure
-    for worker in _WORKERS:
-        if worker.is_alive():
-            worker.kill()
-
-
-def leave_stop_signals_to_parent(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGUSR1. Schedulers send them to every process of a job (Kubernetes
-    signals the whole pod): a worker that died of one would fail the epoch before the trainer could write its
-    preemption checkpoint. The workers still end with their parent (torch's DataLoader watches it)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class RankShare(IterableDataset):
@@ -399,7 +370,7 @@ class PytorchLoader(Loader):
         # profiler runs DALI and pytorch configurations in one process) would otherwise be finalised inside a
         # worker, where its shutdown waits forever for DALI threads that were not forked (seen as a hung epoch).
         gc.collect()
-        self._batches = iter(
+        self._batches = start_pass(
             DataLoader(
                 dataset,
                 batch_size=None,  # workers batch themselves
@@ -409,9 +380,6 @@ class PytorchLoader(Loader):
                 worker_init_fn=leave_stop_signals_to_parent,
             )
         )
-        _PASSES.add(self)
-        alive = [worker for worker in _WORKERS if worker.is_alive()]
-        _WORKERS[:] = alive + list(getattr(self._batches, "_workers", ()))
 
     def _next_batch(self) -> tuple:
         images, labels, keys, boxes = self._from_workers()
@@ -448,21 +416,10 @@ class PytorchLoader(Loader):
         raise error
 
     def _drop_batches(self) -> None:
-        """Drop the pass in progress and end its workers now. torch's shutdown asks them to finish, waits 5 s for
-        each, then sends SIGTERM, which they ignore (leave_stop_signals_to_parent): a worker inside a store read
-        that gets no answer would hold the shutdown, and this process's exit, for up to the store's time bound
-        (shards.store). Its batches are no longer wanted, so it is killed, after torch stops watching its pid
-        (else its SIGCHLD handler reports the kill as a failed worker). `_workers`, `_worker_pids_set` and
-        `_remove_worker_pids` are torch's own (1.x to 2.14); without them only that report comes back."""
+        """Drop the pass in progress and end its workers now (pipeline.workers)."""
         batches, self._batches = self._batches, None
-        alive = [worker for worker in getattr(batches, "_workers", ()) if worker.is_alive()]
-        if alive and getattr(batches, "_worker_pids_set", False):
-            from torch.utils.data._utils import signal_handling
-
-            signal_handling._remove_worker_pids(id(batches))
-            batches._worker_pids_set = False
-        for worker in alive:
-            worker.kill()
+        if batches is not None:
+            end_pass(batches)
 
     def close(self) -> None:
         self._drop_batches()
@@ -470,6 +427,6 @@ class PytorchLoader(Loader):
 
     def __del__(self) -> None:
         # A loader in a reference cycle is finalised by the garbage collector, where torch's own shutdown of the
-        # iterator can fail to reach the workers (see _end_workers): end them here, first.
+        # iterator can fail to reach the workers (pipeline.workers): end them here, first.
         with contextlib.suppress(Exception):
             self._drop_batches()
