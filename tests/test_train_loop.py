@@ -210,8 +210,8 @@ def test_two_gloo_processes_train_and_count_like_one(tiny_shards, tmp_path):
     ckpt = final_checkpoint(tmp_path / "ddp")
     assert ckpt["world_size"] == 2 and len(ckpt["loader_states"]) == 2
     assert [s["rank"] for s in ckpt["loader_states"]] == [0, 1]
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "checkpoints", "config.json", "curves.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [  # .claim: rank 0's hold on the run dir
+        ".claim", "checkpoints", "config.json", "curves.png", "metrics.jsonl", "summary.json"]
 
     path = checkpoint.list_checkpoints(tmp_path / "ddp")[-1]
     single = train(tiny_config(tiny_shards, tmp_path / "eval1", evaluate_only=True, resume=str(path)))
