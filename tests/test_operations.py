@@ -401,6 +401,30 @@ def test_an_epoch_is_checkpointed_before_its_evaluation(tmp_path, monkeypatch):
         "pending_eval"] is None
 
 
+def test_a_kill_between_an_eval_record_and_its_checkpoint_leaves_the_eval_logged_once(tmp_path, monkeypatch):
+    """The epoch's checkpoint says its evaluation is owed; the evaluation ran and was logged, and the process
+    died before the next checkpoint marked it done: the resumed run evaluates again, and the log holds that
+    evaluation once (the re-run drill of a SIGKILL just after "val step 15" found it twice)."""
+    import training.trainer as trainer_module
+    from training.train import train
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_the_record(*args):
+        raise Killed
+
+    monkeypatch.setattr(trainer_module, "eval_line", killed_after_the_record)
+    with pytest.raises(Killed):
+        train(synthetic_run(tmp_path / "run"))
+    monkeypatch.undo()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(line)["kind"] for line in metrics.read_text().splitlines()][-1] == "eval"
+    train(synthetic_run(tmp_path / "run", resume="auto"))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records if r["kind"] == "eval"] == [("eval", 4), ("eval", 8)]
+
+
 def test_a_crash_before_the_first_checkpoint_leaves_no_records_twice(tmp_path):
     """A run killed after some log lines but before its first checkpoint: the rerun with --resume auto starts
     from step 0 and its metrics.jsonl holds each step once (the old records used to stay, and curves.png

@@ -93,10 +93,14 @@ class MetricsLog:
         except ImportError:  # tensorboard is not a dependency
             self.tensorboard = None
 
-    def drop_after(self, step: int) -> int:
+    def drop_after(self, step: int, *, eval_owed: bool = False) -> int:
         """Remove the records of steps after `step` (a resume from a checkpoint at `step` logs them again: a
-        kill -9 after a log step left them behind); returns how many went."""
-        return drop_records_after(self.path, step) if self.enabled else 0
+        kill -9 after a log step left them behind), and with `eval_owed` the evaluation records at `step` too (the
+        checkpoint says its evaluation is owed: a kill between the eval record and the checkpoint that marks it
+        done left one, and the resumed run evaluates again); returns how many went."""
+        if not self.enabled:
+            return 0
+        return drop_records_after(self.path, step, kind_at_step="eval" if eval_owed else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -148,13 +152,19 @@ class SampleKeyLog:
         return sum(drop_records_after(path, step) for path in sorted(folder.glob("rank-*.jsonl")))
 
 
-def drop_records_after(path: str | os.PathLike, step: int) -> int:
-    """Remove the JSON-lines records of `path` whose "step" is above `step`, atomically; returns how many."""
+def drop_records_after(path: str | os.PathLike, step: int, *, kind_at_step: str | None = None) -> int:
+    """Remove the JSON-lines records of `path` whose "step" is above `step`, and those of kind `kind_at_step` at
+    `step`, atomically; returns how many."""
     path = Path(path)
     if not path.is_file():
         return 0
+
+    def keep(record: dict) -> bool:
+        at = record.get("step", 0)
+        return at < step or (at == step and record.get("kind") != kind_at_step) if kind_at_step else at <= step
+
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if line.strip() and keep(json.loads(line))]
     if len(kept) != len(lines):
         atomic_write(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)

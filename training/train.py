@@ -106,7 +106,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
                 # last checkpoint: they are trained and logged again now. Also for a start from step 0 (a crash
                 # before the first checkpoint), else the log would hold the same steps twice.
                 start = ckpt["step"] if ckpt is not None else 0
-                for name, dropped in (("metrics.jsonl", log.drop_after(start)),
+                owed = ckpt is not None and ckpt.get("pending_eval") is not None  # its eval runs again first
+                for name, dropped in (("metrics.jsonl", log.drop_after(start, eval_owed=owed)),
                                       (SampleKeyLog.FOLDER, SampleKeyLog.drop_after(run_dir, start))):
                     if dropped:
                         say(f"{name}: dropped {dropped} record(s) after step {start} left by an earlier run; "
