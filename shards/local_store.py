@@ -122,6 +122,8 @@ class LocalStore(Store):
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.local_dir = self.root
+        if self.root.is_file():  # a tar given for its folder: said here, before a read or write deep inside fails
+            raise NotADirectoryError(f"shard directory {self.root} is a file, not a folder")
 
     def __str__(self) -> str:
         return str(self.root)

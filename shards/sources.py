@@ -43,6 +43,9 @@ def discover(src: Path, *, labels_csv: Path | None = None) -> tuple[list[SourceF
     class indices match `ImageFolder(allow_empty=True)`); empty for the flat CSV layout. Raises for a missing or
     empty source, or (flat layout) a file absent from the CSV / a CSV row without a file.
     """
+    if src.is_file():
+        raise NotADirectoryError(f"source folder {src} is a file; give the folder that holds the split's class "
+                                 "folders (or images, with --labels)")
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
     files, rejected = _walk(src)

@@ -217,7 +217,9 @@ def test_a_malformed_config_file_is_one_line_naming_it(tmp_path, capsys, name, t
 
 
 def test_data_pointing_at_a_file_says_so(tmp_path, capsys):
-    """`--data` naming a regular file (a tar, the manifest itself) said "directory does not exist"."""
+    """`--data` naming a regular file (a tar, the manifest itself) said "directory does not exist"; a file for
+    any other folder (shards to verify, merge or write into, a source) and a folder for --config are said as
+    plainly (they gave `[Errno 20] Not a directory: '.../train-000000.tar/.parts/train.plan.json'`)."""
     from tools.cli import main as saturate
     from tools.train_cmd import main
 
@@ -226,10 +228,16 @@ def test_data_pointing_at_a_file_says_so(tmp_path, capsys):
     assert main(["--backend", "pytorch", "--data", str(shard), "--run-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == (f"saturate train: error: --data: {shard} is a file; give the folder that "
                                        "holds the shards and their manifests\n")
-    assert saturate(["shards", "verify", str(shard)]) == 2
-    assert capsys.readouterr().err == (f"saturate shards: error: shard directory {shard} is a file, not a "
-                                       "folder\n")
-    assert not (tmp_path / "run").exists()
+    for argv in (["verify", str(shard)], ["merge", str(shard), "--split", "train"],
+                 ["convert", str(tmp_path), str(shard), "--split", "train"]):
+        assert saturate(["shards", *argv]) == 2
+        assert capsys.readouterr().err == (f"saturate shards: error: shard directory {shard} is a file, not a "
+                                           "folder\n"), argv
+    assert saturate(["shards", "convert", str(shard), str(tmp_path / "out"), "--split", "train"]) == 2
+    assert f"source folder {shard} is a file; give the folder" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert f"--config: {tmp_path} is a folder; give a .yaml, .toml or .json file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 
 
 def test_cli_print_config(capsys):

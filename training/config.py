@@ -233,6 +233,8 @@ def load_file(path: str | os.PathLike) -> dict:
     cannot be read or parsed is one ConfigError naming it and the problem (line and column where the parser
     gives them), never the parser's traceback."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a folder; give a .yaml, .toml or .json file")
     if not path.is_file():
         raise ConfigError(f"--config: file {path} does not exist")
     kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}.get(path.suffix)
