@@ -403,7 +403,7 @@ def test_verify_finds_corruption_and_cli_exits_nonzero(tiny_imagenet, tmp_path, 
     (out / "val-000002.idx").write_text("v1.2 0\n")
     assert cli(["shards", "verify", str(out), "--workers", "1"]) == 1
     printed = capsys.readouterr().out
-    assert "val-000002.idx: does not match" in printed and "FAILED" in printed
+    assert "val-000002.idx: does not match" in printed and "\nFAILED (2 problems): " in printed
 
 
 def test_cli_convert_end_to_end(tmp_path):

@@ -96,7 +96,8 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.decode and stats["cpu_seconds"] > 0:
         line += (f"; decoded {stats['decoded']} images at "
                  f"{stats['decoded'] / stats['cpu_seconds']:.0f} images/s per core")
-    print(("FAILED: " if problems else "OK: ") + line)
+    # the count of problems first: the counts after it are of what was checked, not of what failed
+    print((f"FAILED ({len(problems)} problem{'s' * (len(problems) != 1)}): " if problems else "OK: ") + line)
     return 1 if problems else 0
 
 
