@@ -31,6 +31,7 @@ CLAIM_STALE_AFTER).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -109,7 +110,13 @@ def claim_split(store: Store, split: str, *, plan_digest: str, num_jobs: int, jo
                 store.put_bytes(mine, json.dumps({**body, "refreshed": time.time()}, sort_keys=True))
 
     store.prepare()
-    refresh()
+    try:
+        refresh()
+    except OSError as err:  # the claim is the first write into OUT: a read-only or foreign folder is said here
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise OSError(err.errno, f"cannot write into {store} ({err.strerror}): converting needs OUT writable "
+                                 "(an identical conversion already complete there needs nothing)") from err
     try:
         conflicts = _conflicts(store, split, mine, body)
         if conflicts and _age_order((mine, body)) < _age_order(conflicts[0]):

@@ -222,15 +222,16 @@ def test_an_identical_complete_conversion_writes_nothing(tiny_imagenet, tmp_path
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system", str(out))
 
-    for method in ("put_bytes", "put_file", "delete", "prepare"):
+    for method in ("put_bytes", "put_file", "delete"):  # not prepare: mkdir of an existing folder works read-only
         monkeypatch.setattr(LocalStore, method, read_only)
     assert cli(argv) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith(f"train: nothing to do: {out / 'train.manifest.json'} describes this "
                                               "conversion and its 8 shards are complete\n")
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
     (out / "train-000003.tar").write_bytes(b"damaged")  # not complete any more: the rerun must write, and says why
-    assert cli(argv) == 2
-    assert "Read-only file system" in capsys.readouterr().err
+    assert cli(argv) == 2  # said at the first write, the claim, naming OUT and what it needs
+    assert (f"cannot write into {out} (Read-only file system): converting needs OUT writable"
+            in capsys.readouterr().err)
 
 
 def make_bad_and_quirky_tree(root: Path) -> dict[str, Path]:
