@@ -137,11 +137,12 @@ def warn_empty_classes(manifest: Manifest) -> None:
 def _print_summary(split, stats, manifest, job_index, num_jobs, planned, *, say: Callable[[str], None],
                    missing: str | None, where: object, planned_all: int) -> None:
     if stats is None:
-        say(f"{split}: nothing to do: {where} describes this conversion and its {planned_all} shards are complete")
+        say(f"{split}: nothing to do: {where} describes this conversion and "
+            + (f"its {planned_all} shards are complete" if planned_all != 1 else "its shard is complete"))
     else:
         secs = max(stats["seconds"], 1e-9)
         say(f"{split}: job {job_index + 1}/{num_jobs} wrote {stats['shards_written']} of {planned} shards "
-          f"({stats['shards_skipped']} already complete), {stats['images']} images in {secs:.1f} s "
+          f"({stats['shards_skipped']} already complete), {stats['images']} images read in {secs:.1f} s "
             f"= {stats['images'] / secs:.0f} img/s, {stats['bytes'] / 1e6 / secs:.0f} MB/s")
     if manifest is None:
         say(f"{split}: other jobs' shards are still missing (the job that completes the plan writes the "

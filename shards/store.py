@@ -387,7 +387,8 @@ class _ObjectStream(io.RawIOBase):
                     raise
                 failed += 1
                 if failed >= attempts:
-                    raise StoreError(f"{url}: reading stopped at byte {self._position} after {failed} attempts "
+                    tries = f"{failed} attempt{'s' * (failed != 1)}"
+                    raise StoreError(f"{url}: reading stopped at byte {self._position} after {tries} "
                                      f"({_without_userinfo(str(err))}; {self.store.no_answer(data=True)})") from None
                 check_stop(url)  # a stop request ends the retries (never a read that is being answered)
                 count_retry()
