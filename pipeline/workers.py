@@ -54,6 +54,19 @@ def end_pass(batches: Any) -> None:
         batches._worker_pids_set = False
     for worker in alive:
         worker.kill()
+    if alive:
+        for worker in alive:
+            worker.join(timeout=5)
+        # torch's own shutdown (run later by the iterator's finaliser) would set an Event whose lock a killed worker
+        # may have held (workers check it every batch): a hang, seen after Ctrl-C. Nothing is left to shut down
+        # but the pin-memory thread, told here; the index queues are not flushed to workers that are gone.
+        batches._shutdown = True
+        done = getattr(batches, "_pin_memory_thread_done_event", None)
+        if done is not None:
+            done.set()
+        for queue in getattr(batches, "_index_queues", ()):
+            queue.cancel_join_thread()
+            queue.close()
 
 
 @atexit.register

@@ -82,10 +82,18 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
     say = say_on_main(info)
     run_dir = Path(cfg.run_dir)
     seed_and_backends(cfg)
+    with contextlib.ExitStack() as claim:
+        # an existing RUN_DIR is claimed before its checkpoints are read (a live holder may write a newer one); a
+        # new one once it is made, after everything was built
+        claimed = info.is_main and run_dir.is_dir() and claim_run_dir(run_dir, claim)
+        return _run_claimed(cfg, info, say=say, run_dir=run_dir, claim=claim, claimed=claimed)
+
+
+def _run_claimed(cfg: TrainConfig, info: dist.DistInfo, *, say, run_dir: Path, claim: contextlib.ExitStack,
+                 claimed: bool) -> dict:
     ckpt = load_checkpoint(cfg, run_dir, world_size=info.world_size, say=say)
     log = MetricsLog(run_dir, enabled=info.is_main)  # creates RUN_DIR at its first record, not here
     val_loader = make_loader(cfg, info, train=False, image_size=cfg.eval_image_size, seed=cfg.seed)
-    claim = contextlib.ExitStack()
     try:
         trainer = None
         if not cfg.evaluate_only:
@@ -96,7 +104,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
         # everything was built: the run directory may now be written
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            claim_run_dir(run_dir, claim)
+            if not claimed:
+                claim_run_dir(run_dir, claim)
             # rank 0 is the only writer of checkpoints/: a temporary older than a slow write is a killed one,
             # also when a requeued job's rank 0 runs on another node
             for stale in remove_stale_temporaries(run_dir / checkpoint.CHECKPOINT_DIR, foreign_after=600):
@@ -121,16 +130,16 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> dict:
     finally:
         val_loader.close()
         log.close()
-        claim.close()
 
 
-def claim_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
+def claim_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> bool:
     """RUN_DIR belongs to one run at a time (rank 0 holds it): a second `saturate train` into it, started by
     mistake or by a scheduler that requeued a job still running, would interleave checkpoints and logs with the
     first's. It stops with one line naming the holder; a holder killed by any means releases it (shards.process).
     """
     try:
         stack.enter_context(claim_folder(run_dir, what="training run"))
+        return True
     except FolderBusy as busy:
         raise ConfigError(f"--run-dir: {busy}; wait for it to end, or pick another --run-dir") from None
 

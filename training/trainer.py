@@ -36,7 +36,7 @@ from training.mix import BatchMix
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler, lr_factor
 from training.preempt import STALL_GRACE, STALL_GRACE_ALONE, Preempted, StopRequest
-from training.resume import ResumePoint, restore_scaler
+from training.resume import ResumePoint, restart_seed, restore_scaler
 from training.step import TrainStep
 
 
@@ -73,7 +73,7 @@ class Trainer:
                                             seed=self.train_loader_seed, state=point.loader_state)
         except StateMismatch as err:  # the split was re-converted, --order-chunk changed: no position to keep
             say(f"warning: the data order of epoch {point.epoch} restarts: {err}")
-            self.train_loader_seed = cfg.seed + point.epoch
+            self.train_loader_seed = restart_seed(cfg, point.epoch, point.step_in_epoch)
             self.train_loader = make_loader(cfg, info, train=True, image_size=self.train_image_size,
                                             seed=self.train_loader_seed)
         try:
