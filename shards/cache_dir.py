@@ -8,7 +8,7 @@ under DIR together (shards.cache). Claiming its folder at start:
 
     missing, or holding no file              made and marked
     marked                                   used as it is
-    `.locks/` or `.verified/`, no marker     a cache from before the marker: adopted (marked)
+    `.verified/`, no marker                  a cache from before the marker: adopted (marked)
     files, none of the above                 refused and left exactly as it is (CacheError naming it and the flag)
 
 Adoption: every earlier version of the cache made both bookkeeping folders when it opened its folder, and a copy
@@ -58,7 +58,9 @@ def claim_folder(folder: Path, *, cache_dir: str | os.PathLike, mirrors: str) ->
     folder.mkdir(parents=True, exist_ok=True)
     with os.scandir(folder) as entries:
         folders = {entry.name: entry.is_dir(follow_symlinks=False) for entry in entries}
-    adopted = folders.get(LOCKS, False) or folders.get(STAMPS, False)
+    # a cache from before the marker always has its stamps folder; `.locks/` alone is no proof: DIR's own
+    # `.locks/space` put one into a shard folder that was given as --cache-dir by mistake
+    adopted = folders.get(STAMPS, False)
     foreign = sorted(name for name, is_folder in folders.items() if not is_folder and name != MARKER
                      and not name.startswith(f".{MARKER}{TMP_MARK}"))  # another process marking it now
     if foreign and not adopted:
@@ -77,6 +79,13 @@ def open_folder(folder: Path, *, cache_dir: str | os.PathLike, mirrors: str) -> 
     file can be made (a read-only disk fails here, at start, not in a reader), and remove what killed processes
     left (downloads, stamps). CacheError naming the folder and --cache-dir when it cannot be used."""
     try:
+        top = Path(cache_dir)
+        files = sorted(e.name for e in os.scandir(top) if e.is_file() and not e.name.startswith(".")) \
+            if top.is_dir() else []
+        if files:  # DIR holds data sets' folders and its lock folder; files there mean it is someone's folder
+            raise CacheError(f"--cache-dir {cache_dir} holds files ({', '.join(files[:SHOWN])}"
+                             f"{' ...' if len(files) > SHOWN else ''}), so it is not a cache folder: the cache would "
+                             "add its folders there; give --cache-dir a folder of its own")
         claim_folder(folder, cache_dir=cache_dir, mirrors=mirrors)  # before anything is changed
         for sub in (folder / LOCKS, folder / STAMPS, Path(cache_dir) / LOCKS):
             sub.mkdir(exist_ok=True)

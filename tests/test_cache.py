@@ -409,7 +409,7 @@ def test_profile_reports_requests_per_image_for_every_backend(remote, s3_env, tm
     assert cli(["shards", "cache", remote, str(tmp_path / "cache"), "--split", "train"]) == 0
     figures = {}
     for name, extra in (("store", []), ("cache", ["--cache-dir", str(tmp_path / "cache")])):
-        out = tmp_path / name
+        out = tmp_path / f"report-{name}"  # not the cache dir: files there make it no cache folder
         subprocess.run([sys.executable, "-m", "tools.cli", "profile", remote, "--out", str(out), "--modes", "loader",
                         "--backends", "dali-cpu,pytorch", "--threads", "1", "--batch-size", "8", "--image-size", "48",
                         "--steps", "6", "--windows", "2", "--warmup", "2", "--max-warmup", "0", "--no-progress",
@@ -417,7 +417,7 @@ def test_profile_reports_requests_per_image_for_every_backend(remote, s3_env, tm
         rows = json.loads((out / "report.json").read_text())["rows"]
         assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
         figures[name] = {row["backend"]: row["requests_per_image"] for row in rows}
-    report = (tmp_path / "store" / "report.md").read_text()
+    report = (tmp_path / "report-store" / "report.md").read_text()
     assert "| req/img |" in report and "counted on a relay in front of the store's http:// endpoint" in report
     assert figures["store"]["dali-cpu"] > 1.0 and 0.5 < figures["store"]["pytorch"] < 2.0  # a GET per sample
     assert figures["cache"] == {"dali-cpu": 0.0, "pytorch": 0.0}

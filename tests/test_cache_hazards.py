@@ -88,6 +88,22 @@ def test_a_folder_of_shards_that_is_not_a_cache_is_refused_and_left_as_it_is(rem
     assert contents(tmp_path) == before  # nothing removed, nothing added (no marker, no .locks)
 
 
+def test_a_shard_folder_given_as_the_cache_dir_is_refused_and_never_adopted_later(remote, tiny_shards, s3_env,
+                                                                                  tmp_path):
+    """The review's two steps: the user's shard folder given as --cache-dir by mistake got DIR's `.locks/`, and a
+    later cache whose folder was that shard folder adopted it (`.locks/` looked like an old cache) and replaced
+    16 of its files. Now the first step is refused with nothing added, and `.locks/` alone adopts nothing."""
+    before = contents(tiny_shards)
+    with pytest.raises(CacheError, match=f"--cache-dir {tiny_shards} holds files .* so it is not a cache folder"):
+        fill(cached_store(tiny_shards))
+    assert contents(tiny_shards) == before
+    here = folder(tmp_path)
+    shutil.copytree(tiny_shards, here)
+    (here / LOCKS).mkdir()  # what the first step used to leave
+    with pytest.raises(CacheError, match="holds files that are not a shard cache's"):
+        fill(cached_store(tmp_path))
+
+
 def test_a_new_folder_is_marked_and_a_cache_from_before_the_marker_is_adopted(remote, s3_env, tmp_path):
     """A missing folder is made and marked (who made it, for a person looking). A cache made before the marker
     existed (its `.locks/` and `.verified/`, no marker) is adopted: marked, and its shards trusted as they were."""
