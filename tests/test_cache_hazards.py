@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from s3_fixtures import use_server
+from test_cache import fill
 
 from pipeline import build_loader
 from pipeline.cache_use import shard_sizes
@@ -49,13 +50,6 @@ def remote(tiny_shards, s3_server, tmp_path_factory) -> tuple[str, ...]:
 def cached_store(cache_dir: Path, url: str = SETS[0], split: str = "train", *,
                  limit: int | None = None) -> CachedStore:
     return CachedStore(open_store(url), cache_dir, load_manifest(url, split), limit=limit)
-
-
-def fill(store: CachedStore) -> CachedStore:
-    store.start()
-    assert store.wait_idle(timeout=120)
-    store.close()
-    return store
 
 
 def folder(cache_dir: Path, url: str = SETS[0]) -> Path:
